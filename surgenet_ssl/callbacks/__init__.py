@@ -1,0 +1,5 @@
+"""Lightning callbacks of surgenet-ssl (edges only: the algorithm does not know about them)."""
+
+from surgenet_ssl.callbacks.export import TeacherExport
+
+__all__ = ["TeacherExport"]

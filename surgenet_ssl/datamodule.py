@@ -1,0 +1,43 @@
+"""LightningDataModule: builds the streaming loader once the rank and world size are known (after DDP start)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from surgenet_ssl.data.augment import MultiCropAugmentation
+from surgenet_ssl.data.loader import build_train_loader
+
+
+def build_augmentation(crops: dict) -> MultiCropAugmentation:
+    return MultiCropAugmentation(
+        global_crops_size=crops["global_size"],
+        local_crops_size=crops["local_size"],
+        global_crops_scale=crops["global_scale"],
+        local_crops_scale=crops["local_scale"],
+        local_crops_number=crops["local_number"],
+    )
+
+
+class StreamingDataModule(pl.LightningDataModule):
+    def __init__(self, dataset: dict, data: dict, crops: dict, data_root: str, seed: int = 0) -> None:
+        super().__init__()
+        self.dataset_cfg, self.data_cfg, self.crops, self.data_root, self.seed = dataset, data, crops, data_root, seed
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return build_train_loader(
+            self.dataset_cfg,
+            self.data_root,
+            transform=build_augmentation(self.crops),
+            batch_size=int(self.data_cfg["batch_size"]),
+            num_workers=int(self.data_cfg["num_workers"]),
+            rank=rank,
+            world_size=world,
+            seed=self.seed,
+            steps_per_epoch=self.data_cfg.get("steps_per_epoch"),
+            shuffle_buffer=int(self.data_cfg.get("shuffle_buffer", 1000)),
+        )

@@ -1,0 +1,197 @@
+"""Teacher export: ``python -m surgenet_ssl.export ckpt=PATH [output=DIR]`` and the end-of-training export.
+
+From a Lightning checkpoint of a run it writes, into ``<run_dir>/export/`` (or ``output``):
+
+- ``<dataset>_<backbone>_epoch<NNNN>_teacher.pth``: flat dict of CPU tensors in SurgeNet naming (the published
+  teacher format: backbone only, no head, no prefix), loadable by the published SurgeNet loaders;
+- ``<dataset>_<backbone>_epoch<NNNN>_teacher.safetensors``: the same weights in timm naming;
+- ``<dataset>_<backbone>_epoch<NNNN>_checkpoint.pth``: the full state in the official DINO checkpoint layout
+  (``student``/``teacher`` with ``backbone.*``/``head.*``, ``optimizer``, ``epoch``, ``args``, ``dino_loss``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from surgenet_ssl.backbones.convert import timm_to_surgenet
+from surgenet_ssl.io_utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+# Backbones with a published SurgeNet naming; others are exported in timm naming in the .pth as well.
+SURGENET_NAMED = ("caformer_s18", "convnextv2_tiny", "pvt_v2_b2")
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v.detach().cpu().contiguous().clone() for k, v in state.items() if k.startswith(prefix)}
+
+
+def completed_epochs(checkpoint: dict) -> int:
+    """Epochs fully trained when the checkpoint was written (what the ``epoch<NNNN>`` in file names counts)."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+    except (KeyError, TypeError):
+        return int(checkpoint.get("epoch", 0))
+
+
+def _backbone_names(checkpoint: dict) -> tuple[str, str]:
+    hp = checkpoint.get("hyper_parameters") or {}
+    backbone = hp.get("backbone") or {}
+    name = backbone.get("name")
+    if name is None:
+        raise ValueError("checkpoint has no hyper_parameters.backbone.name: is it a surgenet-ssl Lightning checkpoint?")
+    display = backbone.get("timm_name") or name if name == "timm" else name
+    return name, display
+
+
+def to_surgenet_naming(state: dict[str, torch.Tensor], backbone: str) -> dict[str, torch.Tensor]:
+    """timm naming -> SurgeNet naming for the published backbones; unchanged (timm naming) for the others."""
+    return timm_to_surgenet(state, backbone) if backbone in SURGENET_NAMED else dict(state)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_checkpoint(
+    checkpoint: dict[str, Any],
+    output_dir: str | Path,
+    dataset: str | None = None,
+    run_config: dict | None = None,
+) -> dict[str, Path]:
+    """Write the three artefacts (and a model card) from a Lightning checkpoint dict. Returns their paths."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not any(k.startswith("teacher.backbone.") for k in state):
+        raise ValueError(
+            "not a surgenet-ssl Lightning checkpoint: expected 'state_dict' with 'teacher.backbone.*' keys "
+            f"(top-level keys found: {sorted(checkpoint)[:10]})"
+        )
+    name, display = _backbone_names(checkpoint)
+    run_config = run_config or checkpoint.get("run_config") or {}
+    dataset = dataset or (run_config.get("dataset") or {}).get("name") or "run"
+    epoch = completed_epochs(checkpoint)
+    stem = f"{dataset}_{display}_epoch{epoch:04d}"
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    teacher_backbone = _sub_state(state, "teacher.backbone.")
+    surgenet_backbone = to_surgenet_naming(teacher_backbone, name)
+    naming = "surgenet" if name in SURGENET_NAMED else "timm"
+
+    def dino_branch(prefix: str) -> dict[str, torch.Tensor]:
+        branch = {f"backbone.{k}": v for k, v in to_surgenet_naming(_sub_state(state, f"{prefix}.backbone."), name).items()}
+        branch.update({f"head.{k}": v for k, v in _sub_state(state, f"{prefix}.head.").items()})
+        return branch
+
+    args = dict(run_config) if run_config else {"hyper_parameters": checkpoint.get("hyper_parameters", {})}
+    args["backbone_naming"] = naming
+    dino = {
+        "student": dino_branch("student"),
+        "teacher": dino_branch("teacher"),
+        "optimizer": (checkpoint.get("optimizer_states") or [{}])[0],
+        "epoch": epoch,
+        "args": args,
+        "dino_loss": {"center": state["dino_loss.center"].detach().cpu().clone()},
+    }
+    scaler = checkpoint.get("MixedPrecision") or checkpoint.get("native_amp_scaling_state")
+    if scaler:
+        dino["fp16_scaler"] = scaler
+
+    paths = {
+        "teacher_pth": out / f"{stem}_teacher.pth",
+        "teacher_safetensors": out / f"{stem}_teacher.safetensors",
+        "checkpoint": out / f"{stem}_checkpoint.pth",
+    }
+    with atomic_path(paths["teacher_pth"]) as tmp:
+        torch.save(surgenet_backbone, tmp)
+    with atomic_path(paths["teacher_safetensors"]) as tmp:
+        save_file(teacher_backbone, str(tmp), metadata={"backbone": display, "naming": "timm", "epoch": str(epoch)})
+    with atomic_path(paths["checkpoint"]) as tmp:
+        torch.save(dino, tmp)
+    paths["model_card"] = write_model_card(out, stem, display, dataset, epoch, run_config, paths, checkpoint, naming)
+    log.info("exported teacher (%d tensors, %s naming) to %s", len(surgenet_backbone), naming, out)
+    return paths
+
+
+def write_model_card(
+    out: Path, stem: str, backbone: str, dataset: str, epoch: int, run_config: dict, paths: dict, checkpoint: dict,
+    naming: str,
+) -> Path:
+    """README.md beside the weights: what was trained, how, and how to load it (with checksums)."""
+    hp = checkpoint.get("hyper_parameters") or {}
+    global_step = checkpoint.get("global_step", 0)
+    batch = (run_config.get("data") or {}).get("batch_size") or hp.get("batch_size")
+    recipe = json.dumps(hp.get("dino", {}), indent=2, default=str)
+    lines = [
+        f"# {stem}",
+        "",
+        f"DINO-pretrained **{backbone}** teacher from surgenet-ssl, trained on **{dataset}** for {epoch} epoch(s) "
+        f"({global_step} optimizer steps, per-device batch {batch}).",
+        "",
+        "| file | content | sha256 |",
+        "|---|---|---|",
+        f"| `{paths['teacher_pth'].name}` | teacher backbone, {naming} naming (published SurgeNet format) | "
+        f"`{_sha256(paths['teacher_pth'])}` |",
+        f"| `{paths['teacher_safetensors'].name}` | teacher backbone, timm naming | "
+        f"`{_sha256(paths['teacher_safetensors'])}` |",
+        f"| `{paths['checkpoint'].name}` | full DINO checkpoint (student, teacher, optimizer, center) | "
+        f"`{_sha256(paths['checkpoint'])}` |",
+        "",
+        "## Load",
+        "```python",
+        "from surgenet_ssl.models import load_backbone_weights",
+        "from surgenet_ssl.backbones import build_backbone",
+        f"model = build_backbone('{backbone}')",
+        f"load_backbone_weights(model, '{paths['teacher_pth'].name}', backbone='{backbone}')",
+        "```",
+        "",
+        "## Recipe",
+        "```json",
+        recipe,
+        "```",
+        "",
+    ]
+    card = out / f"{stem}_README.md"
+    with atomic_path(card) as tmp:
+        tmp.write_text("\n".join(lines))
+    readme = out / "README.md"
+    with atomic_path(readme) as tmp:
+        tmp.write_text("\n".join(lines))
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m surgenet_ssl.export ckpt=PATH [output=DIR] [dataset=NAME]``."""
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
+    unknown = set(args) - {"ckpt", "output", "dataset"}
+    if "ckpt" not in args or unknown:
+        print("usage: python -m surgenet_ssl.export ckpt=PATH [output=DIR] [dataset=NAME]", file=sys.stderr)
+        return 2
+    ckpt_path = Path(args["ckpt"])
+    if not ckpt_path.is_file():
+        print(f"error: checkpoint not found: {ckpt_path}", file=sys.stderr)
+        return 2
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    output = Path(args.get("output") or ckpt_path.resolve().parent.parent / "export")
+    paths = export_checkpoint(checkpoint, output, dataset=args.get("dataset"))
+    for p in paths.values():
+        print(p)
+    print(f"export_dir={output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
