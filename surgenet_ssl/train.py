@@ -7,6 +7,8 @@ prints the export directory on the last line.
 
 from __future__ import annotations
 
+import copy
+import datetime
 import logging
 import os
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from surgenet_ssl.callbacks import TeacherExport
@@ -22,23 +25,90 @@ from surgenet_ssl.module import DINOModule
 
 log = logging.getLogger("surgenet_ssl.train")
 
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
+
+
+def auto_precision() -> str:
+    """bf16-mixed where a GPU supports it, else full fp32 (CPU autocast would only slow the demo down)."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+OmegaConf.register_new_resolver("surgenet.auto_precision", auto_precision, replace=True)
+
 
 def _container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a rerun in the same run dir resumes from: ``last.ckpt``, else the newest ``*.ckpt``."""
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if last.is_file():
-        return last
-    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+    """The checkpoint a rerun in the same run dir resumes from: the newest of the epoch/step checkpoints
+    (``checkpoints/*.ckpt``, ``last.ckpt`` included) and the SLURM preemption checkpoints (``hpc_ckpt_*.ckpt``).
+
+    Checkpoint writes are atomic, so the newest file is always complete.
+    """
+    candidates = list((run_dir / "checkpoints").glob("*.ckpt")) + list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was written at (memory-mapped: only the small header is read)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(ckpt.get("global_step", 0))
+
+
+def check_devices(trainer_cfg: DictConfig) -> None:
+    """Fail at once, with the fix, when the requested GPUs are not there (instead of a hang or a deep error)."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    devices = trainer_cfg.get("devices", "auto")
+    if accelerator in ("gpu", "cuda"):
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise ValueError(
+                f"trainer.accelerator={accelerator} but no CUDA GPU is visible on this machine. "
+                "Use trainer=cpu (or trainer.accelerator=cpu), or check CUDA_VISIBLE_DEVICES / the GPU driver."
+            )
+        wanted = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else None
+        if isinstance(devices, str) and devices.isdigit():
+            wanted = int(devices)
+        if wanted is not None and wanted > available:
+            raise ValueError(
+                f"trainer.devices={devices} asks for more GPUs than the {available} visible here. "
+                f"Use trainer.devices={available} (or -1 for all)."
+            )
+
+
+def build_strategy(cfg: DictConfig):
+    """``trainer.strategy=ddp`` (a plain string on the command line) -> DDPStrategy with the configured timeout."""
+    strategy = cfg.trainer.get("strategy", "auto")
+    if not isinstance(strategy, str) or strategy not in DDP_STRATEGIES:
+        return strategy
+    from pytorch_lightning.strategies import DDPStrategy
+
+    timeout = datetime.timedelta(minutes=float(cfg.distributed.timeout_minutes))
+    return DDPStrategy(
+        start_method="spawn" if strategy == "ddp_spawn" else "popen",
+        find_unused_parameters=strategy == "ddp_find_unused_parameters_true",
+        process_group_backend=cfg.distributed.get("backend"),
+        timeout=timeout,
+    )
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if not node or "_target_" not in node:
+            continue
+        if name == "model_checkpoint" and node.get("every_n_train_steps") and node.get("every_n_epochs"):
+            # Lightning takes one interval per ModelCheckpoint: split into an epoch and a step checkpointer.
+            steps = copy.deepcopy(node)
+            steps.every_n_epochs = None
+            steps.filename = "step{step:08d}"
+            node = copy.deepcopy(node)
+            node.every_n_train_steps = None
+            callbacks.append(hydra.utils.instantiate(steps))
+        callbacks.append(hydra.utils.instantiate(node))
     if cfg.export.enabled:
         callbacks.append(
             TeacherExport(run_dir / "export", cfg.dataset.name, _container(cfg), cfg.export.every_n_epochs)
@@ -46,13 +116,27 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     return callbacks
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def wandb_run_id(run_dir: Path) -> str:
+    """One wandb run id per run dir, so a resumed or requeued run continues the same wandb run."""
+    id_file = run_dir / "wandb_run_id.txt"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    import secrets
+
+    run_id = secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node and "_target_" in node:
+            extra = {}
             if name == "wandb":
                 os.environ.setdefault("WANDB_SILENT", "true")
-            loggers.append(hydra.utils.instantiate(node))
+                extra = {"id": wandb_run_id(run_dir), "resume": "allow"}
+            loggers.append(hydra.utils.instantiate(node, **extra))
     return loggers
 
 
@@ -60,6 +144,7 @@ def run(cfg: DictConfig) -> Path:
     """Train with a composed config; returns the export directory."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_devices(cfg.trainer)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -72,11 +157,14 @@ def run(cfg: DictConfig) -> Path:
         seed=cfg.seed,
     )
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg, run_dir), logger=build_loggers(cfg) or False
+        cfg.trainer,
+        strategy=build_strategy(cfg),
+        callbacks=build_callbacks(cfg, run_dir),
+        logger=build_loggers(cfg, run_dir) or False,
     )
     ckpt = find_resume_checkpoint(run_dir)
     if ckpt is not None:
-        log.info("resuming from %s", ckpt)
+        log.info("resumed from %s at step %d", ckpt, checkpoint_step(ckpt))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return run_dir / "export"
 
@@ -85,7 +173,9 @@ def run(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     try:
         export_dir = run(cfg)
-    except FloatingPointError as err:
+    except (FloatingPointError, ValueError, FileNotFoundError) as err:
+        # Bad input and diverged runs end with their one clear message; the traceback goes to the log file.
+        log.debug("traceback", exc_info=True)
         log.error("%s", err)
         sys.exit(1)
     print(f"export_dir={export_dir}")
