@@ -1,5 +1,6 @@
 """Lightning callbacks of surgenet-ssl (edges only: the algorithm does not know about them)."""
 
 from surgenet_ssl.callbacks.export import TeacherExport
+from surgenet_ssl.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["TeacherExport"]
+__all__ = ["TeacherExport", "ThroughputMonitor"]
