@@ -104,6 +104,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
             # Lightning takes one interval per ModelCheckpoint: split into an epoch and a step checkpointer.
             steps = copy.deepcopy(node)
             steps.every_n_epochs = None
+            steps.save_last = False
             steps.filename = "step{step:08d}"
             node = copy.deepcopy(node)
             node.every_n_train_steps = None

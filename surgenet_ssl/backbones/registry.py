@@ -1,0 +1,105 @@
+"""Backbone registry: one name -> one randomly initialised timm model.
+
+Every backbone is a timm model so that training, export, FPN (``features_only``) and downstream loading all
+share the same parameter names (timm naming). Weights are never downloaded here: pretraining starts from
+scratch, and pretrained weights enter only through ``surgenet_ssl.models.weights.load_backbone_weights``.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+
+from .caformer import surgenet_caformer_s18
+
+__all__ = ["BACKBONES", "SURGENET_BACKBONES", "VARIANTS", "build_backbone", "backbone_num_features"]
+
+#: Valid values of ``build_backbone(name=...)`` (and of the ``backbone=`` config group).
+BACKBONES: tuple[str, ...] = ("caformer_s18", "convnextv2_tiny", "pvt_v2_b2", "vit_small", "timm")
+
+#: Backbones with a published SurgeNet checkpoint (and hence a SurgeNet naming, see ``convert.py``).
+SURGENET_BACKBONES: tuple[str, ...] = ("caformer_s18", "convnextv2_tiny", "pvt_v2_b2")
+
+#: Architecture variants selectable with ``pretrained_variant`` (only caformer_s18 differs between them).
+VARIANTS: tuple[str, ...] = ("SurgeNet", "ImageNet")
+
+# Fixed-name backbones -> (timm model name, extra timm kwargs).
+_TIMM_MODELS: dict[str, tuple[str, dict]] = {
+    "convnextv2_tiny": ("convnextv2_tiny", {}),
+    "pvt_v2_b2": ("pvt_v2_b2", {}),
+    # DINO's reference ViT-S/16; dynamic_img_size lets one model take 224 px global and 96 px local crops.
+    "vit_small": ("vit_small_patch16_224", {"dynamic_img_size": True}),
+}
+
+
+def _check_timm_name(timm_name: str | None) -> str:
+    if not timm_name:
+        raise ValueError(
+            "backbone 'timm' needs timm_name (any model name known to timm), e.g. "
+            "backbone=timm backbone.timm_name=resnet50. List them with `python -c \"import timm; "
+            "print(timm.list_models('*resnet*'))\"`."
+        )
+    if not timm.is_model(timm_name):
+        close = difflib.get_close_matches(timm_name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"timm_name '{timm_name}' is not a timm model.{hint} List candidates with "
+            f"`python -c \"import timm; print(timm.list_models('*{timm_name.split('_')[0]}*'))\"`."
+        )
+    return timm_name
+
+
+def build_backbone(
+    name: str,
+    drop_path_rate: float = 0.0,
+    timm_name: str | None = None,
+    pretrained_variant: str = "SurgeNet",
+    **timm_kwargs,
+) -> torch.nn.Module:
+    """Build a randomly initialised backbone.
+
+    By default the model is created with ``num_classes=0`` so ``model(x)`` returns the pooled features
+    ``(B, backbone_num_features(model))``; ``timm_kwargs`` are passed to timm and may override that (e.g.
+    ``num_classes=12`` for a classifier or ``features_only=True`` for dense heads).
+
+    Args:
+        name: one of ``BACKBONES``.
+        drop_path_rate: stochastic depth rate (DINO uses 0.1 for the student).
+        timm_name: the timm model name, required for ``name='timm'``.
+        pretrained_variant: 'SurgeNet' (ReLU CaFormer, as published) or 'ImageNet' (timm's stock StarReLU
+            CaFormer, to load ImageNet weights downstream). Only caformer_s18 differs between variants.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone '{name}'. Valid choices: {', '.join(BACKBONES)}.")
+    if pretrained_variant not in VARIANTS:
+        raise ValueError(
+            f"Unknown pretrained_variant '{pretrained_variant}'. Valid choices: {', '.join(VARIANTS)}."
+        )
+    if timm_kwargs.pop("pretrained", False):
+        raise ValueError(
+            "build_backbone never downloads weights (pretrained=True is not supported); build the model, "
+            "then load a file with surgenet_ssl.models.weights.load_backbone_weights(model, source, backbone)."
+        )
+    kwargs = {"num_classes": 0, **timm_kwargs, "drop_path_rate": drop_path_rate}
+
+    if name == "caformer_s18":
+        if pretrained_variant == "SurgeNet":
+            return surgenet_caformer_s18(**kwargs)
+        return timm.create_model("caformer_s18", pretrained=False, **kwargs)
+    if name == "timm":
+        return timm.create_model(_check_timm_name(timm_name), pretrained=False, **kwargs)
+    model_name, extra = _TIMM_MODELS[name]
+    return timm.create_model(model_name, pretrained=False, **{**extra, **kwargs})
+
+
+def backbone_num_features(model: torch.nn.Module) -> int:
+    """Width of the pooled feature vector (for ``features_only`` models: channels of the last stage)."""
+    feature_info = getattr(model, "feature_info", None)
+    if hasattr(feature_info, "channels"):  # timm FeatureListNet / FeatureGetterNet
+        return int(feature_info.channels()[-1])
+    num_features = getattr(model, "num_features", None)
+    if num_features is None:
+        raise ValueError(f"{type(model).__name__} has no num_features attribute; is it a timm model?")
+    return int(num_features)

@@ -1,0 +1,93 @@
+"""``python -m surgenet_ssl.train`` as a user runs it: config composition, bad input, and a real demo run."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backbones.surgenet_keyfile import surgenet_keys
+from support.cli import FAST_TRAIN, run_module
+
+
+def test_cfg_job_prints_composed_config(demo_cache):
+    out = run_module("surgenet_ssl.train", "--cfg", "job", "data.batch_size=7", cache=demo_cache).stdout
+    for key in ("backbone:", "dataset:", "dino:", "data:", "trainer:", "callbacks:", "logger:", "paths:"):
+        assert f"\n{key}" in "\n" + out, key
+    assert "batch_size: 7" in out
+    assert "name: caformer_s18" in out and "name: demo" in out
+    # dataset=demo brings its short schedule; a real mixture keeps the recipe.
+    assert "max_epochs: 3" in out
+    xl = run_module("surgenet_ssl.train", "--cfg", "job", "dataset=surgenetxl", cache=demo_cache).stdout
+    assert "max_epochs: 50" in xl and "out_dim: 65536" in xl and "local_number: 8" in xl
+
+
+@pytest.mark.parametrize("override, choices", [("backbone=resnet", "caformer_s18"), ("dataset=nope", "surgenetxl")])
+def test_unknown_group_option_lists_valid_choices(demo_cache, override, choices):
+    proc = run_module("surgenet_ssl.train", override, cache=demo_cache, check=False)
+    assert proc.returncode != 0
+    assert "Available options" in proc.stderr and choices in proc.stderr
+
+
+def test_unknown_timm_model_fails_before_training(demo_cache, tmp_path):
+    proc = run_module("surgenet_ssl.train", "backbone=timm", "backbone.timm_name=resnet_does_not_exist",
+                      f"hydra.run.dir={tmp_path / 'run'}", cache=demo_cache, check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert "is not a timm model" in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_gpu_request_without_gpu_fails_at_once(demo_cache, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_module("surgenet_ssl.train", "trainer=gpu", f"hydra.run.dir={tmp_path}", cache=demo_cache, check=False)
+    assert proc.returncode == 1
+    assert "no CUDA GPU is visible" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_run_end_to_end_exports_surgenet_teacher(demo_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *FAST_TRAIN, cache=demo_cache)
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert last_line == f"export_dir={run_dir / 'export'}"
+    export = run_dir / "export"
+    stem = "demo_caformer_s18_epoch0002"
+
+    # SurgeNet-format teacher: exactly the published 152 tensors with the published shapes, CPU, no head/prefix.
+    teacher = torch.load(export / f"{stem}_teacher.pth", weights_only=True)
+    expected = surgenet_keys("caformer_s18")
+    assert len(expected) == 152
+    assert {k: tuple(v.shape) for k, v in teacher.items()} == expected
+    assert all(v.device.type == "cpu" for v in teacher.values())
+    assert sum(v.numel() for v in teacher.values()) == 23_237_888
+
+    # timm-named safetensors: the same values.
+    timm_sd = load_file(export / f"{stem}_teacher.safetensors")
+    assert len(timm_sd) == 152 and "stem.conv.weight" in timm_sd
+    assert torch.equal(timm_sd["stem.conv.weight"], teacher["downsample_layers.0.conv.weight"])
+
+    # Full checkpoint in the official DINO layout.
+    full = torch.load(export / f"{stem}_checkpoint.pth", weights_only=False)
+    assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(full)
+    assert full["epoch"] == 2 and isinstance(full["args"], dict)
+    assert full["dino_loss"]["center"].shape == (1, 512)
+    assert all(k.startswith(("backbone.", "head.")) for k in full["teacher"])
+    assert torch.equal(full["teacher"]["backbone.norm.weight"], teacher["norm.weight"])
+    assert "head.last_layer.weight_g" in full["teacher"]
+    assert (export / "README.md").is_file() and "sha256" in (export / "README.md").read_text()
+
+    # Lightning checkpoints, the saved config, the CSV log with the recipe's schedules, wandb offline files.
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    columns = set(rows[0])
+    for col in ("train/loss", "train/lr", "train/weight_decay", "train/teacher_momentum", "train/teacher_temp",
+                "perf/images_per_s", "perf/data_wait_fraction"):  # fmt: skip
+        assert col in columns, col
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 6 and all(0 < x < 20 for x in losses)
+    assert (run_dir / "wandb").is_dir()
