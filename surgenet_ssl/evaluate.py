@@ -1,0 +1,169 @@
+"""Evaluate a backbone on a labelled image folder: ``python -m surgenet_ssl.evaluate``.
+
+    python -m surgenet_ssl.evaluate weights=PATH backbone=NAME data.train=DIR data.val=DIR [output=DIR]
+
+Loads any weights ``load_backbone_weights`` understands (or ``weights=null``: random init, a baseline), extracts
+frozen pooled features of both folders, and reports DINO's weighted k-NN top-1/top-5 (train = memory, val =
+queries), a linear-probe accuracy, a t-SNE map (``embedding_map.png``) and ``results.json`` in ``output``.
+The last line printed is ``knn_top1=<float>`` (a fraction in [0, 1]). Bad input (missing folders, fewer than
+2 classes, weights for another backbone) ends with a one-paragraph error and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from surgenet_ssl.evaluation import (
+    ImageFolderDataset,
+    extract_features,
+    knn_accuracy,
+    linear_probe_accuracy,
+    resolve_device,
+    save_embedding_map,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
+    """The backbone with ``cfg.weights`` loaded (through the one weight loader); returns it and a load summary."""
+    from surgenet_ssl.backbones import build_backbone
+    from surgenet_ssl.models import build_classifier
+
+    name = cfg.backbone.name
+    timm_kwargs = {"timm_name": cfg.backbone.timm_name} if cfg.backbone.get("timm_name") else {}
+    if cfg.weights is None:
+        variant = cfg.get("pretrained_variant") or "SurgeNet"
+        model = build_backbone(name, pretrained_variant=variant, **timm_kwargs)
+        return model, "random initialisation (weights=null)"
+    # build_classifier reads the file once, infers the CaFormer variant when pretrained_variant is null and loads
+    # through load_backbone_weights, which raises (never silently loads nothing) on a mismatch.
+    try:
+        model = build_classifier(name, num_classes=0, pretrained=cfg.get("pretrained_variant"),
+                                 pretrained_weights=str(cfg.weights), **timm_kwargs)
+    except ValueError as err:
+        shown = cfg.backbone.get("timm_name") or name
+        raise ValueError(
+            f"weights={cfg.weights} cannot be loaded into backbone={shown}: {err} If the file was trained with "
+            "another backbone, pass that one (backbone=caformer_s18 | convnextv2_tiny | pvt_v2_b2 | vit_small | "
+            "timm backbone.timm_name=NAME)."
+        ) from err
+    return model, str(getattr(model, "load_report", f"loaded {cfg.weights}"))
+
+
+def _split_summary(dataset: ImageFolderDataset, feats) -> dict[str, Any]:
+    return {
+        "root": str(dataset.root),
+        "images": len(feats.labels),
+        "classes": len(torch.unique(feats.labels)),
+        "skipped_undecodable": len(feats.failed),
+        "undecodable_examples": feats.failed[:10],
+        "skipped_empty_class_folders": dataset.empty_classes,
+        "ignored_non_image_files": dataset.ignored_files,
+    }
+
+
+def _is_missing(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    return OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, leaf)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the whole evaluation described by ``cfg`` (see configs/evaluate.yaml); returns the results dict."""
+    missing = [key for key in ("weights", "data.train", "data.val") if _is_missing(cfg, key)]
+    if missing:
+        raise ValueError(
+            f"missing required setting(s) {', '.join(missing)}. Usage: python -m surgenet_ssl.evaluate "
+            "weights=PATH|null backbone=NAME [backbone.timm_name=NAME] data.train=DIR data.val=DIR [output=DIR]"
+        )
+    torch.manual_seed(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    output = Path(cfg.output)
+
+    # datasets first: bad folders fail before the (slow) model build
+    train_set = ImageFolderDataset(cfg.data.train, cfg.data.image_size, cfg.data.get("resize_size"), min_classes=2)
+    val_set = ImageFolderDataset(cfg.data.val, cfg.data.image_size, cfg.data.get("resize_size"),
+                                 classes=train_set.classes, min_classes=1)
+    log.info("train: %d images in %d classes (%s); val: %d images", len(train_set), len(train_set.classes),
+             ", ".join(train_set.classes), len(val_set))
+
+    model, load_summary = build_model(cfg)
+    log.info("%s", load_summary)
+    start = time.perf_counter()
+    loader_kw = dict(batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers), device=device)
+    train = extract_features(model, train_set, **loader_kw)
+    val = extract_features(model, val_set, **loader_kw)
+    extract_s = time.perf_counter() - start
+    if len(torch.unique(train.labels)) < 2:
+        raise ValueError(
+            f"After skipping {len(train.failed)} undecodable image(s), {cfg.data.train} has images of fewer than 2 "
+            "classes; fix or replace the unreadable files."
+        )
+
+    num_classes = len(train.classes)
+    top1, top5 = knn_accuracy(train.features, train.labels, val.features, val.labels, num_classes,
+                              k=int(cfg.knn.k), temperature=float(cfg.knn.temperature))
+    probe = linear_probe_accuracy(train.features, train.labels, val.features, val.labels,
+                                  C=float(cfg.linear_probe.C), max_iter=int(cfg.linear_probe.max_iter))
+    output.mkdir(parents=True, exist_ok=True)
+    png = save_embedding_map(
+        torch.cat([train.features, val.features]),
+        torch.cat([train.labels, val.labels]),
+        output / "embedding_map.png",
+        label_names=train.classes,
+        title=f"t-SNE of {cfg.backbone.get('timm_name') or cfg.backbone.name} features (train + val)",
+        perplexity=float(cfg.tsne.perplexity),
+        max_points=int(cfg.tsne.max_points),
+        seed=int(cfg.seed),
+    )
+    results = {
+        "knn_top1": top1,
+        "knn_top5": top5,
+        "linear_probe_accuracy": probe,
+        "knn": {"k": int(cfg.knn.k), "k_used": min(int(cfg.knn.k), len(train.labels)),
+                "temperature": float(cfg.knn.temperature)},
+        "backbone": cfg.backbone.name,
+        "timm_name": cfg.backbone.get("timm_name"),
+        "weights": None if cfg.weights is None else str(cfg.weights),
+        "weights_loaded": load_summary,
+        "feature_dim": int(train.features.shape[1]),
+        "class_names": train.classes,
+        "train": _split_summary(train_set, train),
+        "val": _split_summary(val_set, val),
+        "device": str(device),
+        "feature_extraction_seconds": round(extract_s, 3),
+        "embedding_map": str(png),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    with open(output / "results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        results = evaluate(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        # our own, actionable messages: no deep traceback for bad input
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    out = Path(cfg.output)
+    print(f"results={out / 'results.json'}")
+    print(f"embedding_map={results['embedding_map']}")
+    print(f"linear_probe_accuracy={results['linear_probe_accuracy']:.4f}")
+    print(f"knn_top5={results['knn_top5']:.4f}")
+    print(f"knn_top1={results['knn_top1']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Evaluation of (teacher) backbones: DINO weighted k-NN, linear probe, collapse diagnostics, t-SNE maps.
+
+Plain PyTorch / numpy / scikit-learn / matplotlib: the training callbacks and ``python -m surgenet_ssl.evaluate``
+both call these functions.
+"""
+
+from .diagnostics import (
+    CONSTANT_RATIO,
+    ONEHOT_RATIO,
+    UNIFORM_RATIO,
+    collapse_diagnostics,
+    collapse_warning,
+    entropy,
+)
+from .embedding_map import clamp_perplexity, save_embedding_map, tsne_embedding
+from .features import (
+    ExtractedFeatures,
+    ImageFolderDataset,
+    eval_transform,
+    extract_features,
+    resolve_device,
+)
+from .knn import knn_accuracy, knn_classify
+from .linear_probe import fit_linear_probe, linear_probe_accuracy
+
+__all__ = [
+    "knn_classify",
+    "knn_accuracy",
+    "linear_probe_accuracy",
+    "fit_linear_probe",
+    "collapse_diagnostics",
+    "collapse_warning",
+    "entropy",
+    "UNIFORM_RATIO",
+    "ONEHOT_RATIO",
+    "CONSTANT_RATIO",
+    "save_embedding_map",
+    "tsne_embedding",
+    "clamp_perplexity",
+    "ImageFolderDataset",
+    "ExtractedFeatures",
+    "extract_features",
+    "eval_transform",
+    "resolve_device",
+]

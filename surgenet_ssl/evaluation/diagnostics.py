@@ -1,0 +1,150 @@
+"""Collapse diagnostics for DINO from teacher/student head outputs (the DINO paper's Fig. 7 quantities).
+
+Why: a collapsed run keeps training (the loss even looks fine) while the representation is dead, and a
+SurgeNetXL run costs days. DINO collapses in two ways, both visible in the teacher distribution
+p_t = softmax((t - center) / teacher_temp) over the K = out_dim prototypes:
+
+- *uniform*: too little sharpening; every p_t is (close to) uniform, per-sample entropy -> log K.
+- *one-hot / constant*: too little centering; every image gets the same distribution (often one prototype
+  dominates), so the entropy of the batch-mean distribution -> 0, or equals the per-sample entropy.
+
+In both cases KL(teacher || student) -> 0 (the student trivially matches the teacher).
+
+Thresholds (module constants, overridable per call), as fractions of log K, the maximum entropy:
+
+- ``UNIFORM_RATIO = 0.95``: per-sample teacher entropy >= 0.95 log K -> uniform collapse. A randomly
+  initialised DINO head (unit-norm prototypes, bottleneck 256, teacher_temp 0.04) sits near 0.85-0.9 log K for
+  K = 65536; a learning teacher goes well below.
+- ``ONEHOT_RATIO = 0.05``: entropy of the batch-mean teacher distribution <= 0.05 log K -> one-hot collapse
+  (the whole batch uses ~1 prototype; still above the log 2 of two distinct one-hot samples).
+- ``CONSTANT_RATIO = 0.02``: H(mean) - mean H (the information the output carries about the input) <=
+  0.02 log K -> constant teacher. Needs outputs of at least 2 *different* images (two crops of one image
+  legitimately agree).
+
+Early in training (warm-up, first epoch) a random backbone maps all images alike, so a warning there is
+expected; check after the lr warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "UNIFORM_RATIO",
+    "ONEHOT_RATIO",
+    "CONSTANT_RATIO",
+    "collapse_diagnostics",
+    "collapse_warning",
+    "entropy",
+]
+
+UNIFORM_RATIO = 0.95
+ONEHOT_RATIO = 0.05
+CONSTANT_RATIO = 0.02
+
+
+def entropy(probs: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats along ``dim`` (0 log 0 = 0)."""
+    return -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(dim=dim)
+
+
+@torch.no_grad()
+def collapse_diagnostics(
+    teacher_output: Tensor,
+    student_output: Tensor | None = None,
+    center: Tensor | None = None,
+    teacher_temp: float = 0.04,
+    student_temp: float = 0.1,
+) -> dict[str, float]:
+    """Collapse metrics of one batch of head outputs (logits before softmax), all floats in nats / L2 units.
+
+    Args:
+        teacher_output: ``(B_t, K)`` teacher head outputs (e.g. the 2 global crops of a batch).
+        student_output: ``(B_s, K)`` student head outputs with ``B_s >= B_t``; its first ``B_t`` rows are paired
+            with the teacher rows (DINO's multi-crop order puts the global crops first). ``None``: no KL.
+        center: ``(K,)`` or ``(1, K)`` DINO center; ``None`` means zero.
+        teacher_temp / student_temp: the temperatures of the current step.
+
+    Returns ``teacher_entropy`` (mean per-sample entropy of p_t), ``teacher_mean_entropy`` (entropy of the
+    batch-mean p_t), ``center_norm`` (L2 norm of the center) and, with a student, ``kl_teacher_student``
+    (mean over paired rows of KL(p_t || p_s), p_s = softmax(s / student_temp)).
+    """
+    if teacher_output.ndim != 2 or teacher_output.shape[0] == 0:
+        raise ValueError(f"teacher_output must be (batch, out_dim) with batch >= 1; got {tuple(teacher_output.shape)}.")
+    teacher = teacher_output.detach().float()
+    k = teacher.shape[1]
+    c = torch.zeros(1, k, device=teacher.device) if center is None else center.detach().float().reshape(1, -1)
+    if c.shape[1] != k:
+        raise ValueError(f"center has {c.shape[1]} entries but the teacher outputs {k} dims.")
+    log_pt = F.log_softmax((teacher - c.to(teacher.device)) / teacher_temp, dim=-1)
+    pt = log_pt.exp()
+    metrics = {
+        "teacher_entropy": entropy(pt).mean().item(),
+        "teacher_mean_entropy": entropy(pt.mean(dim=0)).item(),
+        "center_norm": c.norm().item(),
+    }
+    if student_output is not None:
+        student = student_output.detach().float()
+        if student.ndim != 2 or student.shape[1] != k or student.shape[0] < teacher.shape[0]:
+            raise ValueError(
+                f"student_output must be (B_s, {k}) with B_s >= {teacher.shape[0]} teacher rows; "
+                f"got {tuple(student.shape)}."
+            )
+        log_ps = F.log_softmax(student[: teacher.shape[0]] / student_temp, dim=-1)
+        metrics["kl_teacher_student"] = (pt * (log_pt - log_ps)).sum(dim=-1).mean().item()
+    return metrics
+
+
+def collapse_warning(
+    metrics: dict[str, float],
+    out_dim: int,
+    uniform_ratio: float = UNIFORM_RATIO,
+    onehot_ratio: float = ONEHOT_RATIO,
+    constant_ratio: float = CONSTANT_RATIO,
+) -> str | None:
+    """A warning message when ``collapse_diagnostics`` metrics indicate collapse, else ``None``.
+
+    ``out_dim`` is K (``dino.out_dim``). See the module docstring for the thresholds. The message says which
+    collapse it is, the numbers, and the recipe knobs (config keys) that usually fix it.
+    """
+    if out_dim < 2:
+        raise ValueError(f"out_dim must be >= 2 for entropy-based diagnostics, got {out_dim}.")
+    log_k = math.log(out_dim)
+    h = metrics["teacher_entropy"]
+    h_mean = metrics["teacher_mean_entropy"]
+    numbers = (
+        f"teacher entropy {h:.3f}, entropy of the mean teacher distribution {h_mean:.3f} "
+        f"(max log K = {log_k:.3f} nats for out_dim={out_dim})"
+    )
+    if "kl_teacher_student" in metrics:
+        numbers += f", KL(teacher||student) {metrics['kl_teacher_student']:.4f}"
+    if h >= uniform_ratio * log_k:
+        return (
+            f"DINO collapse suspected: the teacher output is (nearly) uniform: {numbers}. "
+            "The teacher is not sharp enough. Usual fixes: lower dino.loss.teacher_temp (e.g. 0.04 -> 0.02) or "
+            "its warm-up start dino.loss.warmup_teacher_temp; raise dino.loss.center_momentum (slower centering, "
+            "e.g. 0.9 -> 0.95); for small batches raise the teacher EMA dino.teacher.momentum (e.g. 0.9995); "
+            "lower dino.optimizer.base_lr or lengthen dino.optimizer.warmup_epochs. "
+            "(Expected for a moment at the very start of training.)"
+        )
+    if h_mean <= onehot_ratio * log_k:
+        return (
+            f"DINO collapse suspected: the teacher is one-hot / constant (one prototype dominates the batch): "
+            f"{numbers}. Centering is too weak for the sharpening. Usual fixes: lower dino.loss.center_momentum "
+            "(faster centering, e.g. 0.9 -> 0.8); raise dino.loss.teacher_temp slightly (less sharpening); raise "
+            "dino.teacher.momentum for small batches (e.g. 0.9995); lower dino.optimizer.base_lr / lengthen "
+            "dino.optimizer.warmup_epochs."
+        )
+    if h_mean - h <= constant_ratio * log_k:
+        return (
+            f"DINO collapse suspected: the teacher gives every image the same distribution (H(mean) - mean H = "
+            f"{h_mean - h:.3f} nats): {numbers}. Usual fixes: lower dino.loss.center_momentum (faster "
+            "centering) and/or lower dino.loss.teacher_temp; raise dino.teacher.momentum for small batches "
+            "(e.g. 0.9995); lower dino.optimizer.base_lr / lengthen dino.optimizer.warmup_epochs. Ignore this if "
+            "the batch holds a single image (its crops legitimately agree)."
+        )
+    return None
