@@ -40,4 +40,6 @@ class StreamingDataModule(pl.LightningDataModule):
             seed=self.seed,
             steps_per_epoch=self.data_cfg.get("steps_per_epoch"),
             shuffle_buffer=int(self.data_cfg.get("shuffle_buffer", 1000)),
+            # Lightning builds the first iterator before on_train_epoch_start: seed it with the resumed epoch.
+            epoch=trainer.current_epoch if trainer is not None else 0,
         )

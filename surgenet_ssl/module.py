@@ -27,6 +27,7 @@ from surgenet_ssl.dino import (
     update_teacher,
 )
 from surgenet_ssl.dino.schedules import scaled_lr
+from surgenet_ssl.evaluation.diagnostics import collapse_diagnostics, collapse_warning
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,14 @@ class DINOModule(pl.LightningModule):
         backbone: the ``backbone`` config group as a dict (``name``, ``timm_name``, ``drop_path_rate``, ...).
         dino: the ``dino`` recipe config group as a dict (see ``configs/dino/default.yaml``).
         batch_size: per-device batch size, used with world size and accumulation to scale the lr.
+        diagnostics_every_n_steps: how often to log collapse diagnostics (0: never).
     """
 
-    def __init__(self, backbone: dict, dino: dict, batch_size: int) -> None:
+    def __init__(self, backbone: dict, dino: dict, batch_size: int, diagnostics_every_n_steps: int = 50) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone_cfg, self.dino_cfg, self.batch_size = dict(backbone), dict(dino), batch_size
+        self.diagnostics_every_n_steps = diagnostics_every_n_steps
         kwargs = {k: v for k, v in self.backbone_cfg.items() if k not in ("name", "timm_name", "drop_path_rate")}
         name, timm_name = self.backbone_cfg["name"], self.backbone_cfg.get("timm_name")
         student_backbone = build_backbone(
@@ -138,7 +141,25 @@ class DINOModule(pl.LightningModule):
         bs = crops[0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/teacher_temp", teacher_temp, batch_size=bs)
+        every = self.diagnostics_every_n_steps
+        if every and step % every == 0 and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self._log_diagnostics(teacher_out, student_out, teacher_temp, bs)
         return loss
+
+    @torch.no_grad()
+    def _log_diagnostics(self, teacher_out: torch.Tensor, student_out: torch.Tensor, temp: float, bs: int) -> None:
+        """Collapse diagnostics on this batch; warns (after the first epoch's warmup) when they look collapsed."""
+        metrics = collapse_diagnostics(
+            teacher_out.float(), student_out[: teacher_out.shape[0]].float(), center=self.dino_loss.center,
+            teacher_temp=temp, student_temp=self.dino_loss.student_temp,
+        )  # fmt: skip
+        # Straight to the loggers (not self.log): a sparse metric must not be re-emitted with stale values.
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics({f"diag/{k}": float(v) for k, v in metrics.items()}, step=self.global_step)
+        warning = collapse_warning(metrics, out_dim=teacher_out.shape[-1])
+        if warning and self.current_epoch >= 1 and self.trainer.is_global_zero:
+            log.warning("step %d: %s", self.global_step, warning)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Runs after AMP unscaling, so the clip threshold applies to true gradient norms.

@@ -149,7 +149,12 @@ def run(cfg: DictConfig) -> Path:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
 
-    module = DINOModule(backbone=_container(cfg.backbone), dino=_container(cfg.dino), batch_size=cfg.data.batch_size)
+    module = DINOModule(
+        backbone=_container(cfg.backbone),
+        dino=_container(cfg.dino),
+        batch_size=cfg.data.batch_size,
+        diagnostics_every_n_steps=cfg.monitor.diagnostics_every_n_steps,
+    )
     datamodule = StreamingDataModule(
         dataset=_container(cfg.dataset),
         data=_container(cfg.data),

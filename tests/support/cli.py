@@ -21,6 +21,7 @@ FAST_TRAIN = [
     "dino.crops.global_size=64",
     "dino.crops.local_size=32",
     "dino.crops.local_number=2",
+    "monitor.diagnostics_every_n_steps=2",
 ]
 
 

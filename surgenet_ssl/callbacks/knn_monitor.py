@@ -1,0 +1,152 @@
+"""Online k-NN monitor: DINO's weighted k-NN on teacher features of a labelled set, every N epochs, plus a t-SNE
+embedding map (the SurgeNet paper's Fig. 3) saved in the run dir.
+
+The labelled set is either an image folder with class subfolders (``train_dir``/``val_dir``) or, by default, the
+training sources themselves labelled by source (= procedure on the demo data): per source the frames of the last
+video are queries and the other videos are the memory bank, so a query never has a near-duplicate neighbour from
+its own video.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from surgenet_ssl.data.shards import iter_shard
+from surgenet_ssl.evaluation import ImageFolderDataset, eval_transform, knn_accuracy, save_embedding_map
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelledImages:
+    images: list[torch.Tensor]
+    labels: list[int]
+
+
+def frames_by_source(sources: list, max_per_class: int, transform) -> tuple[LabelledImages, LabelledImages, list[str]]:
+    """Memory and query sets from prepared sources (``SourceSpec``: name, directory, shards with a video id)."""
+    memory, query = LabelledImages([], []), LabelledImages([], [])
+    names = [s.name for s in sources]
+    for label, source in enumerate(sources):
+        videos = sorted({shard.get("video", shard["file"]) for shard in source.shards})
+        query_videos = {videos[-1]} if len(videos) > 1 else set()
+        per_split = {"memory": 0, "query": 0}
+        for shard in source.shards:
+            split_name = "query" if shard.get("video", shard["file"]) in query_videos else "memory"
+            target = query if split_name == "query" else memory
+            try:
+                for i, (_, sample) in enumerate(iter_shard(Path(source.directory) / shard["file"], extensions=("jpg",))):
+                    if per_split[split_name] >= max_per_class:
+                        break
+                    if not query_videos:  # one video: alternate frames between the two sets
+                        target = query if i % 2 else memory
+                    image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+                    target.images.append(transform(image))
+                    target.labels.append(label)
+                    per_split[split_name] += 1
+            except (OSError, EOFError) as err:  # a damaged shard costs its frames, not the run
+                log.warning("k-NN monitor: skipped unreadable shard %s (%s)", shard["file"], err)
+    return memory, query, names
+
+
+def folder_images(directory: str, classes: list[str] | None, transform_size: int) -> tuple[LabelledImages, list[str]]:
+    dataset = ImageFolderDataset(directory, image_size=transform_size, classes=classes, min_classes=1 if classes else 2)
+    images, labels = [], []
+    for i in range(len(dataset)):
+        img, label, ok = dataset[i]
+        if ok:
+            images.append(img)
+            labels.append(int(label))
+    return LabelledImages(images, labels), list(dataset.classes)
+
+
+class KNNMonitor(pl.Callback):
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+        image_size: int = 224,
+        max_per_class: int = 200,
+        train_dir: str | None = None,
+        val_dir: str | None = None,
+        embedding_map: bool = True,
+        output_dir: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.k, self.temperature, self.image_size = k, temperature, image_size
+        self.max_per_class, self.train_dir, self.val_dir = max_per_class, train_dir, val_dir
+        self.embedding_map, self.output_dir, self.batch_size = embedding_map, output_dir, batch_size
+        self._sets: tuple[LabelledImages, LabelledImages, list[str]] | None = None
+        self.last_result: dict[str, float] = {}
+
+    def _load_sets(self, trainer: pl.Trainer) -> tuple[LabelledImages, LabelledImages, list[str]] | None:
+        if self._sets is None:
+            if self.train_dir and self.val_dir:
+                memory, classes = folder_images(self.train_dir, None, self.image_size)
+                query, _ = folder_images(self.val_dir, classes, self.image_size)
+                self._sets = (memory, query, classes)
+            else:
+                mixture = getattr(getattr(trainer.train_dataloader, "dataset", None), "mixture", None)
+                if mixture is None or len(mixture.sources) < 2:
+                    log.warning("k-NN monitor off: no labelled set given and fewer than 2 training sources to use")
+                    self.every_n_epochs = 0
+                    return None
+                transform = eval_transform(self.image_size)
+                self._sets = frames_by_source(mixture.sources, self.max_per_class, transform)
+            memory, query, classes = self._sets
+            log.info("k-NN monitor: %d memory / %d query images, %d classes", len(memory.labels),
+                     len(query.labels), len(classes))  # fmt: skip
+        return self._sets
+
+    @torch.no_grad()
+    def _features(self, backbone: torch.nn.Module, images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        out = [backbone(torch.stack(images[i:i + self.batch_size]).to(device)).float().cpu()
+               for i in range(0, len(images), self.batch_size)]  # fmt: skip
+        return torch.cat(out)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        done = trainer.current_epoch + 1
+        if self.every_n_epochs <= 0 or done % self.every_n_epochs:
+            return
+        if trainer.is_global_zero:
+            self._evaluate(trainer, pl_module, done)
+        trainer.strategy.barrier("knn_monitor")
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        sets = self._load_sets(trainer)
+        if sets is None or not sets[0].labels or not sets[1].labels:
+            return
+        memory, query, classes = sets
+        backbone = pl_module.teacher.backbone
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            mem_f = self._features(backbone, memory.images, pl_module.device)
+            qry_f = self._features(backbone, query.images, pl_module.device)
+        finally:
+            backbone.train(was_training)
+        mem_y, qry_y = torch.tensor(memory.labels), torch.tensor(query.labels)
+        top1, top5 = knn_accuracy(mem_f, mem_y, qry_f, qry_y, num_classes=len(classes), k=self.k,
+                                  temperature=self.temperature)  # fmt: skip
+        self.last_result = {"knn/top1": top1, "knn/top5": top5}
+        for logger in trainer.loggers:
+            logger.log_metrics({**self.last_result, "epoch": epoch}, step=trainer.global_step)
+        log.info("epoch %d: k-NN top-1 %.4f, top-5 %.4f (%d classes)", epoch, top1, top5, len(classes))
+        if self.embedding_map:
+            out_dir = Path(self.output_dir or trainer.default_root_dir) / "embeddings"
+            path = save_embedding_map(
+                torch.cat([mem_f, qry_f]).numpy(), torch.cat([mem_y, qry_y]).numpy(), out_dir / f"epoch{epoch:04d}.png",
+                label_names=classes, title=f"teacher embeddings, epoch {epoch}",
+            )  # fmt: skip
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key="embedding_map", images=[str(path)], step=trainer.global_step)

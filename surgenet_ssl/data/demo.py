@@ -1,0 +1,266 @@
+"""Embedded demo dataset: synthetic surgical-style videos -> the real prepare pipeline -> shards + manifests.
+
+A newcomer without data or GPU runs the same code path as a SurgeNetXL run: real video files (H.264 mp4, written
+with PyAV) are decoded by decord through :func:`surgenet_ssl.data.preparation.prepare_source`, and the training
+loader streams the resulting WebDataset shards. Three visibly different "procedures" (one source each, so the
+source label is the procedure label for k-NN monitoring) x 3 videos x 10 s at 320x240:
+
+- ``cholecystectomy``: laparoscopic view, circular endoscope vignette, liver-red tissue with yellow fat, two
+  steel graspers.
+- ``prostatectomy``: robotic view, full-frame deep-red tissue with vessels and specular highlights, two
+  black-shafted wristed instruments, console overlay bar.
+- ``gastric_bypass``: pale pink/orange bowel folds, wide offset vignette, a green-tipped stapler, drifting haze.
+
+Generation is deterministic (fixed seeds), about 3 MB, and takes a few seconds on 2 cores. Concurrent callers
+(DDP ranks, parallel test runs) are safe: one builds under a file lock into a temporary directory that is renamed
+into place when complete; the others wait and reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from surgenet_ssl.data import shards as S
+
+__all__ = ["ensure_demo_dataset", "DEMO_PROCEDURES", "DEMO_VERSION", "demo_is_complete", "write_demo_video"]
+
+log = logging.getLogger(__name__)
+
+DEMO_VERSION = 1  # bump when the generator changes: cached copies are rebuilt
+DEMO_DIRNAME = "demo"
+WIDTH, HEIGHT = 320, 240
+VIDEO_FPS = 8
+SECONDS = 10
+VIDEOS_PER_PROCEDURE = 3
+SAMPLE_FPS = 2.0  # frames per second kept by prepare: 20 per video, 180 in total
+
+
+@dataclass(frozen=True)
+class _Style:
+    procedure: str
+    tissue: tuple[tuple[int, int, int], ...]  # palette mixed by low-frequency noise
+    vignette: str  # "circle" | "wide" | "none"
+    instrument: str  # "grasper" | "robotic" | "stapler"
+    highlights: int
+    haze: bool
+    overlay: bool
+    speed: float
+
+
+DEMO_PROCEDURES: dict[str, _Style] = {
+    "cholecystectomy": _Style(
+        "laparoscopic cholecystectomy (synthetic)",
+        ((150, 40, 35), (205, 90, 80), (225, 190, 90), (120, 25, 30)), "circle", "grasper", 12, False, False, 1.0,
+    ),
+    "prostatectomy": _Style(
+        "robot-assisted prostatectomy (synthetic)",
+        ((110, 10, 20), (170, 30, 40), (200, 70, 70), (80, 5, 15)), "none", "robotic", 40, False, True, 1.6,
+    ),
+    "gastric_bypass": _Style(
+        "laparoscopic gastric bypass (synthetic)",
+        ((230, 160, 140), (245, 190, 160), (210, 120, 110), (240, 210, 170)), "wide", "stapler", 6, True, False, 0.6,
+    ),
+}  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------- rendering
+def _noise(rng: np.random.Generator, h: int, w: int, scale: int) -> np.ndarray:
+    """Smooth noise in [0, 1]: random values on a coarse grid, bicubically upsampled."""
+    small = rng.random((max(2, h // scale), max(2, w // scale))).astype(np.float32)
+    img = Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _tissue(style: _Style, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A large tissue texture (HxWx3 uint8) to pan the camera over."""
+    palette = np.array(style.tissue, dtype=np.float32)
+    fields = np.stack([_noise(rng, h, w, 48) + 0.5 * _noise(rng, h, w, 12) for _ in palette], axis=-1)
+    weights = np.exp(6.0 * fields)
+    weights /= weights.sum(-1, keepdims=True)
+    img = weights @ palette
+    img *= (0.75 + 0.35 * _noise(rng, h, w, 6))[..., None]  # fine texture
+    pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    if style.instrument == "robotic":  # vessels
+        for _ in range(14):
+            pts = np.cumsum(rng.normal(0, 14, (8, 2)), axis=0) + rng.random(2) * (w, h)
+            draw.line([tuple(p) for p in pts], fill=(90, 0, 25), width=int(rng.integers(2, 5)))
+    for _ in range(style.highlights):  # wet specular reflections
+        x, y, r = rng.random() * w, rng.random() * h, rng.uniform(2, 6)
+        draw.ellipse((x - r, y - r * 0.6, x + r, y + r * 0.6), fill=(255, 245, 240))
+    return np.asarray(pil.filter(ImageFilter.GaussianBlur(1.2)))
+
+
+def _vignette(kind: str, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    cx, cy = WIDTH / 2, HEIGHT / 2
+    if kind == "circle":
+        r = np.hypot(xx - cx, yy - cy) / (HEIGHT * 0.55)
+        return np.clip((1.0 - r) * 12.0, 0, 1) * np.clip(1.15 - 0.5 * r**2, 0, 1)
+    if kind == "wide":
+        cx += rng.uniform(-20, 20)
+        r = np.hypot((xx - cx) / WIDTH, (yy - cy) / HEIGHT) / 0.62
+        return np.clip((1.0 - r) * 6.0, 0, 1) * np.clip(1.1 - 0.4 * r**2, 0, 1)
+    r = np.hypot((xx - cx) / WIDTH, (yy - cy) / HEIGHT)
+    return np.clip(1.05 - 0.6 * r**2, 0, 1)
+
+
+def _instrument(
+    draw: ImageDraw.ImageDraw, kind: str, base: tuple[float, float], tip: tuple[float, float], t: float
+) -> None:
+    (bx, by), (tx, ty) = base, tip
+    d = np.array([tx - bx, ty - by], dtype=np.float32)
+    d /= np.linalg.norm(d) + 1e-6
+    n = np.array([-d[1], d[0]])
+    width = {"grasper": 9, "robotic": 12, "stapler": 16}[kind]
+    shaft = {"grasper": (150, 155, 160), "robotic": (25, 25, 28), "stapler": (60, 60, 65)}[kind]
+    quad = [tuple(np.array(base) + n * width), tuple(np.array(tip) + n * width * 0.8),
+            tuple(np.array(tip) - n * width * 0.8), tuple(np.array(base) - n * width)]  # fmt: skip
+    draw.polygon(quad, fill=shaft)
+    glint = [tuple(np.array(base) + n * width * 0.3), tuple(np.array(tip) + n * width * 0.3)]
+    draw.line(glint, fill=(220, 220, 225), width=2)
+    opening = 0.35 + 0.3 * np.sin(t * 3.0)
+    jaw_len = {"grasper": 22, "robotic": 16, "stapler": 34}[kind]
+    jaw = {"grasper": (185, 190, 195), "robotic": (170, 170, 175), "stapler": (40, 160, 90)}[kind]
+    if kind == "robotic":  # metallic wrist
+        draw.ellipse((tx - 8, ty - 8, tx + 8, ty + 8), fill=(140, 140, 150))
+    for sign in (1, -1):
+        ang = sign * opening * (0.3 if kind == "stapler" else 1.0)
+        rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+        dj = rot @ d
+        end = (tx + dj[0] * jaw_len, ty + dj[1] * jaw_len)
+        draw.line([(tx, ty), end], fill=jaw, width=5 if kind != "stapler" else 9)
+
+
+def _render_video(name: str, style: _Style, index: int) -> list[np.ndarray]:
+    seed = [DEMO_VERSION, list(DEMO_PROCEDURES).index(name), index]
+    rng = np.random.default_rng(seed)
+    big = _tissue(style, rng, HEIGHT * 2, WIDTH * 2)
+    vignette = _vignette(style.vignette, rng)[..., None]
+    n = VIDEO_FPS * SECONDS
+    phase = rng.uniform(0, 2 * np.pi, 6)
+    frames = []
+    for f in range(n):
+        t = f / VIDEO_FPS * style.speed
+        ox = int((WIDTH / 2) * (1 + 0.9 * np.sin(0.23 * t + phase[0])))
+        oy = int((HEIGHT / 2) * (1 + 0.9 * np.sin(0.19 * t + phase[1])))
+        view = Image.fromarray(big[oy : oy + HEIGHT, ox : ox + WIDTH])
+        draw = ImageDraw.Draw(view)
+        bottom, top = [(-10, HEIGHT + 10), (WIDTH + 10, HEIGHT + 10)], [(-10, -10), (WIDTH + 10, -10)]
+        bases = top if style.instrument == "robotic" else bottom
+        for k, b in enumerate(bases[: 1 if style.instrument == "stapler" else 2]):
+            tip = (WIDTH * (0.35 + 0.3 * k) + 40 * np.sin(0.9 * t + phase[2 + k]),
+                   HEIGHT * 0.5 + 35 * np.cos(0.7 * t + phase[4 + k]))  # fmt: skip
+            _instrument(draw, style.instrument, b, tip, t + k)
+        if style.overlay:
+            draw.rectangle((0, HEIGHT - 14, WIDTH, HEIGHT), fill=(15, 15, 20))
+            draw.rectangle((8, HEIGHT - 10, 8 + 40 + (f % 30), HEIGHT - 4), fill=(40, 120, 200))
+        img = np.asarray(view, dtype=np.float32)
+        if style.haze:
+            img = img * 0.8 + 255 * 0.2 * (0.5 + 0.5 * np.sin(0.5 * t + phase[5]))
+        frames.append((img * vignette).clip(0, 255).astype(np.uint8))
+    return frames
+
+
+def write_demo_video(path: Path, frames: list[np.ndarray], fps: int = VIDEO_FPS) -> None:
+    """Encode RGB frames as an H.264 mp4 (single-threaded x264: the same bytes on every run)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "23", "threads": "1"}
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+# -------------------------------------------------------------------------------------------------------- cache
+def demo_is_complete(directory: str | Path) -> bool:
+    """True if ``directory`` holds a finished demo of the current version (checks manifests and shard files)."""
+    directory = Path(directory)
+    try:
+        top = S.read_manifest(directory)
+        if top.get("demo_version") != DEMO_VERSION or not top.get("complete"):
+            return False
+        for rel in top["sources"].values():
+            m = S.read_manifest(directory / rel)
+            if not m.get("complete") or not all((directory / rel / s["file"]).is_file() for s in m["shards"]):
+                return False
+    except (S.ManifestError, KeyError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def _build(tmp: Path) -> None:
+    from surgenet_ssl.data.preparation import PrepareSettings, prepare_source
+
+    sources = {}
+    total = 0
+    for name, style in DEMO_PROCEDURES.items():
+        video_dir = tmp / "videos" / name
+        video_dir.mkdir(parents=True)
+        for i in range(VIDEOS_PER_PROCEDURE):
+            write_demo_video(video_dir / f"{name}_{i + 1:02d}.mp4", _render_video(name, style, i))
+        settings = PrepareSettings(source=name, procedure=style.procedure, fps=SAMPLE_FPS, backend="auto")
+        summary = prepare_source(video_dir, tmp / name, settings, workers=0, progress=False)
+        if summary.units_failed or summary.frames_total == 0:
+            raise RuntimeError(f"demo generation failed for {name}: {summary.units_failed}")
+        sources[name] = name
+        total += summary.frames_total
+    S.write_json_atomic(
+        tmp / S.MANIFEST_NAME,
+        {
+            "format": S.COLLECTION_FORMAT, "version": S.MANIFEST_VERSION, "demo_version": DEMO_VERSION,
+            "complete": True, "sources": sources, "frames": total,
+            "description": "surgenet-ssl embedded demo: synthetic surgical-style videos, one source per procedure",
+        },
+    )  # fmt: skip
+
+
+def ensure_demo_dataset(root: str | Path, timeout_s: float = 600.0) -> Path:
+    """Return ``<root>/demo``, generating it first if it is missing, incomplete or from an older version."""
+    root = Path(root).expanduser()
+    target = root / DEMO_DIRNAME
+    if demo_is_complete(target):
+        return target
+    from filelock import FileLock, Timeout  # a dependency of torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / f".{DEMO_DIRNAME}.lock"))
+    try:
+        with lock.acquire(timeout=timeout_s):
+            if demo_is_complete(target):  # built by another process while we waited
+                return target
+            t0 = time.time()
+            log.info("generating the demo dataset in %s (one-off, a few seconds)", target)
+            tmp = root / f".{DEMO_DIRNAME}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                _build(tmp)
+                if target.exists():
+                    old = root / f".{DEMO_DIRNAME}.old-{os.getpid()}"
+                    os.replace(target, old)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            frames = json.loads((target / S.MANIFEST_NAME).read_text())["frames"]
+            log.info("demo dataset ready: %d frames in %.1f s", frames, time.time() - t0)
+    except Timeout:
+        raise TimeoutError(
+            f"Waited {timeout_s:.0f} s for another process generating the demo dataset in {target} "
+            f"(lock {lock.lock_file}). If no such process runs, delete the lock file and retry."
+        ) from None
+    return target

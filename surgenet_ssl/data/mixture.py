@@ -1,0 +1,268 @@
+"""Resolve a ``dataset`` config into prepared sources with sampling weights, reading manifests only.
+
+Config schema (configs/dataset/*.yaml)::
+
+    name: cholec                 # used in run and export names
+    sources:                     # source -> sampling weight; null = proportional to its frames
+      cholec80: null             #   or {weight: 2.0, path: /elsewhere/cholec80}
+      heichole: null
+    fraction: 1.0                # deterministic per-frame subsample (hash of the frame key), for ablations
+    allow_missing: false         # true: train on the prepared sources, log the missing ones
+    root: null                   # where <source>/manifest.json live; null = paths.data_root
+    path: null                   # dataset=custom: one prepared directory (or a folder of them)
+    generate: null               # "demo": build the embedded demo data under `root` on first use
+
+``sources: null`` means "every prepared source found under ``path``/``root``" (used by custom and demo).
+Start-up cost is one JSON file per source, independent of the number of frames.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgenet_ssl.data import shards as S
+from surgenet_ssl.data.sources import SOURCES, canonical_source_name
+
+__all__ = ["SourceSpec", "MissingSource", "ResolvedMixture", "MissingSourcesError", "resolve_mixture", "check_source_dir"]
+
+log = logging.getLogger(__name__)
+
+_KNOWN_KEYS = {"name", "sources", "fraction", "allow_missing", "root", "path", "generate", "description"}
+
+
+class MissingSourcesError(FileNotFoundError):
+    """Sources of the chosen mixture are not prepared (the message lists each one and how to prepare it)."""
+
+
+@dataclass
+class SourceSpec:
+    """A prepared source ready for streaming: its shards (relative to ``directory``) and frame counts."""
+
+    name: str
+    directory: Path
+    shards: list[dict[str, Any]]
+    frames: int  # frames listed in the manifest
+    expected_frames: int  # after the mixture's fraction (what an epoch counts)
+    weight: float  # sampling probability (normalised over present sources)
+    procedure: str = "unknown"
+
+
+@dataclass
+class MissingSource:
+    name: str
+    expected: Path
+    problem: str  # "not prepared", "prepare not finished", ...
+    hint: str
+
+
+@dataclass
+class ResolvedMixture:
+    name: str
+    fraction: float
+    sources: list[SourceSpec]
+    missing: list[MissingSource] = field(default_factory=list)
+
+    @property
+    def total_frames(self) -> int:
+        return sum(s.expected_frames for s in self.sources)
+
+
+def _plain(cfg: Any) -> Any:
+    """DictConfig/ListConfig -> plain containers (interpolations resolved); plain objects pass through."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(cfg, Mapping):
+        return {k: _plain(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _prepare_hint(name: str, directory: Path) -> str:
+    src = SOURCES.get(canonical_source_name(name) or "")
+    what = src.display if src else name
+    kind = "videos or frame folders"
+    if src is not None:
+        kind = "videos" if src.distributed_as == "video" else "frame/image folders"
+        if not src.public:
+            kind += "; private dataset, available at its owner's site only"
+    hint = f"python -m surgenet_ssl.prepare source={name} input=/path/to/{what.split()[0]} output={directory}"
+    return f"{hint}   ({what}: {kind})"
+
+
+def check_source_dir(name: str, directory: Path) -> tuple[dict[str, Any] | None, MissingSource | None]:
+    """Load a source manifest, or describe why it cannot be used."""
+    manifest_path = directory / S.MANIFEST_NAME
+    hint = _prepare_hint(name, directory)
+    if not directory.exists():
+        return None, MissingSource(name, manifest_path, "not prepared (directory missing)", hint)
+    try:
+        manifest = S.read_manifest(directory)
+    except S.ManifestError as e:
+        problem = "not prepared (no manifest.json)" if not manifest_path.exists() else f"unusable manifest: {e}"
+        if not manifest_path.exists() and (directory / ".state").is_dir():
+            problem = "prepare was interrupted before writing its manifest; rerun the same prepare command"
+        return None, MissingSource(name, manifest_path, problem, hint)
+    if manifest.get("format") != S.MANIFEST_FORMAT:
+        return None, MissingSource(name, manifest_path, "is a collection of sources, not one source", hint)
+    if not manifest.get("complete", False):
+        pending = manifest.get("pending", "?")
+        return None, MissingSource(
+            name, manifest_path,
+            f"prepare did not finish ({pending} of {manifest.get('inputs', '?')} inputs pending); rerun the same "
+            "prepare command to finish it (finished videos are kept)", hint,
+        )  # fmt: skip
+    if int(manifest.get("frames", 0)) <= 0 or not manifest.get("shards"):
+        return None, MissingSource(name, manifest_path, "prepared but holds no frames (see its 'skipped' list)", hint)
+    if manifest.get("source") not in (None, name):
+        log.info("source %r in config uses %s, prepared as source %r", name, directory, manifest.get("source"))
+    return manifest, None
+
+
+def _discover(base: Path) -> dict[str, Path]:
+    """Prepared sources under ``base``: itself, a collection manifest's members, or subfolders with manifests."""
+    try:
+        manifest = S.read_manifest(base)
+    except S.ManifestError:
+        manifest = None
+    if manifest is not None and manifest.get("format") == S.MANIFEST_FORMAT:
+        return {str(manifest.get("source") or base.name): base}
+    if manifest is not None:  # collection
+        return {name: base / rel for name, rel in manifest.get("sources", {}).items()}
+    if base.is_dir():
+        return {p.name: p for p in sorted(base.iterdir()) if (p / S.MANIFEST_NAME).is_file()}
+    return {}
+
+
+def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> ResolvedMixture:
+    """Turn a dataset config into prepared sources with weights. Raises :class:`MissingSourcesError` (every
+    missing source, where it was expected and how to prepare it) unless ``allow_missing`` is true."""
+    cfg = _plain(dataset_cfg)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"dataset config must be a mapping, got {type(cfg).__name__}")
+    unknown = set(cfg) - _KNOWN_KEYS
+    if unknown:
+        log.warning("dataset config: ignoring unknown key(s) %s (known: %s)", sorted(unknown), sorted(_KNOWN_KEYS))
+    name = str(cfg.get("name") or "custom")
+    fraction = float(cfg.get("fraction", 1.0) if cfg.get("fraction") is not None else 1.0)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"dataset.fraction must be in (0, 1], got {fraction}")
+    allow_missing = bool(cfg.get("allow_missing", False))
+
+    if cfg.get("path") == "???" or (name == "custom" and not cfg.get("path") and not cfg.get("sources")):
+        raise ValueError(
+            "dataset=custom needs dataset.path=DIR: a directory prepared by `python -m surgenet_ssl.prepare` "
+            "(it holds manifest.json) or a folder of such directories."
+        )
+    if cfg.get("generate"):
+        if cfg["generate"] != "demo":
+            raise ValueError(f"dataset.generate must be 'demo' or null, got {cfg['generate']!r}")
+        from surgenet_ssl.data.demo import ensure_demo_dataset
+
+        base = ensure_demo_dataset(cfg.get("root") or data_root)
+    elif cfg.get("path"):
+        base = Path(str(cfg["path"])).expanduser()
+    else:
+        base = Path(str(cfg.get("root") or data_root)).expanduser()
+
+    entries = cfg.get("sources")
+    if not entries:
+        found = _discover(base)
+        if not found:
+            raise MissingSourcesError(_no_sources_message(base))
+        entries = {n: None for n in found}
+        dirs = found
+    else:
+        if isinstance(entries, (list, tuple)):
+            entries = {str(n): None for n in entries}
+        dirs = {}
+        for n, entry in entries.items():
+            path = entry.get("path") if isinstance(entry, Mapping) else None
+            dirs[n] = Path(str(path)).expanduser() if path else base / n
+
+    weights: dict[str, float | None] = {}
+    for n, entry in entries.items():
+        w = entry.get("weight") if isinstance(entry, Mapping) else entry
+        if w is not None and (not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0):
+            raise ValueError(f"dataset.sources.{n}: the weight must be a number >= 0 or null, got {w!r}")
+        weights[n] = None if w is None else float(w)
+    given = [n for n, w in weights.items() if w is not None]
+    if given and len(given) != len(weights):
+        raise ValueError(
+            f"dataset.sources: give a sampling weight to every source or to none (null = proportional to frames). "
+            f"Weighted: {given}; unweighted: {[n for n, w in weights.items() if w is None]}."
+        )
+
+    present: list[SourceSpec] = []
+    missing: list[MissingSource] = []
+    for n in entries:
+        if weights[n] == 0.0:
+            continue
+        manifest, problem = check_source_dir(n, dirs[n])
+        if problem is not None:
+            missing.append(problem)
+            continue
+        assert manifest is not None
+        frames = int(manifest["frames"])
+        present.append(
+            SourceSpec(
+                name=n, directory=dirs[n], shards=list(manifest["shards"]), frames=frames,
+                expected_frames=int(round(frames * fraction)), weight=0.0,
+                procedure=str(manifest.get("procedure", "unknown")),
+            )
+        )  # fmt: skip
+
+    if missing and (not allow_missing or not present):
+        raise MissingSourcesError(_missing_message(name, base, missing, len(entries), bool(present)))
+    if missing:
+        log.warning(
+            "dataset %s: training on %d of %d sources; missing (dataset.allow_missing=true): %s",
+            name, len(present), len(entries), ", ".join(f"{m.name} ({m.problem})" for m in missing),
+        )  # fmt: skip
+
+    raw = [weights[s.name] if given else float(s.expected_frames) for s in present]
+    total = sum(raw)
+    if total <= 0:
+        raise ValueError(f"dataset {name}: all sampling weights are zero (or the sources have no frames).")
+    for s, w in zip(present, raw):
+        s.weight = w / total
+        if s.expected_frames == 0:
+            log.warning("source %s: %d frames x fraction %g rounds to 0 frames", s.name, s.frames, fraction)
+    return ResolvedMixture(name=name, fraction=fraction, sources=present, missing=missing)
+
+
+def _no_sources_message(base: Path) -> str:
+    msg = f"No prepared source (manifest.json) found in {base}."
+    if base.is_dir():
+        from surgenet_ssl.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
+        raw = [p for p in base.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS][:1]
+        if raw:
+            msg += (
+                f" It holds raw videos/images (e.g. {raw[0]}); prepare them first: python -m surgenet_ssl.prepare "
+                f"source=NAME input={base} output=/path/to/prepared/NAME, then dataset.path=/path/to/prepared/NAME."
+            )
+    else:
+        msg += " The directory does not exist."
+    return msg
+
+
+def _missing_message(name: str, base: Path, missing: list[MissingSource], n_total: int, any_present: bool) -> str:
+    lines = [f"dataset={name}: {len(missing)} of {n_total} sources cannot be used (looked under {base}):"]
+    for m in missing:
+        lines.append(f"  - {m.name}: {m.problem}")
+        lines.append(f"      expected: {m.expected}")
+        lines.append(f"      prepare:  {m.hint}")
+    lines.append("Fix: prepare them (commands above), or point paths.data_root=DIR (env SURGENET_DATA_ROOT) at the")
+    lines.append("folder that holds the prepared sources" + (
+        ", or set dataset.allow_missing=true to train on the sources that are present." if any_present else "."
+    ))  # fmt: skip
+    lines.append("`python -m surgenet_ssl.datasets` lists what is prepared under paths.data_root.")
+    return "\n".join(lines)

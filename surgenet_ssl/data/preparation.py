@@ -1,0 +1,635 @@
+"""Turn a folder of videos and/or frame folders into WebDataset shards + manifest.json (one source).
+
+Work unit = one video file, or one folder of images (frames of one video, or one category of images). Units are
+processed in parallel worker processes; each unit writes its own shards (renamed when complete) and then a
+completion record in ``.state/``. The manifest is rebuilt from those records, so:
+
+- a killed run never lists a partial shard (shards of unfinished units have no record, temporary files are
+  swept on the next run);
+- a rerun skips every unit with a record whose shards are still on disk, without rewriting them;
+- corrupt/empty videos and corrupt images are skipped with a warning naming the file, and counted in the
+  summary and in the manifest (``skipped``).
+
+Frames are stored downscaled to ``resize_short`` (default 320 px on the shorter side) as JPEG; see
+configs/prepare.yaml for why.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as _dt
+import errno
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import signal
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgenet_ssl.data import shards as S
+from surgenet_ssl.data.video import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    DecodeReport,
+    VideoDecodeError,
+    iter_video_frames,
+    load_rgb_image,
+    resize_short_side,
+)
+
+__all__ = [
+    "PrepareSettings", "Unit", "PrepareSummary", "PrepareError", "discover_units", "process_unit", "prepare_source",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+STATE_DIR = ".state"
+SETTINGS_FILE = "settings.json"
+# Settings that change the frames on disk: a rerun with other values would mix two datasets in one directory.
+IMAGES_PER_UNIT = 5000  # a bigger image folder is split into parts prepared in parallel (keys do not change)
+_CONTENT_SETTINGS = ("source", "fps", "resize_short", "jpeg_quality", "shard_max_frames", "image_stride")
+
+
+# Errors of the *output* side: stop the run instead of skipping every remaining input.
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+class PrepareError(RuntimeError):
+    """Bad prepare input or settings (message says what and how to fix)."""
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    source: str
+    procedure: str = "unknown"
+    fps: float | None = 1.0  # frames per second sampled from videos (None/0: every frame)
+    resize_short: int | None = 320  # shorter side in px after resize (None: native)
+    jpeg_quality: int = 90
+    shard_max_frames: int = 1000
+    image_stride: int = 1  # keep every n-th image of an image folder (natural name order)
+    backend: str = "auto"  # video decoder: auto | decord | pyav
+
+    def content(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _CONTENT_SETTINGS}
+
+
+@dataclass
+class Unit:
+    """One video file, or one folder of images, with its stable id (the key prefix of its frames)."""
+
+    id: str  # work id: names its shards and its completion record
+    kind: str  # "video" | "images"
+    input: str  # path relative to the input root (posix); "." for the root folder itself
+    files: list[str] = field(default_factory=list)  # image files relative to the input root (kind=images)
+    size: int = 0  # bytes of the input (videos) or number of images
+    video: str = ""  # key prefix and metadata "video" of its frames (= id, except for parts of big folders)
+    keys: list[str] = field(default_factory=list)  # per image file: its key suffix (stable, from the file name)
+    offset: int = 0  # position of files[0] in its folder (natural name order)
+
+    def __post_init__(self) -> None:
+        self.video = self.video or self.id
+
+
+@dataclass
+class PrepareSummary:
+    source: str
+    output: str
+    units_total: int = 0
+    units_done_before: int = 0  # finished by an earlier run (skipped now, not rewritten)
+    units_done_now: int = 0
+    units_failed: list[dict[str, str]] = field(default_factory=list)
+    frames_total: int = 0  # in the manifest
+    frames_written_now: int = 0
+    shards_total: int = 0
+    images_corrupt: int = 0  # corrupt images skipped (this run)
+    videos_with_warnings: int = 0  # decoded with problems, e.g. only partly (this run; see warnings)
+    files_ignored: dict[str, int] = field(default_factory=dict)  # extension -> count of non-video/image files
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames_written_now / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"source {self.source} -> {self.output}",
+            f"  inputs: {self.units_total} ({self.units_done_before} already done, {self.units_done_now} done now, "
+            f"{len(self.units_failed)} skipped as unreadable)",
+            f"  frames: {self.frames_total} in {self.shards_total} shards ({self.frames_written_now} written now, "
+            f"{self.frames_per_second:.1f} frames/s)",
+        ]
+        if self.images_corrupt:
+            out.append(f"  corrupt images skipped: {self.images_corrupt}")
+        if self.videos_with_warnings:
+            out.append(f"  videos with decode warnings (e.g. decoded only partly): {self.videos_with_warnings}")
+        for f in self.units_failed:
+            out.append(f"  SKIPPED {f['input']}: {f['reason']}")
+        if self.files_ignored:
+            ignored = ", ".join(f"{ext or '(no ext)'}: {n}" for ext, n in sorted(self.files_ignored.items()))
+            out.append(f"  ignored files (not video/image): {ignored}")
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------ discovery
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _dedupe(ids: dict[str, list[str]]) -> dict[str, str]:
+    """{candidate id: [inputs]} -> {input: unique id}; colliding inputs all get a hash of their path appended."""
+    out: dict[str, str] = {}
+    for cand, inputs in ids.items():
+        if len(inputs) == 1:
+            out[inputs[0]] = cand
+        else:
+            for inp in inputs:
+                out[inp] = f"{cand}-{hashlib.sha1(inp.encode()).hexdigest()[:8]}"
+    return out
+
+
+def discover_units(
+    input_path: str | Path, exclude: Iterable[str | Path] = (), ignored: Counter[str] | None = None
+) -> list[Unit]:
+    """Find videos (one unit each) and image folders (one unit per folder) under ``input_path``, sorted by id.
+
+    Hidden files/folders and ``exclude`` (e.g. the output directory inside the input) are skipped; other files
+    are counted in ``ignored`` by extension. Ids come from relative paths, so they do not depend on listing order.
+    """
+    root = Path(input_path)
+    if not root.exists():
+        raise PrepareError(f"input={root} does not exist. Give the folder with the source's videos or frames.")
+    ignored = ignored if ignored is not None else Counter()
+    if root.is_file():
+        if root.suffix.lower() not in VIDEO_EXTENSIONS:
+            raise PrepareError(f"input={root} is a file but not a video ({', '.join(VIDEO_EXTENSIONS)}).")
+        return [Unit(S.sanitize_id(root.stem), "video", root.name, size=root.stat().st_size)]
+    excluded = {Path(p).resolve() for p in exclude}
+    videos: dict[str, list[str]] = {}
+    image_dirs: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs or Path(real) in excluded:  # symlink loop / output folder inside the input
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            ext = Path(name).suffix.lower()
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if ext in VIDEO_EXTENSIONS:
+                videos.setdefault(S.sanitize_id(rel[: -len(ext)]), []).append(rel)
+                try:
+                    sizes[rel] = (root / rel).stat().st_size
+                except OSError:
+                    sizes[rel] = 0
+            elif ext in IMAGE_EXTENSIONS:
+                image_dirs.setdefault(rel_dir, []).append(rel)
+            else:
+                ignored[ext] += 1
+    folder_ids: dict[str, list[str]] = {}
+    for rel_dir in image_dirs:
+        folder_ids.setdefault(S.sanitize_id(rel_dir) if rel_dir != "." else "frames", []).append(rel_dir)
+    # Videos and image folders share one id space (``a.mp4`` and folder ``a/`` would collide).
+    merged: dict[str, list[str]] = {}
+    for cand, inputs in list(videos.items()) + list(folder_ids.items()):
+        merged.setdefault(cand, []).extend(inputs)
+    unique = _dedupe(merged)
+    units = [Unit(unique[rel], "video", rel, size=sizes[rel]) for inputs in videos.values() for rel in inputs]
+    for rel_dir, files in image_dirs.items():
+        files = sorted(files, key=_natural_key)
+        keys = _image_keys(files)
+        vid = unique[rel_dir]
+        if len(files) <= IMAGES_PER_UNIT:
+            units.append(Unit(vid, "images", rel_dir, files=files, size=len(files), keys=[keys[f] for f in files]))
+            continue
+        for part, lo in enumerate(range(0, len(files), IMAGES_PER_UNIT)):  # big folders: parallel parts
+            chunk = files[lo : lo + IMAGES_PER_UNIT]
+            units.append(
+                Unit(f"{vid}@part{part:04d}", "images", rel_dir, files=chunk, size=len(chunk), video=vid,
+                     keys=[keys[f] for f in chunk], offset=lo)
+            )  # fmt: skip
+    return sorted(units, key=lambda u: u.id)
+
+
+def _image_keys(files: list[str]) -> dict[str, str]:
+    """Stable per-image key suffixes from file stems (``img.001.png`` -> ``img_001``), deduplicated."""
+    cands: dict[str, list[str]] = {}
+    for f in files:
+        cands.setdefault(S.sanitize_id(Path(f).stem).replace("/", "_"), []).append(f)
+    return _dedupe(cands)
+
+
+# ----------------------------------------------------------------------------------------------------- one unit
+def _jpeg(img: Any, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def process_unit(
+    unit: Unit, input_root: str, output: str, settings: PrepareSettings, threads: int = 0
+) -> dict[str, Any]:
+    """Decode, resize, encode and shard one unit; write its completion record; return the record.
+
+    Runs in a worker process. A unit that yields no frame is recorded as failed (``status: failed``) with the
+    reason, and its shards are removed, so a rerun retries it.
+    """
+    out = Path(output)
+    src = Path(input_root)
+    t0 = time.time()
+    if os.environ.get("SURGENET_SSL_FAULT_CRASH_ON") == unit.input:  # fault injection for tests: a decoder segfault
+        os.kill(os.getpid(), signal.SIGKILL)
+    flat = S.flat_name(unit.id)
+    writer = S.ShardWriter(out, f"shards/{flat}", unit.video, settings.shard_max_frames)
+    record: dict[str, Any] = {
+        "id": unit.id, "kind": unit.kind, "input": unit.input, "input_size": unit.size,
+        "settings": settings.content(), "status": "ok", "frames": 0, "shards": [], "warnings": [],
+        "corrupt_images": [],
+    }  # fmt: skip
+    frames = 0
+    try:
+        if unit.kind == "video":
+            path = src / unit.input if src.is_dir() else src
+            report = DecodeReport()
+            for fr in iter_video_frames(path, settings.fps, settings.backend, threads, report):
+                img = resize_short_side(fr.image, settings.resize_short)
+                meta = {
+                    "source": settings.source, "procedure": settings.procedure, "video": unit.video,
+                    "frame_index": fr.index, "timestamp": fr.timestamp, "input": unit.input,
+                    "width": img.width, "height": img.height,
+                    "orig_width": int(fr.image.shape[1]), "orig_height": int(fr.image.shape[0]),
+                }  # fmt: skip
+                writer.write(
+                    f"{unit.video}/{fr.index:08d}",
+                    {"jpg": _jpeg(img, settings.jpeg_quality), "json": json.dumps(meta).encode()},
+                )
+                frames += 1
+            record.update(backend=report.backend, video_fps=report.video_fps, video_frames=report.num_frames,
+                          step=report.step)  # fmt: skip
+            record["warnings"] += [f"{unit.input}: {w}" for w in report.warnings]
+        else:
+            keys = unit.keys or [_image_keys(unit.files)[f] for f in unit.files]
+            for i, (rel, key) in enumerate(zip(unit.files, keys)):
+                position = unit.offset + i
+                if position % max(1, settings.image_stride):
+                    continue
+                try:
+                    arr = load_rgb_image(src / rel)
+                except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
+                    record["corrupt_images"].append(f"{rel} ({type(e).__name__}: {str(e)[:120]})")
+                    continue
+                img = resize_short_side(arr, settings.resize_short)
+                meta = {
+                    "source": settings.source, "procedure": settings.procedure, "video": unit.video,
+                    "frame_index": position, "timestamp": None, "input": rel,
+                    "width": img.width, "height": img.height,
+                    "orig_width": int(arr.shape[1]), "orig_height": int(arr.shape[0]),
+                }  # fmt: skip
+                writer.write(
+                    f"{unit.video}/{key}",
+                    {"jpg": _jpeg(img, settings.jpeg_quality), "json": json.dumps(meta).encode()},
+                )
+                frames += 1
+            if frames == 0 and record["corrupt_images"]:
+                raise VideoDecodeError(f"none of its {len(unit.files)} images could be read")
+        if frames == 0:
+            raise VideoDecodeError("no frames decoded")
+        record["shards"] = [s.to_dict() for s in writer.close()]
+        record["frames"] = frames
+    except BaseException as e:
+        writer.abort()  # no shard of a failed unit stays behind
+        for s in writer.finished:
+            (out / s.file).unlink(missing_ok=True)
+        if not isinstance(e, (VideoDecodeError, OSError)) or getattr(e, "errno", None) in _FATAL_ERRNOS:
+            raise
+        reason = str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}"
+        record.update(status="failed", reason=reason, frames=0, shards=[])
+    record["seconds"] = round(time.time() - t0, 3)
+    S.write_json_atomic(out / STATE_DIR / f"{flat}.json", record)
+    return record
+
+
+def _process_unit_safe(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """process_unit for a worker: unexpected exceptions come back as a failed record with the traceback."""
+    unit: Unit = args[0]
+    try:
+        return process_unit(*args, **kwargs)
+    except OSError as e:
+        if e.errno in _FATAL_ERRNOS:
+            raise  # disk full / read-only output: stop the whole run
+        return _failed_record(unit, e)
+    except Exception as e:  # noqa: BLE001
+        return _failed_record(unit, e)
+
+
+def _failed_record(unit: Unit, e: BaseException | None, reason: str | None = None) -> dict[str, Any]:
+    return {
+        "id": unit.id, "kind": unit.kind, "input": unit.input, "status": "failed", "frames": 0, "shards": [],
+        "reason": reason or f"unexpected error {type(e).__name__}: {e}",
+        "traceback": traceback.format_exc() if e is not None else "",
+        "warnings": [], "corrupt_images": [],
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- orchestration
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_records(out: Path) -> dict[str, dict[str, Any]]:
+    records: dict[str, dict[str, Any]] = {}
+    state = out / STATE_DIR
+    if not state.is_dir():
+        return records
+    for p in sorted(state.glob("*.json")):
+        if p.name == SETTINGS_FILE:
+            continue
+        try:
+            rec = json.loads(p.read_text())
+            records[rec["id"]] = rec
+        except (OSError, ValueError, KeyError):
+            log.warning("ignoring damaged state record %s (its input will be prepared again)", p)
+    return records
+
+
+def _record_is_done(out: Path, rec: dict[str, Any], unit: Unit, check_sizes: bool = True) -> bool:
+    if rec.get("status") != "ok" or rec.get("input") != unit.input or rec.get("input_size") != unit.size:
+        return False
+    for s in rec.get("shards", []):
+        p = out / s["file"]
+        try:
+            if check_sizes and p.stat().st_size != s["bytes"]:
+                return False
+        except OSError:
+            return False
+    return bool(rec.get("shards"))
+
+
+def _sweep_temporaries(out: Path) -> int:
+    """Remove temporary files left by a killed run (``.name.tmp``); returns how many."""
+    n = 0
+    for d in (out / "shards", out / STATE_DIR, out):
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    p.unlink(missing_ok=True)
+                    n += 1
+    return n
+
+
+def _check_settings(out: Path, settings: PrepareSettings, overwrite: bool) -> None:
+    path = out / STATE_DIR / SETTINGS_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        new = settings.content()
+        diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        if diff and not overwrite:
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise PrepareError(
+                f"{out} was prepared with other settings ({changes}). Mixing them would give one source two kinds "
+                "of frames. Use another output=DIR, rerun with the old settings to resume, or add overwrite=true "
+                "to delete the old shards and start again."
+            )
+        if diff and overwrite:
+            log.warning("overwrite=true: removing the shards prepared with other settings in %s", out)
+            _remove_prepared(out)
+    elif overwrite:
+        _remove_prepared(out)
+    S.write_json_atomic(path, settings.content())
+
+
+def _remove_prepared(out: Path) -> None:
+    for sub in ("shards", STATE_DIR):
+        d = out / sub
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.is_file():
+                    p.unlink()
+    (out / S.MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def build_manifest(
+    out: Path, settings: PrepareSettings, units: list[Unit], records: dict[str, dict[str, Any]], summary: PrepareSummary
+) -> dict[str, Any]:
+    """The manifest from completion records of the current units (orphans of vanished inputs are left out)."""
+    shards: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    videos_ok = pending = 0
+    for u in units:
+        rec = records.get(u.id)
+        if rec is None:
+            pending += 1
+        elif rec.get("status") == "ok":
+            videos_ok += 1
+            shards.extend(rec["shards"])
+        else:
+            failed.append({"input": u.input, "reason": rec.get("reason", "?")})
+    corrupt = sum(len(records[u.id].get("corrupt_images", [])) for u in units if u.id in records)
+    warned = [
+        {"input": u.input, "warnings": records[u.id]["warnings"]}
+        for u in units
+        if u.id in records and records[u.id].get("warnings")
+    ]
+    return {
+        "format": S.MANIFEST_FORMAT,
+        "version": S.MANIFEST_VERSION,
+        "source": settings.source,
+        "procedure": settings.procedure,
+        "complete": pending == 0,
+        "frames": sum(s["frames"] for s in shards),
+        "videos": videos_ok,
+        "inputs": len(units),
+        "pending": pending,
+        "settings": settings.content() | {"backend": settings.backend},
+        "skipped": {"inputs": failed, "corrupt_images": corrupt},
+        "decode_warnings": warned,
+        "shards": shards,
+        "updated": _now(),
+        "tool": "surgenet-ssl",
+    }
+
+
+def prepare_source(
+    input_path: str | Path,
+    output: str | Path,
+    settings: PrepareSettings,
+    workers: int = 1,
+    progress: bool = True,
+    overwrite: bool = False,
+    manifest_every_s: float = 30.0,
+    max_units: int | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> PrepareSummary:
+    """Prepare one source. ``workers=0`` runs in this process (no pool). Returns the summary (also logged).
+
+    ``max_units`` stops after that many new units (used to simulate an interrupted run in tests/benchmarks).
+    """
+    t0 = time.time()
+    src, out = Path(input_path), Path(output)
+    if settings.fps is not None and settings.fps < 0:
+        raise PrepareError(f"fps must be > 0 (or null for every frame), got {settings.fps}")
+    if not 1 <= settings.jpeg_quality <= 100:
+        raise PrepareError(f"jpeg_quality must be in 1..100, got {settings.jpeg_quality}")
+    ignored: Counter[str] = Counter()
+    units = discover_units(src, exclude=[out], ignored=ignored)
+    if not units:
+        raise PrepareError(
+            f"No videos ({', '.join(VIDEO_EXTENSIONS)}) or images ({', '.join(IMAGE_EXTENSIONS)}) found under "
+            f"input={src}."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, settings, overwrite)
+    swept = _sweep_temporaries(out)
+    if swept:
+        log.info("removed %d temporary files left by an interrupted run in %s", swept, out)
+    summary = PrepareSummary(settings.source, str(out), units_total=len(units), files_ignored=dict(ignored))
+    records = _load_records(out)
+    todo = []
+    for u in units:
+        rec = records.get(u.id)
+        if rec is not None and _record_is_done(out, rec, u):
+            summary.units_done_before += 1
+        else:
+            records.pop(u.id, None)
+            todo.append(u)
+    if max_units is not None:
+        todo = todo[:max_units]
+    log.info(
+        "%s: %d inputs under %s (%d done before, %d to do) -> %s",
+        settings.source, len(units), src, summary.units_done_before, len(todo), out,
+    )  # fmt: skip
+
+    last_write = time.time()
+
+    def handle(rec: dict[str, Any]) -> None:
+        nonlocal last_write
+        records[rec["id"]] = rec
+        if rec["status"] == "ok":
+            summary.units_done_now += 1
+            summary.frames_written_now += rec["frames"]
+        else:
+            summary.units_failed.append({"input": rec["input"], "reason": rec.get("reason", "?")})
+            log.warning("skipped %s: %s", src / rec["input"] if src.is_dir() else src, rec.get("reason"))
+            if rec.get("traceback"):
+                log.debug(rec["traceback"])
+        if rec.get("warnings"):
+            summary.videos_with_warnings += 1
+        for w in rec.get("warnings", []):
+            summary.warnings.append(w)
+            log.warning("%s", w)
+        for c in rec.get("corrupt_images", []):
+            summary.images_corrupt += 1
+            log.warning("skipped corrupt image %s", c)
+        if on_record is not None:
+            on_record(rec)
+        if time.time() - last_write > manifest_every_s:
+            S.write_json_atomic(out / S.MANIFEST_NAME, build_manifest(out, settings, units, records, summary))
+            last_write = time.time()
+
+    bar = _progress(total=len(todo), enabled=progress, desc=f"prepare {settings.source}")
+    root_arg = str(src)
+    try:
+        if workers <= 0 or len(todo) <= 1:
+            for u in todo:
+                handle(_process_unit_safe(u, root_arg, str(out), settings, 0))
+                _tick(bar, records, u)
+        else:
+            _run_pool(todo, root_arg, str(out), settings, workers, handle, bar, records)
+    finally:
+        if bar is not None:
+            bar.close()
+        manifest = build_manifest(out, settings, units, records, summary)
+        manifest["last_run"] = {
+            "finished": _now(), "seconds": round(time.time() - t0, 2), "frames_written": summary.frames_written_now,
+            "failed": len(summary.units_failed), "corrupt_images": summary.images_corrupt,
+        }  # fmt: skip
+        S.write_json_atomic(out / S.MANIFEST_NAME, manifest)
+    summary.frames_total = manifest["frames"]
+    summary.shards_total = len(manifest["shards"])
+    summary.seconds = time.time() - t0
+    for line in summary.lines():
+        log.info(line)
+    return summary
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="video", dynamic_ncols=True)
+
+
+def _tick(bar: Any, records: dict[str, dict[str, Any]], unit: Unit) -> None:
+    if bar is not None:
+        bar.update(1)
+        rec = records.get(unit.id, {})
+        bar.frames = getattr(bar, "frames", 0) + int(rec.get("frames", 0))
+        bar.set_postfix(frames=bar.frames, refresh=False)
+
+
+def _run_pool(
+    todo: list[Unit], root: str, out: str, settings: PrepareSettings, workers: int,
+    handle: Callable[[dict[str, Any]], None], bar: Any, records: dict[str, dict[str, Any]],
+) -> None:  # fmt: skip
+    """Process units in ``workers`` spawned processes. A worker that dies (e.g. a decoder segfault) breaks the
+    pool: the units that were in flight are then retried one at a time in a fresh single process, so only the
+    culprit is skipped ("worker crashed") and everything else goes on."""
+    ctx = mp.get_context("spawn")  # no fork after threads (decoders, tqdm); same behaviour on every OS
+    threads = max(1, _cpus() // workers)  # decoder threads per worker: use the cores, do not oversubscribe
+    queue = list(reversed(todo))
+    suspects: list[Unit] = []
+    while queue:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            running: dict[cf.Future[dict[str, Any]], Unit] = {}
+            broken = False
+            while (queue or running) and not broken:
+                while queue and len(running) < 2 * workers:
+                    u = queue.pop()
+                    running[pool.submit(_process_unit_safe, u, root, out, settings, threads)] = u
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    u = running.pop(fut)
+                    try:
+                        handle(fut.result())
+                        _tick(bar, records, u)
+                    except cf.process.BrokenProcessPool:
+                        broken = True
+                        suspects.append(u)
+            if broken:
+                suspects.extend(running.values())
+                pool.shutdown(wait=False, cancel_futures=True)
+        for u in suspects:  # isolate: one process per suspect
+            with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as single:
+                try:
+                    rec = single.submit(_process_unit_safe, u, root, out, settings, 1).result()
+                except cf.process.BrokenProcessPool:
+                    rec = _failed_record(u, None, "the decoder crashed the worker process (corrupt file?)")
+            handle(rec)
+            _tick(bar, records, u)
+        suspects = []
+
+
+def settings_dict(settings: PrepareSettings) -> dict[str, Any]:
+    return asdict(settings)

@@ -1,0 +1,279 @@
+"""WebDataset tar shards and the per-source ``manifest.json``: the on-disk contract between prepare and the loader.
+
+Layout of one prepared source directory::
+
+    <data_root>/<source>/manifest.json          what the loader reads (shards, frame counts, sha256, settings)
+    <data_root>/<source>/shards/<video>-00000.tar   WebDataset tar: <key>.jpg + <key>.json per frame
+    <data_root>/<source>/.state/<video>.json     per-video completion records (resumability; not read by the loader)
+
+Why these choices:
+- Shards are written under a temporary name and renamed only when complete, and the manifest lists only shards
+  of finished videos, so a killed prepare never exposes a partial shard.
+- Tar members have fixed metadata (mtime 0, uid 0, mode 0444) so the same input gives byte-identical shards and
+  checksums on every machine.
+- Keys are ``<video id>/<frame index>`` (or ``<folder>/<image stem>``): derived from names and timestamps, never
+  from directory listing order, so the same frame has the same key everywhere. Keys contain no dots (WebDataset
+  splits key and extension at the first dot of the file name).
+- Subsampling (``small``, ``fraction`` ablations) keeps a frame iff a hash of ``<source>/<key>`` is below the
+  fraction: deterministic, machine independent and nested (the 10% frames are inside the 25% frames).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgenet_ssl.io_utils import atomic_path
+
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "ManifestError",
+    "ShardInfo",
+    "ShardWriter",
+    "iter_shard",
+    "keep_frame",
+    "sanitize_id",
+    "flat_name",
+    "sha256_file",
+    "read_manifest",
+    "write_json_atomic",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "surgenet-ssl/source-shards"
+COLLECTION_FORMAT = "surgenet-ssl/collection"
+MANIFEST_VERSION = 1
+_SUBSAMPLE_SALT = b"surgenet-ssl/subsample/v1"
+
+
+class ManifestError(RuntimeError):
+    """A manifest.json is missing, unreadable or not one of ours."""
+
+
+# ----------------------------------------------------------------------------------------------------------- keys
+_BAD_ID_CHARS = re.compile(r"[^A-Za-z0-9_\-/]")
+
+
+def sanitize_id(text: str) -> str:
+    """Make a path-like name safe inside a WebDataset key: only ``A-Za-z0-9_-/``, no empty parts."""
+    text = text.replace(os.sep, "/").replace("\\", "/")
+    parts = [_BAD_ID_CHARS.sub("_", p) for p in text.split("/") if p not in ("", ".")]
+    return "/".join(parts) or "_"
+
+
+def flat_name(video_id: str, max_len: int = 120) -> str:
+    """A file-name-safe, flat version of a video id (``a/b`` -> ``a__b``), shortened with a hash when long."""
+    flat = video_id.replace("/", "__")
+    if len(flat) > max_len:
+        digest = hashlib.sha1(video_id.encode()).hexdigest()[:10]
+        flat = f"{flat[: max_len - 11]}-{digest}"
+    return flat
+
+
+def keep_frame(source: str, key: str, fraction: float) -> bool:
+    """True iff the frame ``<source>/<key>`` belongs to the deterministic ``fraction`` subsample."""
+    if fraction >= 1.0:
+        return True
+    if fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(f"{source}/{key}".encode(), digest_size=8, key=_SUBSAMPLE_SALT).digest()
+    return int.from_bytes(digest, "big") < fraction * 2.0**64
+
+
+# --------------------------------------------------------------------------------------------------------- writing
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    """One finished shard as listed in the manifest (``file`` is relative to the source directory)."""
+
+    file: str
+    frames: int
+    bytes: int
+    sha256: str
+    video: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "frames": self.frames, "bytes": self.bytes, "sha256": self.sha256, "video": self.video
+        }  # fmt: skip
+
+
+@dataclass
+class ShardWriter:
+    """Write frames of one video into ``<prefix>-00000.tar, -00001.tar, ...`` of at most ``max_frames`` frames.
+
+    Each shard is written to a hidden temporary file and renamed when complete; ``close()`` returns the
+    finished shards. Nothing partial ever carries the final name.
+    """
+
+    root: Path  # the source directory
+    prefix: str  # relative to root, e.g. "shards/video01"
+    video: str
+    max_frames: int = 1000
+    finished: list[ShardInfo] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 1:
+            raise ValueError(f"shard_max_frames must be >= 1, got {self.max_frames}")
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+
+    def _open(self) -> None:
+        final = self.root / f"{self.prefix}-{len(self.finished):05d}.tar"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._final = final
+        self._tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        self._count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """Add one sample: ``members`` maps extension (``jpg``, ``json``) to bytes."""
+        if "." in key.rsplit("/", 1)[-1]:
+            raise ValueError(f"WebDataset keys must not contain '.' in their last part: {key!r}")
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o444, 0, 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        if self._count >= self.max_frames:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        assert self._tmp is not None
+        self._tar.close()
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        final = self._final
+        os.replace(self._tmp, final)
+        self.finished.append(
+            ShardInfo(
+                file=final.relative_to(self.root).as_posix(),
+                frames=self._count,
+                bytes=final.stat().st_size,
+                sha256=sha256_file(final),
+                video=self.video,
+            )
+        )
+        self._tar, self._tmp, self._count = None, None, 0
+
+    def close(self) -> list[ShardInfo]:
+        self._finish()
+        return self.finished
+
+    def abort(self) -> None:
+        """Drop the shard in progress (e.g. the video failed); finished shards stay on disk."""
+        if self._tar is not None:
+            self._tar.close()
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()
+        self._tar, self._tmp = None, None
+
+
+# --------------------------------------------------------------------------------------------------------- reading
+def _split_name(name: str) -> tuple[str, str]:
+    """``a/b/00000012.jpg`` -> (``a/b/00000012``, ``jpg``): WebDataset's rule (extension after the first dot)."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+def iter_shard(
+    path: str | Path,
+    keep: Any = None,
+    extensions: tuple[str, ...] = ("jpg", "json"),
+    counts: dict[str, int] | None = None,
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` samples of one tar shard in file order.
+
+    ``keep(key) -> bool`` filters samples *before* their data is read: skipped members are seeked over, so a 10%
+    subsample reads about 10% of the bytes. ``counts["keys"]`` is incremented for every key seen (kept or not), so
+    the caller can compare it with the manifest: Python's tarfile ends *silently* when a tar is cut at a member
+    boundary. Raises ``tarfile.ReadError``/``OSError``/``EOFError`` on a truncated or corrupt tar *after* yielding
+    the samples before the damage (the caller counts and logs it).
+    """
+    counts = counts if counts is not None else {}
+    counts.setdefault("keys", 0)
+    with tarfile.open(path, "r:") as tar:
+        key: str | None = None
+        sample: dict[str, bytes] = {}
+        skip_key: str | None = None
+        while True:
+            info = tar.next()
+            if info is None:
+                break
+            if not info.isfile():
+                continue
+            k, ext = _split_name(info.name)
+            if k == skip_key:
+                continue
+            if k != key:
+                if key is not None and sample:
+                    yield key, sample
+                key, sample = k, {}
+                counts["keys"] += 1
+                if keep is not None and not keep(k):
+                    skip_key, key = k, None
+                    continue
+                skip_key = None
+            if ext in extensions:
+                f = tar.extractfile(info)
+                assert f is not None
+                data = f.read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"unexpected end of data in member {info.name}")
+                sample[ext] = data
+        if key is not None and sample:
+            yield key, sample
+
+
+# -------------------------------------------------------------------------------------------------------- manifest
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """Load and validate ``<directory>/manifest.json`` (a source manifest or a collection of sources)."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"No {MANIFEST_NAME} in {directory}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ManifestError(
+            f"Cannot read {path}: {e}. The file is damaged; rerun `python -m surgenet_ssl.prepare` for this source "
+            "(finished videos are kept and the manifest is rebuilt)."
+        ) from e
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt not in (MANIFEST_FORMAT, COLLECTION_FORMAT):
+        raise ManifestError(f"{path} is not a surgenet-ssl manifest (format={fmt!r}, expected {MANIFEST_FORMAT!r}).")
+    if int(manifest.get("version", 0)) > MANIFEST_VERSION:
+        raise ManifestError(
+            f"{path} has manifest version {manifest.get('version')}, newer than this surgenet-ssl understands "
+            f"({MANIFEST_VERSION}). Update surgenet-ssl."
+        )
+    return manifest

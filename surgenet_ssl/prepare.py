@@ -1,0 +1,88 @@
+"""``python -m surgenet_ssl.prepare source=NAME input=DIR [output=DIR] [fps=1]``: videos/frames -> shards.
+
+Thin Hydra entry point around :func:`surgenet_ssl.data.preparation.prepare_source` (configs/prepare.yaml).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, prepare_source
+from surgenet_ssl.data.sources import SOURCES, canonical_source_name, get_source
+
+log = logging.getLogger("surgenet_ssl.prepare")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+def _fail(message: str) -> None:
+    log.error(message)
+    sys.exit(2)
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run(cfg: DictConfig) -> int:
+    """Validate the config, prepare the source, return the number of frames in its manifest."""
+    if not cfg.source:
+        _fail(f"source=NAME is required: one of {', '.join(SOURCES)} or a new name (letters, digits, _ and -).")
+    source = str(cfg.source)
+    canonical = canonical_source_name(source)
+    if canonical and canonical != source:
+        log.info("source=%s is the registered source %r; using that name", source, canonical)
+        source = canonical
+    if not _NAME.match(source):
+        _fail(f"source={source!r}: use letters, digits, '_' and '-' only (it names a directory and the frame keys).")
+    OmegaConf.update(cfg, "source", source)
+    if not cfg.input:
+        _fail("input=DIR is required: the folder with the source's videos and/or frame folders (or one video).")
+    reg = get_source(source)
+    procedure = cfg.procedure or (reg.procedure if reg else "unknown")
+    output = Path(str(cfg.output)).expanduser()
+    workers = int(cfg.workers) if cfg.workers is not None else available_cpus()
+    settings = PrepareSettings(
+        source=source, procedure=str(procedure), fps=None if cfg.fps in (None, 0) else float(cfg.fps),
+        resize_short=None if cfg.resize_short in (None, 0) else int(cfg.resize_short),
+        jpeg_quality=int(cfg.jpeg_quality), shard_max_frames=int(cfg.shard_max_frames),
+        image_stride=int(cfg.image_stride), backend=str(cfg.backend),
+    )  # fmt: skip
+    output.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(output / "prepare.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        summary = prepare_source(
+            Path(str(cfg.input)).expanduser(), output, settings, workers=workers, progress=bool(cfg.progress),
+            overwrite=bool(cfg.overwrite),
+        )  # fmt: skip
+    except PrepareError as e:
+        _fail(str(e))
+        raise  # unreachable
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    print(
+        f"prepared {summary.frames_total} frames of source {source} in {output} "
+        f"({len(summary.units_failed)} inputs skipped, {summary.images_corrupt} corrupt images skipped)"
+    )
+    return summary.frames_total
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
