@@ -1,0 +1,66 @@
+"""Every config preset composes (a dry `--cfg job` per preset), and ablation grids expand to the right runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import surgenet_ssl.train  # noqa: F401  (registers the config resolvers)
+
+CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
+EXPERIMENTS = {
+    "dataset_scaling": ("dataset", ["small", "public", "surgenet", "surgenetxl"]),
+    "dataset_fraction": ("dataset.fraction", ["0.1", "0.25", "0.5", "1.0"]),
+    "procedure_specific": ("dataset", ["cholec", "ramie", "rarp"]),
+    "training_length": ("trainer.max_epochs", ["25", "50"]),
+    "architecture": ("backbone", ["caformer_s18", "convnextv2_tiny", "pvt_v2_b2"]),
+}
+
+
+def _compose(overrides: list[str], hydra_cfg: bool = False):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+def test_every_ablation_preset_composes_and_expands(experiment):
+    key, values = EXPERIMENTS[experiment]
+    cfg = _compose([f"experiment={experiment}"], hydra_cfg=True)
+    assert str(cfg.hydra.sweeper.params[key]).split(",") == values
+    for value in values:  # each job of the grid composes into a full, resolvable config
+        job = _compose([f"experiment={experiment}", f"{key}={value}"])
+        resolved = OmegaConf.to_container(job.dino, resolve=True)
+        assert resolved["out_dim"] == 65536  # the full recipe, not the demo schedule
+        assert str(OmegaConf.select(job, key)) == value or OmegaConf.select(job, f"{key}.name") == value
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "multinode", "ddp_cpu"])
+def test_trainer_presets(trainer):
+    cfg = _compose([f"trainer={trainer}", "dataset=surgenetxl"])
+    t = cfg.trainer
+    assert t._target_ == "pytorch_lightning.Trainer" and t.use_distributed_sampler is False
+    if trainer in ("gpu", "multinode"):
+        assert t.precision == "bf16-mixed" and t.strategy == "ddp" and t.sync_batchnorm is True
+    if trainer == "multinode":
+        assert t.num_nodes == 2
+    if trainer in ("cpu", "ddp_cpu"):
+        assert t.accelerator == "cpu" and t.precision == "32-true"
+
+
+def test_submitit_slurm_launcher_defaults():
+    cfg = _compose(["hydra/launcher=submitit_slurm"], hydra_cfg=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 4 and launcher.tasks_per_node == 4 and launcher.timeout_min == 2880
+    assert launcher.max_num_timeout > 0
+
+
+@pytest.mark.parametrize("backbone", ["caformer_s18", "convnextv2_tiny", "pvt_v2_b2", "vit_small"])
+@pytest.mark.parametrize("dataset", ["demo", "cholec", "ramie", "rarp", "public", "surgenet", "small", "surgenetxl"])
+def test_backbone_and_dataset_groups_compose(backbone, dataset):
+    cfg = _compose([f"backbone={backbone}", f"dataset={dataset}"])
+    assert cfg.backbone.name == backbone and cfg.dataset.name == dataset
+    assert cfg.run_name == f"{dataset}_{backbone}"

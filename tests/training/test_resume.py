@@ -1,0 +1,92 @@
+"""Kill-and-resume and SLURM preemption/requeue with the real entry point (CPU, demo data)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from support.cli import FAST_TRAIN, run_module
+
+# 3 epochs x 4 steps = 12 optimizer steps; a step checkpoint after every step.
+RESUME_ARGS = [*FAST_TRAIN, "data.steps_per_epoch=4", "trainer.max_epochs=3", "logger=csv",
+               "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.knn_monitor.every_n_epochs=0"]  # fmt: skip
+
+
+def _start(run_dir: Path, cache: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "SURGENET_SSL_CACHE": str(cache), "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "surgenet_ssl.train", f"hydra.run.dir={run_dir}", *RESUME_ARGS],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=str(cache.parent),
+    )  # fmt: skip
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc={proc.returncode}) before the awaited state:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("timed out waiting for training to reach the awaited state")
+
+
+def _final_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+
+
+def _step_checkpoints(run_dir: Path) -> list[Path]:
+    return [p for p in (run_dir / "checkpoints").glob("step*.ckpt")] if (run_dir / "checkpoints").is_dir() else []
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_rerun_resumes_to_final_step(demo_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, demo_cache)
+    _wait_for(lambda: any(p.name >= "step00000003" for p in _step_checkpoints(run_dir)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = max(int(p.stem[4:]) for p in _step_checkpoints(run_dir))
+    assert killed_at < 12, "the run finished before it could be killed"
+
+    rerun = run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *RESUME_ARGS, cache=demo_cache)
+    log = rerun.stdout + rerun.stderr
+    assert "resumed from" in log and f"at step {killed_at}" in log
+    assert _final_step(run_dir) == 12
+    assert (run_dir / "export" / "demo_caformer_s18_epoch0003_teacher.pth").is_file()
+
+
+@pytest.mark.slow
+def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(demo_cache, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "scontrol_calls.txt"
+    (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    slurm_env = {
+        "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_JOB_NAME": "surgenet-ssl", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost",
+        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+    }  # fmt: skip
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, demo_cache, env=slurm_env)
+    _wait_for(lambda: len(_step_checkpoints(run_dir)) > 0, proc)
+    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=SIGUSR1@120` sends before preemption / time limit
+    _wait_for(lambda: calls.exists() and (run_dir / "hpc_ckpt_1.ckpt").exists(), proc, timeout=120)
+    assert calls.read_text().split() == ["requeue", "4242"]
+    proc.kill()  # SLURM ends the job; the requeued job reruns the same command in the same run dir
+    proc.wait(timeout=60)
+    hpc_step = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)["global_step"]
+
+    rerun = run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *RESUME_ARGS, cache=demo_cache, env=slurm_env)
+    log = rerun.stdout + rerun.stderr
+    assert "resumed from" in log, log[-3000:]
+    assert _final_step(run_dir) == 12 and hpc_step < 12
