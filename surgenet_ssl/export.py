@@ -172,21 +172,83 @@ def write_model_card(
     return card
 
 
+def export_dino_checkpoint(
+    checkpoint: dict[str, Any], output_dir: str | Path, backbone: str | None = None, dataset: str | None = None
+) -> dict[str, Path]:
+    """Teacher artefacts from a full DINO checkpoint (ours or the official layout: ``teacher`` = backbone.* + head.*).
+
+    The backbone name comes from ``backbone`` or from the checkpoint's ``args`` (ours record it).
+    """
+    from surgenet_ssl.models.weights import extract_backbone_state_dict
+
+    args = checkpoint.get("args")
+    args = vars(args) if hasattr(args, "__dict__") and not isinstance(args, dict) else (args or {})
+    backbone = backbone or (args.get("backbone") or {}).get("name") or args.get("arch")
+    if backbone not in SURGENET_NAMED:
+        raise ValueError(
+            f"cannot tell the backbone of this DINO checkpoint (found {backbone!r}); pass backbone=NAME, "
+            f"one of {', '.join(SURGENET_NAMED)}"
+        )
+    dataset = dataset or (args.get("dataset") or {}).get("name") or "dino"
+    teacher, detected = extract_backbone_state_dict(checkpoint, backbone)
+    epoch = int(checkpoint.get("epoch", 0))
+    stem = f"{dataset}_{backbone}_epoch{epoch:04d}"
+    out = Path(output_dir)
+    paths = {"teacher_pth": out / f"{stem}_teacher.pth", "teacher_safetensors": out / f"{stem}_teacher.safetensors"}
+    with atomic_path(paths["teacher_pth"]) as tmp:
+        torch.save(timm_to_surgenet(teacher, backbone), tmp)
+    with atomic_path(paths["teacher_safetensors"]) as tmp:
+        save_file(teacher, str(tmp), metadata={"backbone": backbone, "naming": "timm", "epoch": str(epoch)})
+    log.info("exported teacher of a DINO checkpoint (%s) to %s", detected, out)
+    return paths
+
+
+USAGE = "usage: python -m surgenet_ssl.export ckpt=PATH [output=DIR] [dataset=NAME] [backbone=NAME]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m surgenet_ssl.export ckpt=PATH [output=DIR] [dataset=NAME]``."""
+    """``python -m surgenet_ssl.export ckpt=PATH [output=DIR] [dataset=NAME] [backbone=NAME]``.
+
+    PATH: a Lightning checkpoint of a run (``last.ckpt``, ``epoch...ckpt``, ``step...ckpt``, ``hpc_ckpt_N.ckpt``)
+    or a full DINO checkpoint. Output defaults to ``<run_dir>/export``. The last line printed is the output dir.
+    """
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
-    args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
-    unknown = set(args) - {"ckpt", "output", "dataset"}
-    if "ckpt" not in args or unknown:
-        print("usage: python -m surgenet_ssl.export ckpt=PATH [output=DIR] [dataset=NAME]", file=sys.stderr)
+    argv = argv if argv is not None else sys.argv[1:]
+    bad = [a for a in argv if "=" not in a]
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    unknown = sorted(set(args) - {"ckpt", "output", "dataset", "backbone"})
+    if "ckpt" not in args or unknown or bad:
+        print(f"error: unexpected arguments {unknown + bad}\n{USAGE}" if unknown or bad else USAGE, file=sys.stderr)
         return 2
     ckpt_path = Path(args["ckpt"])
     if not ckpt_path.is_file():
-        print(f"error: checkpoint not found: {ckpt_path}", file=sys.stderr)
+        print(f"error: checkpoint not found: {ckpt_path}\n{USAGE}", file=sys.stderr)
         return 2
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    output = Path(args.get("output") or ckpt_path.resolve().parent.parent / "export")
-    paths = export_checkpoint(checkpoint, output, dataset=args.get("dataset"))
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle/zip errors: not a checkpoint at all
+        print(f"error: {ckpt_path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
+    if not isinstance(checkpoint, dict):
+        print(f"error: {ckpt_path} holds a {type(checkpoint).__name__}, not a checkpoint dict", file=sys.stderr)
+        return 2
+    try:
+        if "state_dict" in checkpoint:
+            run_dir = ckpt_path.resolve().parent
+            run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir
+            output = Path(args.get("output") or run_dir / "export")
+            paths = export_checkpoint(checkpoint, output, dataset=args.get("dataset"))
+        elif "teacher" in checkpoint:
+            output = Path(args.get("output") or ckpt_path.resolve().parent / "export")
+            paths = export_dino_checkpoint(checkpoint, output, args.get("backbone"), args.get("dataset"))
+        else:
+            raise ValueError(
+                f"{ckpt_path} is neither a surgenet-ssl Lightning checkpoint ('state_dict') nor a full DINO "
+                f"checkpoint ('teacher'); top-level keys: {sorted(checkpoint)[:10]}"
+            )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for p in paths.values():
         print(p)
     print(f"export_dir={output}")

@@ -28,6 +28,10 @@ class TeacherExport(pl.Callback):
             self.last_paths = export_checkpoint(checkpoint, self.output_dir, self.dataset, self.run_config)
         trainer.strategy.barrier("teacher_export")
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # The composed run config travels with every checkpoint, so `python -m surgenet_ssl.export` can name files.
+        checkpoint["run_config"] = self.run_config
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
         if self.every_n_epochs > 0 and done % self.every_n_epochs == 0 and done < (trainer.max_epochs or 0):
