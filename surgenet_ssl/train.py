@@ -141,8 +141,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def run(cfg: DictConfig) -> Path:
-    """Train with a composed config; returns the export directory."""
+def run(cfg: DictConfig) -> tuple[Path, bool]:
+    """Train with a composed config; returns the export directory and whether this process is global rank 0."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_devices(cfg.trainer)
@@ -172,19 +172,20 @@ def run(cfg: DictConfig) -> Path:
     if ckpt is not None:
         log.info("resumed from %s at step %d", ckpt, checkpoint_step(ckpt))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-    return run_dir / "export"
+    return run_dir / "export", trainer.is_global_zero
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
-        export_dir = run(cfg)
+        export_dir, is_global_zero = run(cfg)
     except (FloatingPointError, ValueError, FileNotFoundError) as err:
         # Bad input and diverged runs end with their one clear message; the traceback goes to the log file.
         log.debug("traceback", exc_info=True)
         log.error("%s", err)
         sys.exit(1)
-    print(f"export_dir={export_dir}")
+    if is_global_zero:
+        print(f"export_dir={export_dir}")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,19 @@ def test_demo_run_end_to_end_exports_surgenet_teacher(demo_cache, tmp_path):
     assert len(knn) == 2 and all(0.0 <= x <= 1.0 for x in knn)
     assert (run_dir / "embeddings" / "epoch0002.png").is_file()
     assert (run_dir / "wandb").is_dir()
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_through_the_entry_point(demo_cache, tmp_path):
+    """`trainer.accelerator=cpu trainer.devices=2 trainer.strategy=ddp`: gloo DDP with the real loader and export."""
+    run_dir = tmp_path / "ddp"
+    proc = run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *FAST_TRAIN, "logger=csv",
+                      "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+                      "callbacks.knn_monitor.every_n_epochs=0", cache=demo_cache)  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == f"export_dir={run_dir / 'export'}"
+    assert sum(line.startswith("export_dir=") for line in lines) == 1  # printed by rank 0 only
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6  # 2 epochs x 3 steps on each rank: no rank ran short or hung
+    assert (run_dir / "export" / "demo_caformer_s18_epoch0002_teacher.pth").is_file()
+    assert "global batch 8 (= 4 per device x 2 devices" in (run_dir / "train.log").read_text()
