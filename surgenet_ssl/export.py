@@ -131,14 +131,16 @@ def write_model_card(
 ) -> Path:
     """README.md beside the weights: what was trained, how, and how to load it (with checksums)."""
     hp = checkpoint.get("hyper_parameters") or {}
-    global_step = checkpoint.get("global_step", 0)
+    global_step = int(checkpoint.get("global_step", 0))
     batch = (run_config.get("data") or {}).get("batch_size") or hp.get("batch_size")
+    global_batch = int(checkpoint.get("global_batch") or batch or 0)
     recipe = json.dumps(hp.get("dino", {}), indent=2, default=str)
     lines = [
         f"# {stem}",
         "",
         f"DINO-pretrained **{backbone}** teacher from surgenet-ssl, trained on **{dataset}** for {epoch} epoch(s) "
-        f"({global_step} optimizer steps, per-device batch {batch}).",
+        f"({global_step} optimizer steps x global batch {global_batch} = {global_step * global_batch:,} frames seen, "
+        f"per-device batch {batch}).",
         "",
         "| file | content | sha256 |",
         "|---|---|---|",

@@ -124,6 +124,21 @@ class DINOModule(pl.LightningModule):
         return torch.optim.AdamW(param_groups(self.student), lr=self.peak_lr, betas=betas)
 
     # -------------------------------------------------------------------------------------------------- training
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``data.augment_on=gpu``: the loader delivers uint8 ``frames``; make the multi-crops on the device."""
+        if isinstance(batch, dict) and "frames" in batch:
+            if getattr(self, "_gpu_augment", None) is None:
+                from surgenet_ssl.data.gpu_augment import GpuMultiCrop
+
+                c = self.dino_cfg["crops"]
+                self._gpu_augment = GpuMultiCrop(c["global_size"], c["local_size"], c["global_scale"],
+                                                 c["local_scale"], c["local_number"])  # fmt: skip
+                self._gpu_generator = torch.Generator(device=batch["frames"].device)  # different per rank
+                self._gpu_generator.manual_seed(torch.initial_seed() + 1_000_003 * (self.global_rank + 1))
+            batch = dict(batch)
+            batch["crops"] = self._gpu_augment(batch.pop("frames"), generator=self._gpu_generator)
+        return batch
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         crops = batch["crops"]
         step = self.global_step
@@ -181,7 +196,7 @@ class DINOModule(pl.LightningModule):
         self.dino_loss.update_center()
         self.log_dict(
             {"train/lr": lr, "train/weight_decay": wd, "train/teacher_momentum": momentum,
-             "train/global_batch": float(self.global_batch)},
+             "train/global_batch": float(self.global_batch), "train/batch_per_device": float(self.batch_size)},
             batch_size=self.batch_size,
         )  # fmt: skip
 
@@ -192,6 +207,9 @@ class DINOModule(pl.LightningModule):
             dataset.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["global_batch"] = self.global_batch  # with global_step: frames seen, for the model card
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {})
         current = {"backbone": self.backbone_cfg, "dino": self.dino_cfg}
