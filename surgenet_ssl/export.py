@@ -11,7 +11,6 @@ From a Lightning checkpoint of a run it writes, into ``<run_dir>/export/`` (or `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from surgenet_ssl.backbones.convert import timm_to_surgenet
-from surgenet_ssl.io_utils import atomic_path
+from surgenet_ssl.io_utils import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +54,6 @@ def _backbone_names(checkpoint: dict) -> tuple[str, str]:
 def to_surgenet_naming(state: dict[str, torch.Tensor], backbone: str) -> dict[str, torch.Tensor]:
     """timm naming -> SurgeNet naming for the published backbones; unchanged (timm naming) for the others."""
     return timm_to_surgenet(state, backbone) if backbone in SURGENET_NAMED else dict(state)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_checkpoint(
@@ -145,11 +136,11 @@ def write_model_card(
         "| file | content | sha256 |",
         "|---|---|---|",
         f"| `{paths['teacher_pth'].name}` | teacher backbone, {naming} naming (published SurgeNet format) | "
-        f"`{_sha256(paths['teacher_pth'])}` |",
+        f"`{sha256_file(paths['teacher_pth'])}` |",
         f"| `{paths['teacher_safetensors'].name}` | teacher backbone, timm naming | "
-        f"`{_sha256(paths['teacher_safetensors'])}` |",
+        f"`{sha256_file(paths['teacher_safetensors'])}` |",
         f"| `{paths['checkpoint'].name}` | full DINO checkpoint (student, teacher, optimizer, center) | "
-        f"`{_sha256(paths['checkpoint'])}` |",
+        f"`{sha256_file(paths['checkpoint'])}` |",
         "",
         "## Load",
         "```python",

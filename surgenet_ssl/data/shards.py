@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgenet_ssl.io_utils import atomic_path
+from surgenet_ssl.io_utils import atomic_path, sha256_file
 
 __all__ = [
     "MANIFEST_NAME",
@@ -91,14 +91,6 @@ def keep_frame(source: str, key: str, fraction: float) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------- writing
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class ShardInfo:
     """One finished shard as listed in the manifest (``file`` is relative to the source directory)."""

@@ -32,6 +32,7 @@ from urllib.request import url2pathname
 import torch
 from torch import Tensor, nn
 
+from surgenet_ssl.io_utils import sha256_file
 from surgenet_ssl.backbones import BACKBONES, CONVERTIBLE_BACKBONES, detect_naming, surgenet_to_timm
 
 __all__ = [
@@ -58,16 +59,9 @@ _TRANSPARENT_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.")
 
 # ------------------------------------------------------------------------------------------------ reading
 def cache_dir() -> Path:
-    """Download cache: ``$SURGENET_SSL_CACHE`` or ``~/.cache/surgenet_ssl/weights``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "surgenet_ssl" / "weights").expanduser()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Download cache: ``$SURGENET_SSL_CACHE/weights`` (default ``~/.cache/surgenet_ssl/weights``)."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "surgenet_ssl"
+    return Path(root).expanduser() / "weights"
 
 
 def _fetch(url: str, dest: Path) -> None:
@@ -77,7 +71,7 @@ def _fetch(url: str, dest: Path) -> None:
 
 
 def _check_hash(path: Path, expected: str | None) -> bool:
-    return expected is None or _sha256(path).startswith(expected.lower())
+    return expected is None or sha256_file(path).startswith(expected.lower())
 
 
 def download_weights(url: str, sha256: str | None = None, directory: str | os.PathLike | None = None) -> Path:
@@ -115,7 +109,7 @@ def download_weights(url: str, sha256: str | None = None, directory: str | os.Pa
             ) from err
         if not _check_hash(tmp, expected):
             raise RuntimeError(
-                f"sha256 mismatch for {url}: expected {expected}, got {_sha256(tmp)}. The download is corrupt or "
+                f"sha256 mismatch for {url}: expected {expected}, got {sha256_file(tmp)}. The download is corrupt or "
                 "the file changed upstream; nothing was cached."
             )
         os.replace(tmp, dest)
@@ -132,7 +126,7 @@ def _local_path(source: str | os.PathLike, sha256: str | None) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"Weights file not found: {path} (from {text!r}).")
     if sha256 is not None and not _check_hash(path, sha256):
-        raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, got {_sha256(path)}.")
+        raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, got {sha256_file(path)}.")
     return path
 
 

@@ -209,7 +209,7 @@ def test_cache_dir_default_and_override(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert weights_mod.cache_dir() == tmp_path / ".cache" / "surgenet_ssl" / "weights"
     monkeypatch.setenv("SURGENET_SSL_CACHE", str(tmp_path / "elsewhere"))
-    assert weights_mod.cache_dir() == tmp_path / "elsewhere"
+    assert weights_mod.cache_dir() == tmp_path / "elsewhere" / "weights"  # one cache root for demo data and weights
 
 
 def test_file_url(published_files):
