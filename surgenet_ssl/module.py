@@ -7,7 +7,6 @@ center updates exactly once per optimizer step (also under gradient accumulation
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -84,8 +83,10 @@ class DINOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------------- setup
     def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (epoch-based warmups are converted to steps with it)."""
         total = int(self.trainer.estimated_stepping_batches)
-        return max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        epochs = int(self.trainer.max_epochs or 0)
+        return max(1, total // epochs) if epochs > 0 else total
 
     def build_schedules(self, total_steps: int, steps_per_epoch: int, global_batch: int) -> None:
         """Per-optimizer-step schedules of lr, weight decay, teacher momentum and teacher temperature."""
