@@ -84,9 +84,12 @@ class DINOModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------------------- setup
     def _steps_per_epoch(self) -> int:
         """Optimizer steps per epoch (epoch-based warmups are converted to steps with it)."""
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = int(self.trainer.max_epochs or 0)
-        return max(1, total // epochs) if epochs > 0 else total
+        total = int(self.trainer.estimated_stepping_batches)  # also loads the train dataloader
+        try:
+            return max(1, len(self.trainer.train_dataloader) // self.trainer.accumulate_grad_batches)
+        except TypeError:  # no length known
+            epochs = int(self.trainer.max_epochs or 0)
+            return max(1, total // epochs) if epochs > 0 else total
 
     def build_schedules(self, total_steps: int, steps_per_epoch: int, global_batch: int) -> None:
         """Per-optimizer-step schedules of lr, weight decay, teacher momentum and teacher temperature."""
