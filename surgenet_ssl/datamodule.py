@@ -7,17 +7,26 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from surgenet_ssl.data.augment import MultiCropAugmentation
+from surgenet_ssl.data.augment import FrameResize, MultiCropAugmentation
 from surgenet_ssl.data.loader import build_train_loader
 
 
-def build_augmentation(crops: dict) -> MultiCropAugmentation:
+def build_augmentation(
+    crops: dict, backend: str = "fast", augment_on: str = "cpu", frame_size: Any = (320, 568)
+) -> MultiCropAugmentation:
+    """The worker transform: the multi-crop augmentation (``augment_on="cpu"``; ``backend`` "fast" or
+    "official"), or decode + resize to ``frame_size`` only (``augment_on="gpu"``: DINOModule makes the crops)."""
+    if augment_on == "gpu":
+        return FrameResize(frame_size=tuple(frame_size), global_crops_size=crops["global_size"])
+    if augment_on != "cpu":
+        raise ValueError(f"data.augment_on must be 'cpu' or 'gpu', got {augment_on!r}")
     return MultiCropAugmentation(
         global_crops_size=crops["global_size"],
         local_crops_size=crops["local_size"],
         global_crops_scale=crops["global_scale"],
         local_crops_scale=crops["local_scale"],
         local_crops_number=crops["local_number"],
+        backend=backend,
     )
 
 
@@ -32,7 +41,12 @@ class StreamingDataModule(pl.LightningDataModule):
         return build_train_loader(
             self.dataset_cfg,
             self.data_root,
-            transform=build_augmentation(self.crops),
+            transform=build_augmentation(
+                self.crops,
+                backend=self.data_cfg.get("augment_backend", "fast"),
+                augment_on=self.data_cfg.get("augment_on", "cpu"),
+                frame_size=self.data_cfg.get("gpu_frame_size", (320, 568)),
+            ),
             batch_size=int(self.data_cfg["batch_size"]),
             num_workers=int(self.data_cfg["num_workers"]),
             rank=rank,

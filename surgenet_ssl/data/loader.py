@@ -44,6 +44,8 @@ STAT_NAMES = (
     "corrupt_images",  # JPEG that could not be decoded (skipped)
     "truncated_shards",  # tar ended early or is damaged: the samples before the damage are used (once per worker)
     "unreadable_shards",  # missing file / not a tar: dropped from sampling (once per worker)
+    "converted_images",  # not 3-channel colour (grayscale, RGBA, CMYK, ...): converted to RGB and used
+    "upscaled_images",  # smaller than the global crop (or the GPU-mode frame size): upscaled and used
 )
 _STAT_INDEX = {n: i for i, n in enumerate(STAT_NAMES)}
 _STAT_SLOTS = 64  # one counter row per worker id (modulo): no lost updates between processes
@@ -169,6 +171,8 @@ class _SourceReader:
 class MixtureStream(IterableDataset):
     """IterableDataset of ready batches ``{"crops": [Tensor(B,3,h,w)], "source": LongTensor(B), "key": [str]}``.
 
+    (``{"frames": uint8 Tensor(B,3,H,W), ...}`` instead when the transform's ``batch_key`` is "frames".)
+
     ``len()`` is the number of batches per epoch on each rank, the same on every rank.
     """
 
@@ -282,6 +286,10 @@ class MixtureStream(IterableDataset):
                 yield item
 
         stream = shuffled()
+        # Transforms may decode themselves (e.g. reduced-size JPEG decoding) and report conversions/upscales.
+        decode = getattr(self.transform, "decode", decode_rgb_image)
+        consume_events = getattr(self.transform, "consume_events", None)
+        batch_key = getattr(self.transform, "batch_key", "crops")  # "frames": uint8 frames for GPU augmentation
         for _ in range(self._batches_for_worker(worker, num_workers)):
             crops_per_sample: list[list[torch.Tensor]] = []
             labels: list[int] = []
@@ -289,14 +297,18 @@ class MixtureStream(IterableDataset):
             while len(keys) < self.batch_size:
                 i, key, jpg = next(stream)
                 try:
-                    img = decode_rgb_image(jpg)
+                    img = decode(jpg)
                 except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data
                     readers[i].problem("corrupt_images", f"corrupt image {key} ({type(e).__name__}: {e}); skipped")
                     continue
                 try:
                     out = self.transform(img)
                 except Exception as e:  # a bug in the transform, not bad data: fail loudly, naming the frame
-                    raise RuntimeError(f"transform failed on frame {key} (size {img.size}): {e}") from e
+                    size = img.size if hasattr(img, "mode") else getattr(img, "shape", "?")
+                    raise RuntimeError(f"transform failed on frame {key} (size {size}): {e}") from e
+                if consume_events is not None:
+                    for name, n in consume_events().items():
+                        self._counters.add(name, n)
                 crops_per_sample.append(list(out) if isinstance(out, (list, tuple)) else [out])
                 labels.append(i)
                 keys.append(key)
@@ -306,7 +318,8 @@ class MixtureStream(IterableDataset):
             crops = [torch.stack([c[k] for c in crops_per_sample]) for k in range(n_crops.pop())]
             self._counters.add("samples", len(keys))
             self._counters.add("batches")
-            yield {"crops": crops, "source": torch.tensor(labels, dtype=torch.long), "key": keys}
+            batch: dict[str, Any] = {"crops": crops} if batch_key == "crops" else {batch_key: crops[0]}
+            yield {**batch, "source": torch.tensor(labels, dtype=torch.long), "key": keys}
 
 
 class _EpochLoader(DataLoader):

@@ -1,12 +1,11 @@
 import math
-import os
 import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from support.dist_workers import center_worker
 from surgenet_ssl.dino.loss import DINOLoss
 
 LN3 = math.log(3.0)
@@ -72,24 +71,13 @@ def test_mismatched_shapes_raise():
         DINOLoss(out_dim=2)(torch.zeros(5, 2), torch.zeros(3, 2), 0.04)
 
 
-def _center_worker(rank: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    loss_fn = DINOLoss(out_dim=2)
-    teacher = torch.full((2, 2), float(rank * 10))  # rank 0 mean 0, rank 1 mean 10
-    loss_fn(torch.zeros(2, 2), teacher, 0.04)
-    loss_fn.update_center()
-    queue.put((rank, loss_fn.center.tolist()))
-    dist.destroy_process_group()
-
-
 def test_center_is_all_reduced_across_ranks():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_center_worker, args=(r, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=center_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=120) for _ in procs)

@@ -112,3 +112,15 @@ def test_two_process_cpu_ddp_through_the_entry_point(demo_cache, tmp_path):
     assert ckpt["global_step"] == 6  # 2 epochs x 3 steps on each rank: no rank ran short or hung
     assert (run_dir / "export" / "demo_caformer_s18_epoch0002_teacher.pth").is_file()
     assert "global batch 8 (= 4 per device x 2 devices" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_augmentation_mode_runs_end_to_end_on_cpu_tensors(demo_cache, tmp_path):
+    """`data.augment_on=gpu`: workers ship uint8 frames; the module makes the crops on the training device."""
+    run_dir = tmp_path / "gpu_aug"
+    proc = run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *FAST_TRAIN, "logger=csv",
+                      "trainer.max_epochs=1", "data.augment_on=gpu", "data.gpu_frame_size=[240,320]",
+                      "callbacks.knn_monitor.every_n_epochs=0", cache=demo_cache)  # fmt: skip
+    assert proc.stdout.strip().splitlines()[-1] == f"export_dir={run_dir / 'export'}"
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    assert len([r for r in rows if r.get("train/loss")]) == 3
