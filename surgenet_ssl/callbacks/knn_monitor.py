@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -28,31 +28,47 @@ log = logging.getLogger(__name__)
 class LabelledImages:
     images: list[torch.Tensor]
     labels: list[int]
+    videos: list[str] = field(default_factory=list)  # where each image came from (prepared sources only)
 
 
 def frames_by_source(sources: list, max_per_class: int, transform) -> tuple[LabelledImages, LabelledImages, list[str]]:
-    """Memory and query sets from prepared sources (``SourceSpec``: name, directory, shards with a video id)."""
+    """Memory and query sets from prepared sources (``SourceSpec``: name, directory, shards with a video id).
+
+    Per source the last video is the query set and the other videos the memory bank; each set takes at most
+    ``max_per_class`` frames, spread evenly over its videos (not just the first video's frames).
+    """
     memory, query = LabelledImages([], []), LabelledImages([], [])
     names = [s.name for s in sources]
     for label, source in enumerate(sources):
-        videos = sorted({shard.get("video", shard["file"]) for shard in source.shards})
-        query_videos = {videos[-1]} if len(videos) > 1 else set()
-        per_split = {"memory": 0, "query": 0}
+        by_video: dict[str, list[dict]] = {}
         for shard in source.shards:
-            split_name = "query" if shard.get("video", shard["file"]) in query_videos else "memory"
-            target = query if split_name == "query" else memory
-            try:
-                for i, (_, sample) in enumerate(iter_shard(Path(source.directory) / shard["file"], extensions=("jpg",))):
-                    if per_split[split_name] >= max_per_class:
+            by_video.setdefault(str(shard.get("video", shard["file"])), []).append(shard)
+        videos = sorted(by_video)
+        if len(videos) > 1:
+            splits = [(memory, videos[:-1], None), (query, videos[-1:], None)]
+        else:  # one video: alternate its frames between the two sets
+            splits = [(memory, videos, 0), (query, videos, 1)]
+        for target, split_videos, parity in splits:
+            quota = max(1, -(-max_per_class // len(split_videos)))  # frames per video, rounded up
+            taken = 0
+            for video in split_videos:
+                kept = 0
+                for shard in by_video[video]:
+                    if kept >= quota or taken >= max_per_class:
                         break
-                    if not query_videos:  # one video: alternate frames between the two sets
-                        target = query if i % 2 else memory
-                    image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-                    target.images.append(transform(image))
-                    target.labels.append(label)
-                    per_split[split_name] += 1
-            except (OSError, EOFError) as err:  # a damaged shard costs its frames, not the run
-                log.warning("k-NN monitor: skipped unreadable shard %s (%s)", shard["file"], err)
+                    path = Path(source.directory) / shard["file"]
+                    try:
+                        for i, (_, sample) in enumerate(iter_shard(path, extensions=("jpg",))):
+                            if kept >= quota or taken >= max_per_class:
+                                break
+                            if parity is not None and i % 2 != parity:
+                                continue
+                            target.images.append(transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
+                            target.labels.append(label)
+                            target.videos.append(f"{source.name}/{video}")
+                            kept, taken = kept + 1, taken + 1
+                    except (OSError, EOFError) as err:  # a damaged shard costs its frames, not the run
+                        log.warning("k-NN monitor: skipped unreadable shard %s (%s)", path, err)
     return memory, query, names
 
 
