@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLUR_P",
+    "CropGeometry",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "FastMultiCrop",
@@ -50,6 +51,7 @@ __all__ = [
     "decode_frame",
     "jpeg_info",
     "random_resized_crop_params",
+    "recipe_probabilities",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -190,7 +192,42 @@ def random_resized_crop_params(
 
 
 # -------------------------------------------------------------------------------------------------- base / API
-class MultiCropAugmentation:
+def recipe_probabilities(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The per-op probabilities of the recipe (``blur`` per crop position: global 1, global 2, locals)."""
+    p = {"flip": FLIP_P, "jitter": JITTER_P, "gray": GRAY_P, "blur": BLUR_P, "solarize": SOLARIZE_P}
+    p.update(overrides or {})
+    return p
+
+
+class CropGeometry:
+    """Crop sizes, scales, count and normalisation shared by the CPU and the GPU execution of the recipe."""
+
+    def _init_geometry(
+        self,
+        global_crops_size: int,
+        local_crops_size: int,
+        global_crops_scale: Sequence[float],
+        local_crops_scale: Sequence[float],
+        local_crops_number: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        if local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        for name, s in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
+            if len(s) != 2 or not 0 < s[0] <= s[1] <= 1:
+                raise ValueError(f"{name} must be (min, max) with 0 < min <= max <= 1, got {tuple(s)}")
+        self.global_crops_size, self.local_crops_size = int(global_crops_size), int(local_crops_size)
+        self.global_crops_scale, self.local_crops_scale = tuple(global_crops_scale), tuple(local_crops_scale)
+        self.local_crops_number = int(local_crops_number)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @property
+    def n_crops(self) -> int:
+        return 2 + self.local_crops_number
+
+
+class MultiCropAugmentation(CropGeometry):
     """Frame -> list of normalised crop tensors ``[global_1, global_2, local_1, ..., local_N]`` (each (3,s,s)).
 
     ``MultiCropAugmentation(...)`` returns the backend named by ``backend`` ("fast" default, or "official");
@@ -220,29 +257,9 @@ class MultiCropAugmentation:
         std: Sequence[float] = IMAGENET_STD,
         backend: str | None = None,
     ) -> None:
-        if local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
-        for name, s in (
-            ("global_crops_scale", global_crops_scale),
-            ("local_crops_scale", local_crops_scale),
-        ):
-            if len(s) != 2 or not 0 < s[0] <= s[1] <= 1:
-                raise ValueError(f"{name} must be (min, max) with 0 < min <= max <= 1, got {tuple(s)}")
-        self.global_crops_size, self.local_crops_size = (
-            int(global_crops_size),
-            int(local_crops_size),
-        )
-        self.global_crops_scale, self.local_crops_scale = (
-            tuple(global_crops_scale),
-            tuple(local_crops_scale),
-        )
-        self.local_crops_number = int(local_crops_number)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self._init_geometry(global_crops_size, local_crops_size, global_crops_scale, local_crops_scale,
+                            local_crops_number, mean, std)  # fmt: skip
         self._events: Counter[str] = Counter()
-
-    @property
-    def n_crops(self) -> int:
-        return 2 + self.local_crops_number
 
     def decode(self, data: bytes) -> np.ndarray:
         """Encoded frame -> HxWx3 uint8 RGB (what the loader calls before ``__call__``); counts conversions."""
@@ -467,15 +484,7 @@ class FastMultiCrop(MultiCropAugmentation):
         if decode_min_short is None:
             decode_min_short = math.ceil(self.global_crops_size / math.sqrt(self.global_crops_scale[0]))
         self.decode_min_short = int(decode_min_short)
-        p = {
-            "flip": FLIP_P,
-            "jitter": JITTER_P,
-            "gray": GRAY_P,
-            "blur": BLUR_P,
-            "solarize": SOLARIZE_P,
-        }
-        p.update(probabilities or {})
-        self.p = p
+        self.p = recipe_probabilities(probabilities)
         self.seed = seed
         self._rng: np.random.Generator | None = None
         self._rng_key: tuple[int, int] | None = None

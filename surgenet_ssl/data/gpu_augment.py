@@ -26,16 +26,13 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from surgenet_ssl.data.augment import (
-    BLUR_P,
-    FLIP_P,
-    GRAY_P,
     IMAGENET_MEAN,
     IMAGENET_STD,
     JITTER,
-    JITTER_P,
     RATIO,
     SIGMA,
-    SOLARIZE_P,
+    CropGeometry,
+    recipe_probabilities,
 )
 
 __all__ = ["GpuMultiCrop", "adjust_hue", "random_resized_boxes", "rgb_to_gray"]
@@ -146,7 +143,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = Non
     return y.view(b, c, h, w)
 
 
-class GpuMultiCrop:
+class GpuMultiCrop(CropGeometry):
     """uint8 frames ``(B, 3, H, W)`` on any device -> list of ``2 + local_crops_number`` normalised float crops.
 
     Args mirror :class:`surgenet_ssl.data.augment.MultiCropAugmentation`; ``probabilities`` overrides ``flip``,
@@ -165,31 +162,9 @@ class GpuMultiCrop:
         probabilities: dict[str, Any] | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
-        self.global_crops_size, self.local_crops_size = (
-            int(global_crops_size),
-            int(local_crops_size),
-        )
-        self.global_crops_scale, self.local_crops_scale = (
-            tuple(global_crops_scale),
-            tuple(local_crops_scale),
-        )
-        self.local_crops_number = int(local_crops_number)
-        self.mean, self.std = tuple(mean), tuple(std)
-        p = {
-            "flip": FLIP_P,
-            "jitter": JITTER_P,
-            "gray": GRAY_P,
-            "blur": BLUR_P,
-            "solarize": SOLARIZE_P,
-        }
-        p.update(probabilities or {})
-        self.p, self.dtype = p, dtype
-
-    @property
-    def n_crops(self) -> int:
-        return 2 + self.local_crops_number
+        self._init_geometry(global_crops_size, local_crops_size, global_crops_scale, local_crops_scale,
+                            local_crops_number, mean, std)  # fmt: skip
+        self.p, self.dtype = recipe_probabilities(probabilities), dtype
 
     def _crop(self, x: torch.Tensor, index: int, g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b, _, height, width = x.shape
