@@ -79,9 +79,18 @@ def check_devices(trainer_cfg: DictConfig) -> None:
             )
 
 
+def _multi_gpu_auto(trainer_cfg: DictConfig) -> bool:
+    """True when ``accelerator``/``devices`` left on auto will start several GPU processes on this node."""
+    accelerator, devices = str(trainer_cfg.get("accelerator", "auto")), trainer_cfg.get("devices", "auto")
+    gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+    return gpus > 1 and (devices in ("auto", -1, "-1") or (isinstance(devices, int) and devices > 1))
+
+
 def build_strategy(cfg: DictConfig):
     """``trainer.strategy=ddp`` (a plain string on the command line) -> DDPStrategy with the configured timeout."""
     strategy = cfg.trainer.get("strategy", "auto")
+    if strategy == "auto" and _multi_gpu_auto(cfg.trainer):
+        strategy = "ddp"  # what Lightning would pick, but with our timeout
     if not isinstance(strategy, str) or strategy not in DDP_STRATEGIES:
         return strategy
     from pytorch_lightning.strategies import DDPStrategy

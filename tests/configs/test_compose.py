@@ -64,3 +64,15 @@ def test_backbone_and_dataset_groups_compose(backbone, dataset):
     cfg = _compose([f"backbone={backbone}", f"dataset={dataset}"])
     assert cfg.backbone.name == backbone and cfg.dataset.name == dataset
     assert cfg.run_name == f"{dataset}_{backbone}"
+
+
+def test_ddp_strategy_gets_the_configured_timeout():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from surgenet_ssl.train import build_strategy
+
+    cfg = _compose(["trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp", "distributed.timeout_minutes=7"])
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, DDPStrategy)
+    assert strategy._timeout.total_seconds() == 7 * 60
+    assert build_strategy(_compose(["trainer=cpu"])) == "auto"
