@@ -72,10 +72,18 @@ def test_lr_warmup_and_weight_decay_applied_per_step(tmp_path):
     assert all(s[2] == 0.0 for s in seen)  # biases and norms: no weight decay
 
 
-def test_non_finite_loss_stops_with_step_in_message(tmp_path):
+def test_non_finite_loss_stops_with_step_in_message_and_keeps_last_good_checkpoint(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
     model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
+    trainer = _trainer(tmp_path, enable_checkpointing=True, callbacks=[ckpt])
     with pytest.raises(FloatingPointError, match="optimizer step 2"):
-        _trainer(tmp_path).fit(model, train_dataloaders=crop_batches(4, batch_size=4, nan_at=2))
+        trainer.fit(model, train_dataloaders=crop_batches(4, batch_size=4, nan_at=2))
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 2  # the two good steps; nothing written for the diverged one
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
 
 
 def test_resume_with_another_backbone_is_refused(tmp_path):
