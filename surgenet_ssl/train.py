@@ -138,6 +138,13 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def wandb_offline(node: DictConfig) -> bool:
+    """wandb runs offline unless the user asked for online logging (an entity, or WANDB_MODE=online)."""
+    if node.get("offline") is not None:
+        return bool(node.offline)
+    return not (node.get("entity") or os.environ.get("WANDB_MODE") == "online")
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
@@ -145,7 +152,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             extra = {}
             if name == "wandb":
                 os.environ.setdefault("WANDB_SILENT", "true")
-                extra = {"id": wandb_run_id(run_dir), "resume": "allow"}
+                extra = {"id": wandb_run_id(run_dir), "resume": "allow", "offline": wandb_offline(node)}
             loggers.append(hydra.utils.instantiate(node, **extra))
     return loggers
 

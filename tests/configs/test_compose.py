@@ -76,3 +76,14 @@ def test_ddp_strategy_gets_the_configured_timeout():
     assert isinstance(strategy, DDPStrategy)
     assert strategy._timeout.total_seconds() == 7 * 60
     assert build_strategy(_compose(["trainer=cpu"])) == "auto"
+
+
+def test_wandb_is_offline_unless_configured(monkeypatch):
+    from surgenet_ssl.train import wandb_offline
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_offline(_compose([]).logger.wandb) is True
+    assert wandb_offline(_compose(["logger.wandb.entity=my-lab"]).logger.wandb) is False
+    assert wandb_offline(_compose(["logger.wandb.entity=my-lab", "logger.wandb.offline=true"]).logger.wandb) is True
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert wandb_offline(_compose([]).logger.wandb) is False
