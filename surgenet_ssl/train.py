@@ -35,7 +35,19 @@ def auto_precision() -> str:
     return "32-true"
 
 
+def sweep_subdir(num: int, task_overrides, sweep_params, override_dirname: str) -> str:
+    """Name of a sweep job's dir: ``<n>_<the swept keys=values>`` for grids defined in an ``experiment=`` preset
+    (``hydra.sweeper.params``), else ``<n>_<all overrides of the job>``."""
+    keys = set(sweep_params or {})
+    if keys:
+        swept = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+        if swept:
+            return f"{num}_{','.join(swept)}".replace("/", "-")
+    return f"{num}_{override_dirname}" if override_dirname else str(num)
+
+
 OmegaConf.register_new_resolver("surgenet.auto_precision", auto_precision, replace=True)
+OmegaConf.register_new_resolver("surgenet.sweep_subdir", sweep_subdir, replace=True)
 
 
 def _container(node) -> dict:

@@ -87,3 +87,12 @@ def test_wandb_is_offline_unless_configured(monkeypatch):
     assert wandb_offline(_compose(["logger.wandb.entity=my-lab", "logger.wandb.offline=true"]).logger.wandb) is True
     monkeypatch.setenv("WANDB_MODE", "online")
     assert wandb_offline(_compose([]).logger.wandb) is False
+
+
+def test_sweep_job_dirs_name_the_swept_keys():
+    cfg = _compose(["experiment=architecture", "backbone=pvt_v2_b2", "trainer.max_epochs=2"], hydra_cfg=True)
+    cfg.hydra.job.num = 2
+    assert cfg.hydra.sweep.subdir == "2_backbone=pvt_v2_b2"  # only what the grid varies
+    cfg = _compose(["data.batch_size=8", "seed=3"], hydra_cfg=True)  # a command-line grid: all overrides
+    cfg.hydra.job.num = 0
+    assert cfg.hydra.sweep.subdir == "0_data.batch_size=8,seed=3"
