@@ -42,6 +42,28 @@ def _lookup(cfg: dict, dotted: str) -> Any:
     return cfg
 
 
+@torch.no_grad()
+def check_crop_sizes(backbone: torch.nn.Module, name: str, crops: dict) -> None:
+    """Fail at start-up, with the fix, when the backbone cannot take the configured crop sizes (e.g. a ViT with
+    16-px patches and 60-px crops), instead of deep inside the first training step."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for key in ("global_size", "local_size"):
+            size = int(crops.get(key, 0) or 0)
+            if size <= 0:
+                continue
+            try:
+                backbone(torch.zeros(1, 3, size, size))
+            except Exception as err:  # timm raises AssertionError/RuntimeError/ValueError depending on the model
+                raise ValueError(
+                    f"backbone {name} cannot take {size}-px crops (dino.crops.{key}={size}): {err}. Choose crop sizes "
+                    "the backbone supports (ViT-S/16: multiples of 16, e.g. 224 and 96)."
+                ) from err
+    finally:
+        backbone.train(was_training)
+
+
 class DINOModule(pl.LightningModule):
     """Student (backbone + head, trained) and teacher (EMA copy, no gradients) with the DINO loss.
 
@@ -64,6 +86,7 @@ class DINOModule(pl.LightningModule):
         )
         teacher_backbone = build_backbone(name, drop_path_rate=0.0, timm_name=timm_name, **kwargs)
         embed_dim = student_backbone.num_features
+        check_crop_sizes(teacher_backbone, name if name != "timm" else timm_name, self.dino_cfg.get("crops", {}))
         head_cfg = dict(self.dino_cfg.get("head", {}))
         out_dim = int(self.dino_cfg["out_dim"])
         self.student = MultiCropWrapper(student_backbone, DINOHead(embed_dim, out_dim, **head_cfg))

@@ -70,6 +70,21 @@ def checkpoint_step(path: Path) -> int:
     return int(ckpt.get("global_step", 0))
 
 
+REQUIRED_HINTS = {
+    "backbone.timm_name": "backbone=timm needs the timm model: backbone.timm_name=<name>, e.g. resnet50",
+    "dataset.path": "dataset=custom needs the prepared data: dataset.path=DIR (a folder with manifest.json, or "
+    "a folder of prepared sources)",
+}
+
+
+def check_required_values(cfg: DictConfig) -> None:
+    """Values marked ``???`` in the configs must be given on the command line: say which and how."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        hints = "; ".join(REQUIRED_HINTS.get(k, f"set {k}=...") for k in missing)
+        raise ValueError(f"missing required config value(s): {', '.join(missing)}. {hints}")
+
+
 def check_devices(trainer_cfg: DictConfig) -> None:
     """Fail at once, with the fix, when the requested GPUs are not there (instead of a hang or a deep error)."""
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
@@ -173,6 +188,7 @@ def run(cfg: DictConfig) -> tuple[Path, bool]:
     """Train with a composed config; returns the export directory and whether this process is global rank 0."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_required_values(cfg)
     check_devices(cfg.trainer)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     pl.seed_everything(cfg.seed, workers=True)

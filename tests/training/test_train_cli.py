@@ -124,3 +124,19 @@ def test_gpu_augmentation_mode_runs_end_to_end_on_cpu_tensors(demo_cache, tmp_pa
     assert proc.stdout.strip().splitlines()[-1] == f"export_dir={run_dir / 'export'}"
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert len([r for r in rows if r.get("train/loss")]) == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["backbone=timm"], "backbone.timm_name=<name>"),
+        (["dataset=custom"], "dataset.path=DIR"),
+        (["backbone=vit_small", "dino.crops.global_size=60"], "cannot take 60-px crops"),
+    ],
+)
+def test_incomplete_or_impossible_configs_fail_at_once_with_the_fix(demo_cache, tmp_path, overrides, message):
+    proc = run_module("surgenet_ssl.train", *overrides, f"hydra.run.dir={tmp_path}", "logger=csv", cache=demo_cache,
+                      check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert message in proc.stderr + proc.stdout
+    assert not (tmp_path / "checkpoints").exists()
