@@ -96,3 +96,18 @@ def test_sweep_job_dirs_name_the_swept_keys():
     cfg = _compose(["data.batch_size=8", "seed=3"], hydra_cfg=True)  # a command-line grid: all overrides
     cfg.hydra.job.num = 0
     assert cfg.hydra.sweep.subdir == "0_data.batch_size=8,seed=3"
+
+
+def test_checkpoint_callbacks_coexist_with_any_intervals(tmp_path):
+    """Epoch, step and archive checkpointers with equal intervals must not collide in the Trainer's state."""
+    import pytorch_lightning as pl
+
+    from surgenet_ssl.train import build_callbacks
+
+    cfg = _compose(["callbacks.archive_checkpoint.every_n_epochs=1", "callbacks.model_checkpoint.every_n_train_steps=1",
+                    f"callbacks.model_checkpoint.dirpath={tmp_path}", f"callbacks.archive_checkpoint.dirpath={tmp_path}/a",
+                    f"callbacks.knn_monitor.output_dir={tmp_path}", "export.enabled=false"])  # fmt: skip
+    callbacks = build_callbacks(cfg, tmp_path)
+    checkpointers = [c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)]
+    assert len(checkpointers) == 3 and len({c.state_key for c in checkpointers}) == 3
+    pl.Trainer(callbacks=callbacks, logger=False, default_root_dir=tmp_path)  # would raise on duplicate state keys
