@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from support.cli import FAST_TRAIN, run_module
 
 # 3 epochs x 4 steps = 12 optimizer steps; a step checkpoint after every step.
 RESUME_ARGS = [*FAST_TRAIN, "data.steps_per_epoch=4", "trainer.max_epochs=3", "logger=csv",
+               "logger.csv.flush_logs_every_n_steps=1",
                "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.knn_monitor.every_n_epochs=0"]  # fmt: skip
 
 
@@ -62,6 +64,10 @@ def test_sigkill_after_checkpoint_then_rerun_resumes_to_final_step(demo_cache, t
     assert "resumed from" in log and f"at step {killed_at}" in log
     assert _final_step(run_dir) == 12
     assert (run_dir / "export" / "demo_caformer_s18_epoch0003_teacher.pth").is_file()
+    # The metrics of the killed run are kept and the resumed run appends to them.
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    steps = {int(r["step"]) for r in rows if r.get("train/loss")}
+    assert 0 in steps and set(range(killed_at, 12)) <= steps  # (rows not yet flushed at the kill are lost)
 
 
 @pytest.mark.slow
