@@ -34,9 +34,13 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def completed_epochs(checkpoint: dict) -> int:
-    """Epochs fully trained when the checkpoint was written (what the ``epoch<NNNN>`` in file names counts)."""
+    """Epochs fully trained when the checkpoint was written (what the ``epoch<NNNN>`` in file names counts).
+
+    Lightning marks an epoch "processed" before its end-of-epoch checkpoint is written and "completed" only
+    after, so ``processed`` is the count that is right for epoch-end, mid-epoch and end-of-training checkpoints.
+    """
     try:
-        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError):
         return int(checkpoint.get("epoch", 0))
 
@@ -159,10 +163,19 @@ def write_model_card(
     card = out / f"{stem}_README.md"
     with atomic_path(card) as tmp:
         tmp.write_text("\n".join(lines))
-    readme = out / "README.md"
-    with atomic_path(readme) as tmp:
-        tmp.write_text("\n".join(lines))
+    # README.md describes the newest export of the directory (re-exporting an older checkpoint leaves it alone).
+    newer = [p for p in out.glob("*_epoch*_teacher.pth") if _epoch_of(p) > epoch]
+    if not newer:
+        with atomic_path(out / "README.md") as tmp:
+            tmp.write_text("\n".join(lines))
     return card
+
+
+def _epoch_of(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("_epoch", 1)[1].split("_", 1)[0])
+    except (IndexError, ValueError):
+        return -1
 
 
 def export_dino_checkpoint(
@@ -170,28 +183,44 @@ def export_dino_checkpoint(
 ) -> dict[str, Path]:
     """Teacher artefacts from a full DINO checkpoint (ours or the official layout: ``teacher`` = backbone.* + head.*).
 
-    The backbone name comes from ``backbone`` or from the checkpoint's ``args`` (ours record it).
+    The backbone comes from ``backbone`` or from the checkpoint's ``args`` (ours record it). For the SurgeNet
+    backbones the naming is detected and converted; for others (``vit_small``, any timm model) the teacher's
+    ``backbone.*`` tensors are taken as they are (timm naming, as we save them).
     """
     from surgenet_ssl.models.weights import extract_backbone_state_dict
 
     args = checkpoint.get("args")
     args = vars(args) if hasattr(args, "__dict__") and not isinstance(args, dict) else (args or {})
-    backbone = backbone or (args.get("backbone") or {}).get("name") or args.get("arch")
-    if backbone not in SURGENET_NAMED:
+    recorded = args.get("backbone") if isinstance(args.get("backbone"), dict) else {}
+    name = backbone or recorded.get("name") or args.get("arch")
+    if name == "timm":
+        name = recorded.get("timm_name") or name
+    if not name or name == "timm":
         raise ValueError(
-            f"cannot tell the backbone of this DINO checkpoint (found {backbone!r}); pass backbone=NAME, "
-            f"one of {', '.join(SURGENET_NAMED)}"
+            "cannot tell the backbone of this DINO checkpoint; pass backbone=NAME (caformer_s18, convnextv2_tiny, "
+            "pvt_v2_b2, vit_small or a timm model name)"
         )
     dataset = dataset or (args.get("dataset") or {}).get("name") or "dino"
-    teacher, detected = extract_backbone_state_dict(checkpoint, backbone)
+    if name in SURGENET_NAMED:
+        teacher, detected = extract_backbone_state_dict(checkpoint, name)
+        surgenet = timm_to_surgenet(teacher, name)
+    else:
+        raw = checkpoint.get("teacher")
+        if not isinstance(raw, dict):
+            raise ValueError("this DINO checkpoint has no 'teacher' state dict")
+        teacher = {k.removeprefix("module.").removeprefix("backbone."): v.detach().cpu().contiguous().clone()
+                   for k, v in raw.items() if k.removeprefix("module.").startswith("backbone.")}  # fmt: skip
+        if not teacher:
+            raise ValueError("the DINO checkpoint's 'teacher' holds no 'backbone.*' tensors")
+        surgenet, detected = teacher, "full DINO checkpoint, timm naming"
     epoch = int(checkpoint.get("epoch", 0))
-    stem = f"{dataset}_{backbone}_epoch{epoch:04d}"
+    stem = f"{dataset}_{name}_epoch{epoch:04d}"
     out = Path(output_dir)
     paths = {"teacher_pth": out / f"{stem}_teacher.pth", "teacher_safetensors": out / f"{stem}_teacher.safetensors"}
     with atomic_path(paths["teacher_pth"]) as tmp:
-        torch.save(timm_to_surgenet(teacher, backbone), tmp)
+        torch.save(surgenet, tmp)
     with atomic_path(paths["teacher_safetensors"]) as tmp:
-        save_file(teacher, str(tmp), metadata={"backbone": backbone, "naming": "timm", "epoch": str(epoch)})
+        save_file(teacher, str(tmp), metadata={"backbone": name, "naming": "timm", "epoch": str(epoch)})
     log.info("exported teacher of a DINO checkpoint (%s) to %s", detected, out)
     return paths
 
@@ -207,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     argv = argv if argv is not None else sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n" + (main.__doc__ or "").split("\n", 1)[1])
+        return 0
     bad = [a for a in argv if "=" not in a]
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = sorted(set(args) - {"ckpt", "output", "dataset", "backbone"})

@@ -102,3 +102,20 @@ def test_export_bad_input_is_refused_clearly(tmp_path):
     proc = _export(f"ckpt={tmp_path / 'missing.ckpt'}")
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
     assert not list(tmp_path.glob("**/*_teacher.pth"))
+
+
+def test_export_full_dino_checkpoint_of_a_timm_backbone(tmp_path):
+    torch.manual_seed(0)
+    model = DINOModule({"name": "timm", "timm_name": "test_resnet", "drop_path_rate": 0.0}, tiny_dino(), batch_size=2)
+    run_config = {"dataset": {"name": "demo"}, "backbone": {"name": "timm", "timm_name": "test_resnet"}}
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[TeacherExport(tmp_path / "export", "demo", run_config)])  # fmt: skip
+    trainer.fit(model, train_dataloaders=crop_batches(1, batch_size=2))
+    full = tmp_path / "export" / "demo_test_resnet_epoch0001_checkpoint.pth"
+    proc = _export(f"ckpt={full}", f"output={tmp_path / 'again'}")
+    assert proc.returncode == 0, proc.stderr
+    again = torch.load(tmp_path / "again" / "demo_test_resnet_epoch0001_teacher.pth", weights_only=True)
+    assert again.keys() == model.teacher.backbone.state_dict().keys()
+    assert all(torch.equal(v, model.teacher.backbone.state_dict()[k]) for k, v in again.items())
+    assert _export("--help").returncode == 0

@@ -79,8 +79,12 @@ def test_demo_run_end_to_end_exports_surgenet_teacher(demo_cache, tmp_path):
     assert "head.last_layer.weight_g" in full["teacher"]
     assert (export / "README.md").is_file() and "sha256" in (export / "README.md").read_text()
 
-    # Lightning checkpoints, the saved config, the CSV log with the recipe's schedules, wandb offline files.
+    # Lightning checkpoints; re-exporting the end-of-epoch checkpoint names the same number of completed epochs.
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    again = run_module("surgenet_ssl.export", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+                       f"output={tmp_path / 'again'}", cache=demo_cache)  # fmt: skip
+    assert (tmp_path / "again" / f"{stem}_teacher.pth").is_file(), again.stdout
+    # The saved config, the CSV log with the recipe's schedules, wandb offline files.
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     columns = set(rows[0])
