@@ -37,13 +37,16 @@ def auto_precision() -> str:
 
 def sweep_subdir(num: int, task_overrides, sweep_params, override_dirname: str) -> str:
     """Name of a sweep job's dir: ``<n>_<the swept keys=values>`` for grids defined in an ``experiment=`` preset
-    (``hydra.sweeper.params``), else ``<n>_<all overrides of the job>``."""
+    (``hydra.sweeper.params``), else ``<n>_<all overrides of the job>``; one path component, at most ~150 chars."""
     keys = set(sweep_params or {})
-    if keys:
-        swept = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in keys]
-        if swept:
-            return f"{num}_{','.join(swept)}".replace("/", "-")
-    return f"{num}_{override_dirname}" if override_dirname else str(num)
+    swept = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in keys] if keys else []
+    name = ",".join(swept) if swept else override_dirname
+    name = name.replace("/", "%").replace("\\", "%")  # a path in a value must not create sub-directories
+    if len(name) > 150:
+        import hashlib
+
+        name = f"{name[:130]}..{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return f"{num}_{name}" if name else str(num)
 
 
 OmegaConf.register_new_resolver("surgenet.auto_precision", auto_precision, replace=True)

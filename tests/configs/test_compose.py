@@ -111,3 +111,12 @@ def test_checkpoint_callbacks_coexist_with_any_intervals(tmp_path):
     checkpointers = [c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)]
     assert len(checkpointers) == 3 and len({c.state_key for c in checkpointers}) == 3
     pl.Trainer(callbacks=callbacks, logger=False, default_root_dir=tmp_path)  # would raise on duplicate state keys
+
+
+def test_sweep_job_dir_is_one_short_path_component():
+    from surgenet_ssl.train import sweep_subdir
+
+    assert sweep_subdir(1, ["dataset.path=/data/x", "seed=1"], None, "dataset.path=/data/x,seed=1") == "1_dataset.path=%data%x,seed=1"
+    long = ",".join(f"key{i}=value{i}" for i in range(40))
+    name = sweep_subdir(0, [], None, long)
+    assert len(name) < 160 and "/" not in name and name != sweep_subdir(0, [], None, long + ",x=1")
