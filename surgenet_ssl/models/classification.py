@@ -77,11 +77,15 @@ def caformer_s18(
     return build_classifier("caformer_s18", num_classes, pretrained, pretrained_weights, **kwargs)
 
 
-def convnextv2_tiny(num_classes: int = 0, pretrained_weights: WeightSource | None = None, **kwargs) -> nn.Module:
-    """ConvNeXtV2-tiny classifier (published signature)."""
-    return build_classifier("convnextv2_tiny", num_classes, None, pretrained_weights, **kwargs)
+def convnextv2_tiny(
+    num_classes: int = 0, pretrained_weights: WeightSource | None = None, pretrained: str | None = None, **kwargs
+) -> nn.Module:
+    """ConvNeXtV2-tiny classifier (published signature; ``pretrained`` is accepted like CaFormer's, one variant exists)."""
+    return build_classifier("convnextv2_tiny", num_classes, pretrained, pretrained_weights, **kwargs)
 
 
-def pvt_v2_b2(num_classes: int = 0, pretrained_weights: WeightSource | None = None, **kwargs) -> nn.Module:
-    """PVTv2-b2 classifier (published signature)."""
-    return build_classifier("pvt_v2_b2", num_classes, None, pretrained_weights, **kwargs)
+def pvt_v2_b2(
+    num_classes: int = 0, pretrained_weights: WeightSource | None = None, pretrained: str | None = None, **kwargs
+) -> nn.Module:
+    """PVTv2-b2 classifier (published signature; ``pretrained`` is accepted like CaFormer's, one variant exists)."""
+    return build_classifier("pvt_v2_b2", num_classes, pretrained, pretrained_weights, **kwargs)

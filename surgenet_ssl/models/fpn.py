@@ -128,12 +128,18 @@ class MetaFormerFPN(BackboneFPN):
 class ConvNextFPN(BackboneFPN):
     """ConvNeXtV2-tiny FPN (published signature)."""
 
-    def __init__(self, num_classes: int = 1, pretrained_weights: WeightSource | None = None, **kwargs):
-        super().__init__("convnextv2_tiny", num_classes, None, pretrained_weights, **kwargs)
+    def __init__(
+        self, num_classes: int = 1, pretrained_weights: WeightSource | None = None, pretrained: str | None = None,
+        **kwargs,
+    ):
+        super().__init__("convnextv2_tiny", num_classes, pretrained, pretrained_weights, **kwargs)
 
 
 class PVTV2FPN(BackboneFPN):
     """PVTv2-b2 FPN (published signature)."""
 
-    def __init__(self, num_classes: int = 1, pretrained_weights: WeightSource | None = None, **kwargs):
-        super().__init__("pvt_v2_b2", num_classes, None, pretrained_weights, **kwargs)
+    def __init__(
+        self, num_classes: int = 1, pretrained_weights: WeightSource | None = None, pretrained: str | None = None,
+        **kwargs,
+    ):
+        super().__init__("pvt_v2_b2", num_classes, pretrained, pretrained_weights, **kwargs)

@@ -114,3 +114,13 @@ def test_caformer_variant_is_inferred_from_weights_and_validated(tmp_path):
         caformer_s18(num_classes=3, pretrained="SurgeNet", pretrained_weights=path)
     with pytest.raises(ValueError, match="Valid choices: SurgeNet, ImageNet"):
         caformer_s18(pretrained="imagenet")
+
+
+def test_every_model_accepts_the_caformer_call_form(published_files):
+    """Changing only the import line of the CaFormer snippet must work for the other backbones too."""
+    from surgenet_ssl.models import ConvNextFPN, PVTV2FPN, convnextv2_tiny, pvt_v2_b2
+
+    for build, key in ((convnextv2_tiny, "convnextv2_tiny"), (pvt_v2_b2, "pvt_v2_b2"),
+                       (ConvNextFPN, "convnextv2_tiny"), (PVTV2FPN, "pvt_v2_b2")):  # fmt: skip
+        model = build(num_classes=12, pretrained="SurgeNet", pretrained_weights=str(published_files[key]))
+        assert model.load_report.loaded > 100 and not model.load_report.missing
