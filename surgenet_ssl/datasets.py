@@ -89,6 +89,7 @@ def report(root: Path, mixtures: list[str] | None = None, verify: bool = False) 
         for n in missing:
             lines.append(f"  {cache[n]['hint']}")
         lines.append("")
+    others: list[Path] = []
     if root.is_dir():
         others = [p for p in sorted(root.iterdir()) if p.name not in SOURCES and (p / S.MANIFEST_NAME).is_file()]
         if others:
@@ -105,6 +106,11 @@ def report(root: Path, mixtures: list[str] | None = None, verify: bool = False) 
         for n, st in cache.items():
             if st["ok"]:
                 bad += _verify(n, root, st["manifest"])
+        for p in others:  # user-named sources are checked too
+            try:
+                bad += _verify(p.name, root, S.read_manifest(p))
+            except S.ManifestError as e:
+                bad.append(f"{p}: {e}")
         lines.append(f"verify: {len(bad)} damaged shards" + (":" if bad else " (all sizes and sha256 match)"))
         lines += [f"  {b}" for b in bad]
     ready = sum(1 for st in cache.values() if st["ok"])
@@ -134,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"Unknown argument {arg!r}. Use paths.data_root=DIR, mixture=NAME, verify=true.", file=sys.stderr)
             return 2
-    for line in report(_data_root(overrides), mixtures, verify):
+    lines = report(_data_root(overrides), mixtures, verify)
+    for line in lines:
         print(line)
-    return 0
+    # verify=true exits 1 when any shard is damaged, so scripts and CI can act on it
+    return 1 if verify and any(line.startswith("verify: ") and not line.startswith("verify: 0 ") for line in lines) else 0
 
 
 if __name__ == "__main__":

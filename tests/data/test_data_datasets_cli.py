@@ -41,3 +41,12 @@ def test_main_uses_paths_data_root_override(tmp_path: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert out.startswith(f"paths.data_root = {tmp_path}") and "rarp: ESAD + PSI-AVA + RARP-AvL" in out
     assert main(["mixture=nope"]) == 2
+
+
+def test_verify_checks_user_sources_and_exits_1_on_damage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_source(tmp_path, "my_hospital", videos=1, frames_per_video=4)
+    assert main([f"paths.data_root={tmp_path}", "mixture=cholec", "verify=true"]) == 0
+    shard = next((tmp_path / "my_hospital" / "shards").glob("*.tar"))
+    shard.write_bytes(shard.read_bytes() + b"appended junk")
+    assert main([f"paths.data_root={tmp_path}", "mixture=cholec", "verify=true"]) == 1
+    assert "my_hospital" in capsys.readouterr().out.split("verify: 1 damaged shards", 1)[1]
