@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -9,6 +10,8 @@ from torch.utils.data import DataLoader
 
 from surgenet_ssl.data.augment import FrameResize, MultiCropAugmentation
 from surgenet_ssl.data.loader import build_train_loader
+
+log = logging.getLogger(__name__)
 
 
 def build_augmentation(
@@ -38,6 +41,10 @@ class StreamingDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader[Any]:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        on, backend = self.data_cfg.get("augment_on", "cpu"), self.data_cfg.get("augment_backend", "fast")
+        if rank == 0:
+            log.info("multi-crop augmentation: %s", "on the training device (GPU mode)" if on == "gpu"
+                     else f"in the loader workers, {backend} backend")  # fmt: skip
         return build_train_loader(
             self.dataset_cfg,
             self.data_root,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model, load_summary = build_model(cfg)
     log.info("%s", load_summary)
     start = time.perf_counter()
-    loader_kw = dict(batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers), device=device)
+    workers = cfg.data.num_workers
+    if workers is None:
+        workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    loader_kw = dict(batch_size=int(cfg.data.batch_size), num_workers=int(workers), device=device)
     train = extract_features(model, train_set, **loader_kw)
     val = extract_features(model, val_set, **loader_kw)
     extract_s = time.perf_counter() - start
