@@ -81,7 +81,10 @@ def run(cfg: DictConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    if run(cfg) == 0:
+        # Every input was unreadable or empty: say so with a failing exit code (a 0-frame source cannot train).
+        log.error("no frame could be prepared from %s: check the warnings above (unreadable or empty inputs)", cfg.input)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

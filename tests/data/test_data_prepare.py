@@ -184,6 +184,11 @@ def test_cli_prepares_into_data_root_and_reports_errors(tmp_path: Path) -> None:
     assert not (tmp_path / ".hydra").exists()
     bad = _cli("source=x", cwd=tmp_path)
     assert bad.returncode == 2 and "input=DIR is required" in bad.stdout + bad.stderr
+    (tmp_path / "only_empty").mkdir()
+    (tmp_path / "only_empty" / "empty.mp4").write_bytes(b"")
+    none = _cli("source=y", f"input={tmp_path / 'only_empty'}", f"paths.data_root={tmp_path / 'root'}",
+                "progress=false", cwd=tmp_path)  # fmt: skip
+    assert none.returncode == 1 and "no frame could be prepared" in none.stdout + none.stderr
 
 
 def test_a_crashing_worker_skips_only_its_video(media: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
