@@ -39,12 +39,14 @@ def test_unknown_timm_model_fails_before_training(demo_cache, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_gpu_request_without_gpu_fails_at_once(demo_cache, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    proc = run_module("surgenet_ssl.train", "trainer=gpu", f"hydra.run.dir={tmp_path}", cache=demo_cache, check=False)
+def test_gpu_request_beyond_what_exists_fails_at_once(demo_cache, tmp_path):
+    """No GPU here: trainer=gpu fails; on a GPU machine, asking for one GPU more than exist fails."""
+    available = torch.cuda.device_count()
+    overrides = ["trainer=gpu"] + ([f"trainer.devices={available + 1}"] if available else [])
+    expected = "more GPUs than" if available else "no CUDA GPU is visible"
+    proc = run_module("surgenet_ssl.train", *overrides, f"hydra.run.dir={tmp_path}", cache=demo_cache, check=False)
     assert proc.returncode == 1
-    assert "no CUDA GPU is visible" in proc.stderr + proc.stdout
+    assert expected in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow
