@@ -1,12 +1,14 @@
-"""Parse the published SurgeNet key files (../shared/surgenet_keys/*.txt): lines ``name (d0, d1, ...)``."""
+"""Parse the published SurgeNet key files (tests/backbones/surgenet_keys/*.txt): lines ``name (d0, d1, ...)``.
+
+The files are facts about the three published backbones (parameter names and shapes), carried by the repository
+so that a bare clone tests against them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[2]
-# The key files live in ../shared beside the repository (or in shared/ inside a checkout that carries it).
-_CANDIDATES = (_REPO / "shared" / "surgenet_keys", _REPO.parent / "shared" / "surgenet_keys")
+KEY_DIR = Path(__file__).resolve().parent / "surgenet_keys"
 
 
 def surgenet_keys(backbone: str, with_head: bool = False) -> dict[str, tuple[int, ...]]:
@@ -14,10 +16,9 @@ def surgenet_keys(backbone: str, with_head: bool = False) -> dict[str, tuple[int
 
     Raises (never skips) when the key file is missing: these files are the specification under test.
     """
-    paths = [d / f"{backbone}.txt" for d in _CANDIDATES]
-    path = next((p for p in paths if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"Published key file missing; looked for {[str(p) for p in paths]}.")
+    path = KEY_DIR / f"{backbone}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"Published key file missing: {path}.")
     out: dict[str, tuple[int, ...]] = {}
     for line in path.read_text().splitlines():
         line = line.strip()

@@ -1,4 +1,4 @@
-"""SurgeNet <-> timm naming, checked against the published key files (../shared/surgenet_keys/*.txt)."""
+"""SurgeNet <-> timm naming, checked against the published key files (tests/backbones/surgenet_keys/*.txt)."""
 
 import pytest
 import torch

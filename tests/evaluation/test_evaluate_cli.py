@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from backbones.surgenet_keyfile import surgenet_keys
 from evaluation.helpers import make_image_folder
 from hydra import compose, initialize_config_dir
 
@@ -17,7 +18,6 @@ from surgenet_ssl.backbones import build_backbone
 from surgenet_ssl.evaluate import build_model, evaluate
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = REPO.parent / "shared" / "surgenet_keys"
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -98,15 +98,8 @@ def test_single_class_and_missing_settings_are_clear_errors(tmp_path):
 
 
 def _published_teacher(backbone: str) -> dict[str, torch.Tensor]:
-    """Zero tensors with the published names/shapes (``name (d0, d1, ...)`` lines); must exist, never skipped."""
-    path = KEYS / f"{backbone}.txt"
-    assert path.is_file(), f"published key file missing: {path}"
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.startswith("#") and not line.startswith("head."):
-            name, shape = line.split(" ", 1)
-            out[name] = torch.zeros(()).expand(tuple(int(d) for d in shape.strip("()").split(",") if d.strip()))
-    return out
+    """Zero tensors with the published names/shapes (tests/backbones/surgenet_keys); must exist, never skipped."""
+    return {name: torch.zeros(()).expand(shape) for name, shape in surgenet_keys(backbone).items()}
 
 
 def test_published_caformer_teacher_for_convnext_is_refused(tmp_path):
