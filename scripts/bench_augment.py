@@ -5,7 +5,7 @@ and with ``--ablation`` measures each design choice by putting the official kern
 One process, one thread (torch and OpenCV). The LAST line is ``samples_per_s_per_core=<fast pipeline>``.
 
     python scripts/bench_augment.py                      # 32 synthetic 854x480 JPEGs
-    python scripts/bench_augment.py --frames DIR         # your frames (*.jpg, *.jpeg, *.png)
+    python scripts/bench_augment.py --frames DIR         # your frames (*.jpg, *.jpeg, *.png; also DIR/<class>/)
     python scripts/bench_augment.py --size 569x320 --ablation
 """
 
@@ -44,10 +44,27 @@ def synthetic_frames(directory: Path, n: int, width: int, height: int, seed: int
         cv2.imwrite(str(directory / f"frame_{i:04d}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def find_frames(directory: Path, limit: int) -> list[Path]:
+    """Up to ``limit`` frames of ``directory`` or of its sub-folders at any depth (an ImageFolder layout:
+    ``DIR/<class>/<frame>``), taken round-robin over the folders so every class is in the sample."""
+    by_folder: dict[Path, list[Path]] = {}
+    for p in sorted(directory.rglob("*")):
+        if p.suffix.lower() in FRAME_SUFFIXES and p.is_file() and not p.name.startswith("."):
+            by_folder.setdefault(p.parent, []).append(p)
+    queues = [files for _, files in sorted(by_folder.items())]
+    picked: list[Path] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        picked.extend(q[i] for q in queues if i < len(q))
+    return picked[:limit]
+
+
 def load_frames(directory: Path, limit: int) -> list[bytes]:
-    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
+    files = find_frames(directory, limit)
     if not files:
-        raise SystemExit(f"no .jpg/.jpeg/.png frames in {directory}")
+        raise SystemExit(f"no .jpg/.jpeg/.png frames in {directory} or its sub-folders")
     return [p.read_bytes() for p in files]
 
 
@@ -120,7 +137,7 @@ def main() -> None:
     ap.add_argument(
         "--frames",
         type=Path,
-        help="folder of frames (default: generate synthetic JPEGs)",
+        help="folder of frames, or of class sub-folders of frames (default: generate synthetic JPEGs)",
     )
     ap.add_argument(
         "--n",

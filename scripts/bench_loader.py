@@ -1,7 +1,11 @@
 """Throughput of the whole training loader (shards -> shuffled JPEG bytes -> decode -> crops -> batches).
 
 Uses the demo dataset (generated on first use under --cache) unless --data-root/--dataset-path is given.
-Each worker runs with one torch/OpenCV thread. The LAST line is ``frames_per_s=<float>``.
+Each worker runs with one torch/OpenCV thread. In CPU-augmentation mode it runs the loader twice, with workers
+shipping float32 crops (normalised in the workers, the old path) and uint8 crops (``data.uint8_crops``, normalised
+on the device), and prints bytes per sample and samples/s of both. The LAST line is
+``bytes_per_sample_uint8=... bytes_per_sample_float32=... samples_per_s_uint8=... samples_per_s_float32=...``
+(GPU-augmentation mode: ``frames_per_s=<float>``).
 
     python scripts/bench_loader.py --workers 2 --backend fast
     python scripts/bench_loader.py --workers 2 --backend official
@@ -59,7 +63,27 @@ def main() -> None:
     crops = {"global_size": 224, "local_size": 96, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4],
              "local_number": args.local_number}  # fmt: skip
     frame_size = tuple(int(v) for v in args.frame_size.lower().split("x"))
-    transform = build_augmentation(crops, backend=args.backend, augment_on=args.augment_on, frame_size=frame_size)
+    if args.augment_on == "gpu":
+        transform = build_augmentation(crops, augment_on="gpu", frame_size=frame_size)
+        frames, elapsed, nbytes = run(args, dataset, transform)
+        print(f"bytes_per_sample={nbytes / frames:.0f}")
+        print(f"frames_per_s_per_worker={frames / elapsed / max(1, args.workers):.1f}")
+        print(f"frames_per_s={frames / elapsed:.1f}")
+        return
+    result = {}
+    for dtype, uint8 in (("float32", False), ("uint8", True)):
+        transform = build_augmentation(crops, backend=args.backend, uint8_crops=uint8)
+        frames, elapsed, nbytes = run(args, dataset, transform)
+        result[dtype] = (nbytes / frames, frames / elapsed)
+        print(f"{dtype} crops: {nbytes / frames / 1e6:.3f} MB/sample, {frames / elapsed:.1f} samples/s")
+    (b8, s8), (b32, s32) = result["uint8"], result["float32"]
+    print(f"uint8 crops: {b32 / b8:.1f}x fewer bytes per sample, {s8 / s32:.2f}x the samples/s of float32 crops")
+    print(f"bytes_per_sample_uint8={b8:.0f} bytes_per_sample_float32={b32:.0f} samples_per_s_uint8={s8:.1f} "
+          f"samples_per_s_float32={s32:.1f}")
+
+
+def run(args: argparse.Namespace, dataset: dict, transform) -> tuple[int, float, int]:
+    """Time ``args.batches`` batches after ``args.warmup``: (frames, seconds, bytes of the batch tensors)."""
     total = args.batches + args.warmup
     loader = build_train_loader(dataset, args.cache, transform, batch_size=args.batch_size,
                                 num_workers=args.workers, steps_per_epoch=total, shuffle_buffer=256)  # fmt: skip
@@ -71,15 +95,20 @@ def main() -> None:
     it = iter(loader)
     for _ in range(args.warmup):  # worker start-up, shard opening, shuffle-buffer filling
         next(it)
-    start, frames = time.perf_counter(), 0
+    start, frames, nbytes = time.perf_counter(), 0, 0
     for batch in it:
         frames += len(batch["key"])
+        nbytes += sum(t.nbytes for key in ("crops", "frames", "frame_hw") for t in _tensors(batch.get(key)))
     elapsed = time.perf_counter() - start
-    stats = loader.dataset.stats
     print(f"{args.augment_on}/{args.backend}: {frames} frames in {elapsed:.2f} s with {args.workers} workers; "
-          f"stats {stats}")  # fmt: skip
-    print(f"frames_per_s_per_worker={frames / elapsed / max(1, args.workers):.1f}")
-    print(f"frames_per_s={frames / elapsed:.1f}")
+          f"stats {loader.dataset.stats}")  # fmt: skip
+    return frames, elapsed, nbytes
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 if __name__ == "__main__":

@@ -10,15 +10,18 @@ from torch.utils.data import DataLoader
 
 from surgenet_ssl.data.augment import FrameResize, MultiCropAugmentation
 from surgenet_ssl.data.loader import build_train_loader
+from surgenet_ssl.distributed import gather_from_ranks
 
 log = logging.getLogger(__name__)
 
 
 def build_augmentation(
-    crops: dict, backend: str = "fast", augment_on: str = "cpu", frame_size: Any = (320, 568)
-) -> MultiCropAugmentation:
+    crops: dict, backend: str = "fast", augment_on: str = "cpu", frame_size: Any = (320, 568),
+    uint8_crops: bool = False,
+) -> MultiCropAugmentation:  # fmt: skip
     """The worker transform: the multi-crop augmentation (``augment_on="cpu"``; ``backend`` "fast" or
-    "official"), or decode + resize to ``frame_size`` only (``augment_on="gpu"``: DINOModule makes the crops)."""
+    "official"; ``uint8_crops``: not normalised, DINOModule does it on the device), or decode + fit into
+    ``frame_size`` only (``augment_on="gpu"``: DINOModule makes the crops)."""
     if augment_on == "gpu":
         return FrameResize(frame_size=tuple(frame_size), global_crops_size=crops["global_size"])
     if augment_on != "cpu":
@@ -30,13 +33,90 @@ def build_augmentation(
         local_crops_scale=crops["local_scale"],
         local_crops_number=crops["local_number"],
         backend=backend,
+        uint8_output=uint8_crops,
     )
+
+
+def loader_options(data_cfg: dict, trainer: pl.Trainer | None) -> dict[str, Any]:
+    """``pin_memory`` (``auto``: when training on CUDA), ``persistent_workers``, ``prefetch_factor`` from ``data``."""
+    pin = data_cfg.get("pin_memory", "auto")
+    if pin == "auto":
+        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
+    prefetch = data_cfg.get("prefetch_factor")
+    return {"pin_memory": bool(pin), "persistent_workers": bool(data_cfg.get("persistent_workers", False)),
+            "prefetch_factor": int(prefetch) if prefetch else None}  # fmt: skip
+
+
+class StreamPosition:
+    """Where the training loop stands in this rank's stream: per loader worker, the batches and stream items used
+    up to the last batch the loop consumed (from the ``position`` each batch carries), not what the workers have
+    prefetched. Checkpoints save it so a resumed run continues with exactly the next batch."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.batches = 0
+        self.workers: dict[int, list[int]] = {}
+
+    def consumed(self, epoch: int, worker: int, worker_batches: int, samples: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches, self.workers = epoch, 0, {}
+        self.batches += 1
+        self.workers[worker] = [worker_batches, samples]
+
+    def state(self, batches_per_epoch: int, num_workers: int) -> dict[str, Any]:
+        """The position to resume from; ``num_workers`` of the loader (0: the stream runs in the training process)."""
+        num_workers = max(1, num_workers)
+        if self.batches >= batches_per_epoch:  # the epoch is complete: the next one starts from its beginning
+            return {"epoch": self.epoch + 1, "batches": 0, "num_workers": num_workers, "workers": {}}
+        return {"epoch": self.epoch, "batches": self.batches, "num_workers": num_workers,
+                "workers": {w: list(v) for w, v in self.workers.items()}}  # fmt: skip
 
 
 class StreamingDataModule(pl.LightningDataModule):
     def __init__(self, dataset: dict, data: dict, crops: dict, data_root: str, seed: int = 0) -> None:
         super().__init__()
         self.dataset_cfg, self.data_cfg, self.crops, self.data_root, self.seed = dataset, data, crops, data_root, seed
+        self.position = StreamPosition()
+        self._resume: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------ exact resume
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the position of every batch the training loop consumes (before it goes to the device)."""
+        if isinstance(batch, dict) and "position" in batch:
+            batch = dict(batch)
+            epoch, worker, worker_batches, samples = batch.pop("position").tolist()
+            self.position.consumed(epoch, worker, worker_batches, samples)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's stream position (gathered: Lightning writes rank 0's checkpoint only)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        per_epoch = trainer.num_training_batches
+        per_epoch = int(per_epoch) if per_epoch not in (None, float("inf")) else 1 << 62
+        mine = self.position.state(per_epoch, int(self.data_cfg["num_workers"]))
+        ranks = gather_from_ranks(mine, trainer.world_size)
+        return {"stream_positions": ranks, "batch_size": int(self.data_cfg["batch_size"]), "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        positions = state.get("stream_positions") or []
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if not positions:
+            return
+        if len(positions) != world or int(state.get("batch_size", -1)) != int(self.data_cfg["batch_size"]):
+            log.warning(
+                "the checkpoint's data stream was read by %d ranks with batch size %s; this run has %d ranks and "
+                "batch size %s: the data stream continues from the start of epoch %d, not from the exact batch",
+                len(positions), state.get("batch_size"), world, self.data_cfg["batch_size"], positions[0]["epoch"],
+            )  # fmt: skip
+            self._resume = {"epoch": int(positions[0]["epoch"]), "batches": 0, "workers": {}}
+            return
+        self._resume = positions[rank]
+        self.position.epoch = int(self._resume["epoch"])
+        self.position.batches = int(self._resume["batches"])
+        self.position.workers = {int(w): list(v) for w, v in (self._resume.get("workers") or {}).items()}
 
     def train_dataloader(self) -> DataLoader[Any]:
         trainer = self.trainer
@@ -53,6 +133,7 @@ class StreamingDataModule(pl.LightningDataModule):
                 backend=self.data_cfg.get("augment_backend", "fast"),
                 augment_on=self.data_cfg.get("augment_on", "cpu"),
                 frame_size=self.data_cfg.get("gpu_frame_size", (320, 568)),
+                uint8_crops=bool(self.data_cfg.get("uint8_crops", False)),
             ),
             batch_size=int(self.data_cfg["batch_size"]),
             num_workers=int(self.data_cfg["num_workers"]),
@@ -61,6 +142,10 @@ class StreamingDataModule(pl.LightningDataModule):
             seed=self.seed,
             steps_per_epoch=self.data_cfg.get("steps_per_epoch"),
             shuffle_buffer=int(self.data_cfg.get("shuffle_buffer", 1000)),
-            # Lightning builds the first iterator before on_train_epoch_start: seed it with the resumed epoch.
-            epoch=trainer.current_epoch if trainer is not None else 0,
+            shard_cache_dir=self.data_cfg.get("shard_cache_dir"),
+            **loader_options(self.data_cfg, trainer),
+            # Lightning builds the first iterator before it restores the epoch counter: a resumed run starts at the
+            # saved position (epoch and batch), a new one at epoch 0.
+            epoch=int(self._resume["epoch"]) if self._resume else (trainer.current_epoch if trainer is not None else 0),
+            resume_position=self._resume,
         )

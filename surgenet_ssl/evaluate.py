@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,30 +36,58 @@ from surgenet_ssl.evaluation import (
 log = logging.getLogger(__name__)
 
 
+def backbone_options(backbone_cfg: DictConfig | dict) -> dict[str, Any]:
+    """The ``backbone.*`` options as build_backbone kwargs, exactly as training passes them to the teacher
+    (DINOModule: every key but ``name``; ``drop_path_rate`` is the student's only), so a model trained with e.g.
+    ``+backbone.reg_tokens=4`` is rebuilt with the same architecture."""
+    if isinstance(backbone_cfg, DictConfig):
+        backbone_cfg = OmegaConf.to_container(backbone_cfg, resolve=True)
+    options = {k: v for k, v in backbone_cfg.items() if k not in ("name", "drop_path_rate")}
+    if not options.get("timm_name"):
+        options.pop("timm_name", None)
+    return options
+
+
 def build_model(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
     """The backbone with ``cfg.weights`` loaded (through the one weight loader); returns it and a load summary."""
     from surgenet_ssl.backbones import build_backbone
     from surgenet_ssl.models import build_classifier
 
     name = cfg.backbone.name
-    timm_kwargs = {"timm_name": cfg.backbone.timm_name} if cfg.backbone.get("timm_name") else {}
+    timm_kwargs = backbone_options(cfg.backbone)
+    # a variant given as a backbone option in training (+backbone.pretrained_variant=...) is the default here
+    trained_variant = timm_kwargs.pop("pretrained_variant", None)
     if cfg.weights is None:
-        variant = cfg.get("pretrained_variant") or "SurgeNet"
+        variant = cfg.get("pretrained_variant") or trained_variant or "SurgeNet"
         model = build_backbone(name, pretrained_variant=variant, **timm_kwargs)
         return model, "random initialisation (weights=null)"
     # build_classifier reads the file once, infers the CaFormer variant when pretrained_variant is null and loads
     # through load_backbone_weights, which raises (never silently loads nothing) on a mismatch.
     try:
-        model = build_classifier(name, num_classes=0, pretrained=cfg.get("pretrained_variant"),
+        model = build_classifier(name, num_classes=0, pretrained=cfg.get("pretrained_variant") or trained_variant,
                                  pretrained_weights=str(cfg.weights), **timm_kwargs)
     except ValueError as err:
         shown = cfg.backbone.get("timm_name") or name
         raise ValueError(
             f"weights={cfg.weights} cannot be loaded into backbone={shown}: {err} If the file was trained with "
             "another backbone, pass that one (backbone=caformer_s18 | convnextv2_tiny | pvt_v2_b2 | vit_small | "
-            "timm backbone.timm_name=NAME)."
+            "timm backbone.timm_name=NAME), with the backbone.* options it was trained with (+backbone.KEY=VALUE)."
         ) from err
     return model, str(getattr(model, "load_report", f"loaded {cfg.weights}"))
+
+
+def check_writable(output: Path) -> None:
+    """Create ``output`` and write a probe file there now, so a bad ``output=`` fails before minutes of feature
+    extraction instead of after them."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"output={output} is not a writable directory ({type(err).__name__}: {err.strerror or err}); "
+            "pass output=<a directory you can write to>."
+        ) from err
 
 
 def _split_summary(dataset: ImageFolderDataset, feats) -> dict[str, Any]:
@@ -97,6 +126,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     log.info("train: %d images in %d classes (%s); val: %d images", len(train_set), len(train_set.classes),
              ", ".join(train_set.classes), len(val_set))
 
+    check_writable(output)  # before the slow part, not after it
     model, load_summary = build_model(cfg)
     log.info("%s", load_summary)
     start = time.perf_counter()

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,107 @@ log = logging.getLogger(__name__)
 
 # Backbones with a published SurgeNet naming; others are exported in timm naming in the .pth as well.
 SURGENET_NAMED = ("caformer_s18", "convnextv2_tiny", "pvt_v2_b2")
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a file object: given a path, torch names the zip archive's root folder after the file,
+    and the atomic writes use a random temporary name, so the same weights gave different bytes on every export."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the metadata in sorted key order.
+
+    Why: safetensors writes ``__metadata__`` from a hash map, in a different order on each call, so exporting the
+    same checkpoint twice gave different bytes (and sha256 in the model card). The tensors' order and offsets are
+    already deterministic; only the header is rewritten, in place when it keeps its length.
+    """
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # same content, so normally the same length: pad with JSON whitespace
+            f.seek(8)
+            f.write(text.ljust(size))
+            return
+        data = f.read()
+        text = text.ljust(len(text) + (-len(text) % 8))  # the format aligns the data to 8 bytes
+        f.seek(0)
+        f.write(len(text).to_bytes(8, "little") + text + data)
+        f.truncate()
+
+
+def git_commit(where: str | Path | None = None) -> str:
+    """The git commit of the code (the checkout this package is imported from), ``+ " (with uncommitted changes)"``
+    when tracked files differ from it; "unknown" when the package is not in a git checkout or git is missing.
+    Never raises: a model card must not fail over provenance."""
+    package = Path(where) if where is not None else Path(__file__).resolve().parent
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=20, env=env)
+
+    try:
+        # tracked here, not merely inside some other repository (e.g. a venv in a project checkout)
+        if git("ls-files", "--error-unmatch", "--", "__init__.py").returncode != 0:
+            return "unknown"
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return "unknown"
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def _module_of(script: str) -> str | None:
+    """``.../surgenet_ssl/train.py`` -> ``surgenet_ssl.train`` (what ``python -m`` was given)."""
+    try:
+        path = Path(script).resolve()
+        rel = path.relative_to(Path(__file__).resolve().parent.parent)
+    except (ValueError, OSError):
+        return None
+    return ".".join(rel.with_suffix("").parts) if path.suffix == ".py" else None
+
+
+def run_provenance() -> dict[str, Any]:
+    """How this run was started, for the model card: a copy-pasteable ``command``, Hydra's task ``overrides`` and
+    the ``git_commit`` of the code. In a Hydra multirun job the command is the job's own (its overrides)."""
+    overrides: list[str] = []
+    multirun = False
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            hydra_cfg = HydraConfig.get()
+            overrides = [str(o) for o in hydra_cfg.overrides.task]
+            multirun = str(hydra_cfg.mode).endswith("MULTIRUN")
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        pass
+    module = _module_of(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    program = ["python", "-m", module] if module else ["python", *sys.argv[:1]]
+    args = overrides if multirun else sys.argv[1:]
+    try:
+        from importlib.metadata import version
+
+        package_version = version("surgenet-ssl")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        package_version = "unknown"
+    return {"command": shlex.join(program + list(args)), "overrides": overrides, "git_commit": git_commit(),
+            "version": package_version}  # fmt: skip
+
+
+def final_knn(checkpoint: dict) -> dict[str, Any] | None:
+    """The last online k-NN result in a checkpoint (the KNNMonitor callback's saved state), or None."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        result = state.get("last_result") if isinstance(state, dict) else None
+        if isinstance(result, dict) and "knn/top1" in result:
+            return {**result, "epoch": state.get("last_epoch")}
+    return None
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -110,11 +214,11 @@ def export_checkpoint(
         "checkpoint": out / f"{stem}_checkpoint.pth",
     }
     with atomic_path(paths["teacher_pth"]) as tmp:
-        torch.save(surgenet_backbone, tmp)
+        save_torch(surgenet_backbone, tmp)
     with atomic_path(paths["teacher_safetensors"]) as tmp:
-        save_file(teacher_backbone, str(tmp), metadata={"backbone": display, "naming": "timm", "epoch": str(epoch)})
+        save_safetensors(teacher_backbone, tmp, metadata={"backbone": display, "naming": "timm", "epoch": str(epoch)})
     with atomic_path(paths["checkpoint"]) as tmp:
-        torch.save(dino, tmp)
+        save_torch(dino, tmp)
     paths["model_card"] = write_model_card(out, stem, display, dataset, epoch, run_config, paths, checkpoint, naming)
     log.info("exported teacher (%d tensors, %s naming) to %s", len(surgenet_backbone), naming, out)
     return paths
@@ -146,6 +250,7 @@ def write_model_card(
         f"| `{paths['checkpoint'].name}` | full DINO checkpoint (student, teacher, optimizer, center) | "
         f"`{sha256_file(paths['checkpoint'])}` |",
         "",
+        *_provenance_lines(checkpoint),
         "## Load",
         "```python",
         "from surgenet_ssl.models import load_backbone_weights",
@@ -169,6 +274,36 @@ def write_model_card(
         with atomic_path(out / "README.md") as tmp:
             tmp.write_text("\n".join(lines))
     return card
+
+
+def _provenance_lines(checkpoint: dict) -> list[str]:
+    """Model-card section: the command that trained the weights, its overrides, the code's git commit and the final
+    online k-NN. Read from the checkpoint, so re-exporting it writes the same card."""
+    prov = checkpoint.get("run_provenance") or {}
+    overrides = prov.get("overrides")
+    knn = final_knn(checkpoint)
+    if knn is None:
+        knn_text = "not measured (callbacks.knn_monitor off, or no labelled set)"
+    else:
+        top5 = f", top-5 {knn['knn/top5']:.4f}" if "knn/top5" in knn else ""
+        epoch = knn.get("epoch", "?")
+        knn_text = f"top-1 {knn['knn/top1']:.4f}{top5} (epoch {epoch}, DINO weighted k-NN on teacher features)"
+    command = prov.get("command")
+    shown = ", ".join(f"`{o}`" for o in overrides) if overrides else "none" if overrides is not None else "unknown"
+    return [
+        "## Run",
+        "",
+        "Trained with (rerunning it in the same run dir resumes from the newest checkpoint):",
+        "",
+        "```bash",
+        command or "# unknown: the checkpoint was written before commands were recorded",
+        "```",
+        "",
+        f"- overrides: {shown}",
+        f"- code: surgenet-ssl {prov.get('version', 'unknown')}, git commit {prov.get('git_commit') or 'unknown'}",
+        f"- final online k-NN: {knn_text}",
+        "",
+    ]
 
 
 def _epoch_of(path: Path) -> int:
@@ -218,9 +353,9 @@ def export_dino_checkpoint(
     out = Path(output_dir)
     paths = {"teacher_pth": out / f"{stem}_teacher.pth", "teacher_safetensors": out / f"{stem}_teacher.safetensors"}
     with atomic_path(paths["teacher_pth"]) as tmp:
-        torch.save(surgenet, tmp)
+        save_torch(surgenet, tmp)
     with atomic_path(paths["teacher_safetensors"]) as tmp:
-        save_file(teacher, str(tmp), metadata={"backbone": name, "naming": "timm", "epoch": str(epoch)})
+        save_safetensors(teacher, tmp, metadata={"backbone": name, "naming": "timm", "epoch": str(epoch)})
     log.info("exported teacher of a DINO checkpoint (%s) to %s", detected, out)
     return paths
 

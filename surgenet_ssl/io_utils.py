@@ -35,6 +35,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file (run config, wandb id) so that readers never see a part of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (checksums in manifests, model cards and download checks)."""
     h = hashlib.sha256()

@@ -1,4 +1,4 @@
-"""A CSV logger that survives resumes: a rerun in the same run dir appends to ``metrics.csv``.
+"""A CSV logger that survives resumes: a rerun in the same run dir appends to ``metrics.csv``; a quiet wandb logger.
 
 Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, so every resumed or requeued run (and
 every run that stops at start-up, e.g. a refused resume) would lose the log of what came before.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
@@ -34,3 +35,13 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's WandbLogger without the ``anonymous=None`` it always hands to ``wandb.init``: recent wandb warns
+    about any value ("The anonymous setting has no effect ..."), on every run's console."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)

@@ -14,6 +14,8 @@ import pytorch_lightning as pl
 import torch
 
 from surgenet_ssl.backbones import build_backbone
+from surgenet_ssl.cluster import PREEMPTION
+from surgenet_ssl.distributed import gather_from_ranks
 from surgenet_ssl.dino import (
     DINOHead,
     DINOLoss,
@@ -27,6 +29,7 @@ from surgenet_ssl.dino import (
 )
 from surgenet_ssl.dino.schedules import scaled_lr
 from surgenet_ssl.evaluation.diagnostics import collapse_diagnostics, collapse_warning
+from surgenet_ssl.performance import compile_with_fallback, performance_options, to_channels_last, use_fused_adamw
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +75,13 @@ class DINOModule(pl.LightningModule):
         dino: the ``dino`` recipe config group as a dict (see ``configs/dino/default.yaml``).
         batch_size: per-device batch size, used with world size and accumulation to scale the lr.
         diagnostics_every_n_steps: how often to log collapse diagnostics (0: never).
+        performance: the ``performance`` config group (compile, channels_last, fused_adamw, cudnn_benchmark).
     """
 
-    def __init__(self, backbone: dict, dino: dict, batch_size: int, diagnostics_every_n_steps: int = 50) -> None:
+    def __init__(
+        self, backbone: dict, dino: dict, batch_size: int, diagnostics_every_n_steps: int = 50,
+        performance: dict | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
         self.backbone_cfg, self.dino_cfg, self.batch_size = dict(backbone), dict(dino), batch_size
@@ -103,6 +110,28 @@ class DINOModule(pl.LightningModule):
         )
         self.schedules: dict[str, torch.Tensor] = {}
         self.global_batch = batch_size
+        # Per-step agreement between ranks (see _agree_to_continue) and RNG states to restore on resume.
+        self._nonfinite: torch.Tensor | None = None
+        self._bad_loss: torch.Tensor | None = None
+        self._bad_where: tuple[int, int, int] | None = None
+        self.stop_agreed = False
+        self._rng_to_restore: dict[str, Any] | None = None
+        self.performance = performance_options(performance)
+        if self.performance["channels_last"]:
+            self.student.to(memory_format=torch.channels_last)
+            self.teacher.to(memory_format=torch.channels_last)
+        self._compiled = False
+
+    def setup(self, stage: str) -> None:
+        """``performance.*`` that act on the process or compile the backbones (once, in every DDP process)."""
+        if self.performance["cudnn_benchmark"] and torch.backends.cudnn.is_available():
+            torch.backends.cudnn.benchmark = True
+        if self.performance["compile"] and not self._compiled:
+            mode = self.performance["compile_mode"]
+            kwargs = {"dynamic": False, **({"mode": mode} if mode else {})}  # two crop sizes: two static graphs
+            compile_with_fallback(self.student.backbone, "student backbone", **kwargs)
+            compile_with_fallback(self.teacher.backbone, "teacher backbone", **kwargs)
+            self._compiled = True
 
     # ----------------------------------------------------------------------------------------------------- setup
     def _steps_per_epoch(self) -> int:
@@ -148,12 +177,27 @@ class DINOModule(pl.LightningModule):
             self.peak_lr, len(self.schedules["lr"]),
         )  # fmt: skip
         betas = tuple(self.dino_cfg["optimizer"].get("betas", (0.9, 0.999)))
-        return torch.optim.AdamW(param_groups(self.student), lr=self.peak_lr, betas=betas)
+        fused = use_fused_adamw(self.performance["fused_adamw"], self.device, trainer.precision)
+        extra = {"fused": True} if fused else {}
+        return torch.optim.AdamW(param_groups(self.student), lr=self.peak_lr, betas=betas, **extra)
 
     # -------------------------------------------------------------------------------------------------- training
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """``data.augment_on=gpu``: the loader delivers uint8 ``frames``; make the multi-crops on the device."""
-        if isinstance(batch, dict) and "frames" in batch:
+        """Device side of the loader, after the (pinned, asynchronous) copy of uint8 data.
+
+        ``data.augment_on=gpu``: the loader delivers uint8 ``frames`` (+ ``frame_hw``); make the multi-crops here.
+        ``data.uint8_crops``: normalise the uint8 crops here. ``performance.channels_last``: NHWC crops.
+        """
+        if not isinstance(batch, dict):
+            return batch
+        channels_last = getattr(self, "performance", {}).get("channels_last", False)
+        crops = batch.get("crops")
+        if crops is not None and (channels_last or any(c.dtype == torch.uint8 for c in crops)):
+            from surgenet_ssl.data.gpu_augment import normalize_uint8
+
+            crops = [normalize_uint8(c) if c.dtype == torch.uint8 else c for c in crops]
+            batch = {**batch, "crops": [to_channels_last(c) for c in crops] if channels_last else crops}
+        if "frames" in batch:
             if getattr(self, "_gpu_augment", None) is None:
                 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 
@@ -162,8 +206,13 @@ class DINOModule(pl.LightningModule):
                                                  c["local_scale"], c["local_number"])  # fmt: skip
                 self._gpu_generator = torch.Generator(device=batch["frames"].device)  # different per rank
                 self._gpu_generator.manual_seed(torch.initial_seed() + 1_000_003 * (self.global_rank + 1))
+                saved = (self._rng_to_restore or {}).get("gpu_augment")
+                if saved is not None:  # resumed: continue the saved stream of crops
+                    self._gpu_generator.set_state(saved)
             batch = dict(batch)
-            batch["crops"] = self._gpu_augment(batch.pop("frames"), generator=self._gpu_generator)
+            frames, sizes = batch.pop("frames"), batch.pop("frame_hw", None)
+            crops = self._gpu_augment(frames, generator=self._gpu_generator, sizes=sizes)
+            batch["crops"] = [to_channels_last(c) for c in crops] if channels_last else crops
         return batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -174,12 +223,14 @@ class DINOModule(pl.LightningModule):
         student_out = self.student(crops)
         teacher_temp = self._scheduled("teacher_temp", step)
         loss = self.dino_loss(student_out, teacher_out, teacher_temp)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"DINO loss is {loss.item()} at optimizer step {step} (epoch {self.current_epoch}, batch {batch_idx}); "
-                "training stopped and the last good checkpoint is untouched. Usual fixes: lower dino.optimizer.base_lr, "
-                "use trainer.precision=bf16-mixed instead of 16-mixed, or a lower dino.optimizer.clip_grad."
-            )
+        # No host sync here: the flag is checked, together with the other ranks', before the optimizer step.
+        bad = ~torch.isfinite(loss.detach())
+        if self._nonfinite is None or self._nonfinite.device != bad.device:
+            self._nonfinite, self._bad_loss = bad.clone(), loss.detach().clone()
+        else:
+            self._bad_loss = torch.where(self._nonfinite, self._bad_loss, loss.detach())  # keep the first bad value
+            self._nonfinite |= bad
+        self._bad_where = self._bad_where or (step, self.current_epoch, batch_idx)
         bs = crops[0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/teacher_temp", teacher_temp, batch_size=bs)
@@ -203,11 +254,36 @@ class DINOModule(pl.LightningModule):
         if warning and self.current_epoch >= 1 and self.trainer.is_global_zero:
             log.warning("step %d: %s", self.global_step, warning)
 
+    def _agree_to_continue(self) -> None:
+        """All ranks agree, through one all-reduced flag, on whether a rank's loss was not finite (stop with the
+        message) or a preemption signal arrived (``stop_agreed``: save and stop after this step). This is the
+        one host sync per optimizer step; nothing is saved and no optimizer step is taken after a bad loss."""
+        device = self._nonfinite.device if self._nonfinite is not None else self.device
+        local_bad = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.bool, device=device)
+        flags = torch.stack([local_bad.float(), torch.full((), float(PREEMPTION.requested), device=device)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        any_bad, stop = flags.tolist()
+        if any_bad:
+            step, epoch, batch_idx = self._bad_where or (self.global_step, self.current_epoch, -1)
+            value = f"{self._bad_loss.item()}" if bool(local_bad) else "not finite on another rank"
+            raise FloatingPointError(
+                f"DINO loss is {value} at optimizer step {step} (epoch {epoch}, batch {batch_idx}); training stopped "
+                "on every rank and the last good checkpoint is untouched. Usual fixes: lower dino.optimizer.base_lr, "
+                "use trainer.precision=bf16-mixed instead of 16-mixed, or a lower dino.optimizer.clip_grad."
+            )
+        self.stop_agreed = bool(stop)
+        self._nonfinite, self._bad_where = None, None
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._agree_to_continue()
         # Runs after AMP unscaling, so the clip threshold applies to true gradient norms.
         clip = self.dino_cfg["optimizer"].get("clip_grad", 0.0)
         if clip:
-            clip_gradients_per_parameter(self.student, clip)
+            total_norm = clip_gradients_per_parameter(self.student, clip)  # a device tensor: no host sync here
+            every = self.trainer.log_every_n_steps
+            if every and (self.global_step + 1) % every == 0:  # the steps whose metrics Lightning writes out
+                self.log("train/grad_norm", total_norm, batch_size=self.batch_size)
         cancel_last_layer_gradients(self.student, self.current_epoch, self.dino_cfg["optimizer"]["freeze_last_layer"])
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -234,10 +310,54 @@ class DINOModule(pl.LightningModule):
             dataset.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict[str, Any]:
+        """This process' random state: drop-path masks (torch), anything numpy/random, the GPU augmentation."""
+        import random
+
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # Tensors and plain values only: Lightning loads checkpoints with weights_only=True.
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate(),
+                                 "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        generator = getattr(self, "_gpu_generator", None)
+        if generator is not None:
+            state["gpu_augment"] = generator.get_state()
+        return state
+
+    def _restore_rng_state(self, state: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+
+        torch.set_rng_state(state["torch"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["random"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["global_batch"] = self.global_batch  # with global_step: frames seen, for the model card
+        # Every rank's RNG state, so that a resumed run draws the same drop-path masks and GPU crops.
+        checkpoint["rng_states"] = gather_from_ranks(self._rng_state(), self.trainer.world_size)
+
+    def on_train_start(self) -> None:
+        # After the loader and everything else are set up: from here on the random stream must be the saved one.
+        if self._rng_to_restore is not None:
+            self._restore_rng_state(self._rng_to_restore)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states") or []
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if len(states) == world:
+            self._rng_to_restore = states[rank]
+        elif states:
+            log.warning("checkpoint written by %d ranks, resumed on %d: random streams restart (data order and weights "
+                        "are restored)", len(states), world)  # fmt: skip
         saved = checkpoint.get("hyper_parameters", {})
         current = {"backbone": self.backbone_cfg, "dino": self.dino_cfg}
         for key in RESUME_MUST_MATCH:
@@ -250,4 +370,6 @@ class DINOModule(pl.LightningModule):
 
     def teacher_backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The teacher backbone's weights in timm naming, detached on CPU (what the exporters write)."""
-        return {k: v.detach().cpu().clone() for k, v in self.teacher.backbone.state_dict().items()}
+        # contiguous: with performance.channels_last the weights are NHWC, which safetensors cannot write
+        return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                for k, v in self.teacher.backbone.state_dict().items()}  # fmt: skip

@@ -19,9 +19,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.callbacks import TeacherExport
+from surgenet_ssl.callbacks import PreemptionCheckpoint, TeacherExport
+from surgenet_ssl.callbacks.preemption import TrainingPreempted
+from surgenet_ssl.checkpointing import AtomicCheckpointIO, checkpoint_step, find_resume_checkpoint
+from surgenet_ssl.cluster import PREEMPTION, RunDirInUseError, RunDirLock, is_global_rank_zero
+from surgenet_ssl.io_utils import write_text_atomic
 from surgenet_ssl.datamodule import StreamingDataModule
 from surgenet_ssl.module import DINOModule
+from surgenet_ssl.resources import apply_torch_threads, auto_workers, usable_cpus
 
 log = logging.getLogger("surgenet_ssl.train")
 
@@ -51,26 +56,30 @@ def sweep_subdir(num: int, task_overrides, sweep_params, override_dirname: str) 
 
 OmegaConf.register_new_resolver("surgenet.auto_precision", auto_precision, replace=True)
 OmegaConf.register_new_resolver("surgenet.sweep_subdir", sweep_subdir, replace=True)
+OmegaConf.register_new_resolver("surgenet.auto_workers", auto_workers, replace=True)
+
+
+# Lightning warnings that are wrong or not ours to fix for this project; printed mid-progress-bar they break it.
+BENIGN_WARNINGS = (
+    # the GPU-augmentation hook lives on the module on purpose (it needs the crop config and the device)
+    r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
+    # MixtureStream gives each worker its own share of batches, so its len() is exact with any number of workers
+    r"Your `IterableDataset` has `__len__` defined",
+    # Lightning's own use of a torch pytree API that newer torch deprecates
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def silence_benign_warnings() -> None:
+    """Keep the console (and the progress bar) free of the warnings listed in ``BENIGN_WARNINGS``."""
+    import warnings
+
+    for pattern in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def _container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
-
-
-def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a rerun in the same run dir resumes from: the newest of the epoch/step checkpoints
-    (``checkpoints/*.ckpt``, ``last.ckpt`` included) and the SLURM preemption checkpoints (``hpc_ckpt_*.ckpt``).
-
-    Checkpoint writes are atomic, so the newest file is always complete.
-    """
-    candidates = list((run_dir / "checkpoints").glob("*.ckpt")) + list(run_dir.glob("hpc_ckpt_*.ckpt"))
-    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
-
-
-def checkpoint_step(path: Path) -> int:
-    """The optimizer step a checkpoint was written at (memory-mapped: only the small header is read)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(ckpt.get("global_step", 0))
 
 
 REQUIRED_HINTS = {
@@ -86,6 +95,41 @@ def check_required_values(cfg: DictConfig) -> None:
     if missing:
         hints = "; ".join(REQUIRED_HINTS.get(k, f"set {k}=...") for k in missing)
         raise ValueError(f"missing required config value(s): {', '.join(missing)}. {hints}")
+
+
+# Trainer kwargs that come from other config groups (logger/, callbacks/), not from trainer.*.
+_TRAINER_BUILT_ELSEWHERE = ("callbacks", "logger")
+
+
+def _closest(name: str, options) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean trainer.{match[0]}?" if match else ""
+
+
+def trainer_kwargs(trainer_cfg: DictConfig) -> dict:
+    """The ``trainer`` group as Trainer kwargs, checked against ``Trainer.__init__``: a misspelt key fails at once
+    with the closest valid name. A declared key this Lightning version does not know is dropped while it holds its
+    default (null), so the config works across the supported Lightning versions."""
+    import inspect
+
+    accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in trainer_cfg.items() if k != "_target_"}
+    for key in list(kwargs):
+        if key in _TRAINER_BUILT_ELSEWHERE:
+            raise ValueError(f"trainer.{key} cannot be set: it is built from the `{key}` config group "
+                             f"(e.g. {key}.<name>.*=...).")  # fmt: skip
+        if key not in accepted:
+            if kwargs[key] is None:
+                del kwargs[key]
+                continue
+            raise ValueError(
+                f"trainer.{key} is not a pytorch_lightning.Trainer argument (Lightning {pl.__version__}).{_closest(key, accepted)} "
+                "Every Trainer argument can be set as trainer.<argument>=value; see `python -m surgenet_ssl.train "
+                "--cfg job` for the declared ones."
+            )
+    return kwargs
 
 
 def check_devices(trainer_cfg: DictConfig) -> None:
@@ -107,6 +151,34 @@ def check_devices(trainer_cfg: DictConfig) -> None:
                 f"trainer.devices={devices} asks for more GPUs than the {available} visible here. "
                 f"Use trainer.devices={available} (or -1 for all)."
             )
+    check_cpu_processes(trainer_cfg)
+
+
+def check_cpu_processes(trainer_cfg: DictConfig) -> None:
+    """CPU training with ``trainer.devices=N`` starts N processes: more than the usable cores fails at once with the
+    fix (each process would get a fraction of a core), unless the DDP strategy was asked for explicitly."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.device_count() > 0):
+        return
+    devices = trainer_cfg.get("devices", "auto")
+    wanted = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else None
+    cores = usable_cpus()
+    if wanted is None or wanted <= 1 or wanted <= cores:
+        return
+    if str(trainer_cfg.get("strategy", "auto")) in DDP_STRATEGIES:
+        if _is_local_zero():
+            log.warning("trainer.devices=%d CPU processes on %d usable core(s): expect slow steps", wanted, cores)
+        return
+    raise ValueError(
+        f"trainer.devices={devices} asks for {wanted} CPU training processes but only {cores} CPU core(s) are usable "
+        f"here. Use trainer.devices={cores} (or fewer), or add trainer.strategy=ddp to run {wanted} processes on "
+        f"{cores} core(s) anyway (slow; for testing the DDP code path)."
+    )
+
+
+def _is_local_zero() -> bool:
+    """The first training process of this node (Lightning's DDP children have LOCAL_RANK, SLURM tasks SLURM_LOCALID)."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
 
 
 def _multi_gpu_auto(trainer_cfg: DictConfig) -> bool:
@@ -149,6 +221,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
             node.every_n_train_steps = None
             callbacks.append(hydra.utils.instantiate(steps))
         callbacks.append(hydra.utils.instantiate(node))
+    callbacks.append(PreemptionCheckpoint(run_dir / "checkpoints"))
     if cfg.export.enabled:
         callbacks.append(
             TeacherExport(run_dir / "export", cfg.dataset.name, _container(cfg), cfg.export.every_n_epochs)
@@ -157,14 +230,16 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """One wandb run id per run dir, so a resumed or requeued run continues the same wandb run."""
+    """One wandb run id per run dir, so a resumed or requeued run continues the same wandb run. Written by global
+    rank 0 only (the other ranks do not log to wandb)."""
     id_file = run_dir / "wandb_run_id.txt"
     if id_file.is_file():
         return id_file.read_text().strip()
     import secrets
 
     run_id = secrets.token_hex(4)
-    id_file.write_text(run_id)
+    if is_global_rank_zero():
+        write_text_atomic(id_file, run_id)
     return run_id
 
 
@@ -188,19 +263,41 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def run(cfg: DictConfig) -> tuple[Path, bool]:
-    """Train with a composed config; returns the export directory and whether this process is global rank 0."""
+    """Train with a composed config; returns the export directory and whether this process is global rank 0.
+
+    Raises :class:`TrainingPreempted` after the preemption checkpoint is written (the caller requeues).
+    """
+    # First, so that a preemption signal during start-up does not kill the process (the default action).
+    PREEMPTION.install(cfg.cluster.preemption_signals)
+    silence_benign_warnings()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_required_values(cfg)
+    kwargs = trainer_kwargs(cfg.trainer)
     check_devices(cfg.trainer)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    rank_zero = is_global_rank_zero()
+    lock = RunDirLock(run_dir) if rank_zero and cfg.cluster.lock_run_dir else None
+    if lock is not None:
+        lock.acquire()  # one training per run dir; released when this process ends, however it ends
+    try:
+        if rank_zero:
+            write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        return _train(cfg, run_dir, kwargs)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path, kwargs: dict) -> tuple[Path, bool]:
     pl.seed_everything(cfg.seed, workers=True)
+    apply_torch_threads(cfg.data.get("torch_threads"), int(cfg.data.num_workers), cfg.trainer, _is_local_zero())
 
     module = DINOModule(
         backbone=_container(cfg.backbone),
         dino=_container(cfg.dino),
         batch_size=cfg.data.batch_size,
         diagnostics_every_n_steps=cfg.monitor.diagnostics_every_n_steps,
+        performance=_container(cfg.get("performance")),
     )
     datamodule = StreamingDataModule(
         dataset=_container(cfg.dataset),
@@ -210,23 +307,43 @@ def run(cfg: DictConfig) -> tuple[Path, bool]:
         seed=cfg.seed,
     )
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
+        OmegaConf.create({"_target_": cfg.trainer._target_, **kwargs}),
         strategy=build_strategy(cfg),
         callbacks=build_callbacks(cfg, run_dir),
         logger=build_loggers(cfg, run_dir) or False,
+        plugins=build_plugins(kwargs.get("plugins")),
     )
-    ckpt = find_resume_checkpoint(run_dir)
+    ckpt = find_resume_checkpoint(run_dir, set_aside=is_global_rank_zero())
     if ckpt is not None:
         log.info("resumed from %s at step %d", ckpt, checkpoint_step(ckpt))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return run_dir / "export", trainer.is_global_zero
 
 
+def build_plugins(user_plugins) -> list:
+    """The user's ``trainer.plugins`` plus ours: atomic checkpoint writes in the destination directory, and on SLURM
+    the cluster environment without Lightning's own requeue handler (ours checkpoints outside the signal handler)."""
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    plugins = list(user_plugins) if isinstance(user_plugins, (list, tuple)) else [user_plugins] if user_plugins else []
+    if not any(hasattr(p, "save_checkpoint") for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    if SLURMEnvironment.detect() and not any(isinstance(p, SLURMEnvironment) for p in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         export_dir, is_global_zero = run(cfg)
-    except (FloatingPointError, ValueError, FileNotFoundError) as err:
+    except TrainingPreempted as stop:
+        # Every rank stopped at the same step after the checkpoint was written; rank 0 requeues the job.
+        if is_global_rank_zero():
+            outcome = PREEMPTION.requeue()
+            print(f"preempted at optimizer step {stop.step}: checkpoint {stop.checkpoint}; {outcome}", flush=True)
+        return
+    except (FloatingPointError, ValueError, FileNotFoundError, RunDirInUseError) as err:
         # Bad input and diverged runs end with their one clear message; the traceback goes to the log file.
         log.debug("traceback", exc_info=True)
         log.error("%s", err)

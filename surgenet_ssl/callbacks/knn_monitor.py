@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
+from surgenet_ssl.data.location import join
 from surgenet_ssl.data.shards import iter_shard
 from surgenet_ssl.evaluation import ImageFolderDataset, eval_transform, knn_accuracy, save_embedding_map
 
@@ -56,7 +58,7 @@ def frames_by_source(sources: list, max_per_class: int, transform) -> tuple[Labe
                 for shard in by_video[video]:
                     if kept >= quota or taken >= max_per_class:
                         break
-                    path = Path(source.directory) / shard["file"]
+                    path = join(source.directory, shard["file"])  # a local path or a URL
                     try:
                         for i, (_, sample) in enumerate(iter_shard(path, extensions=("jpg",))):
                             if kept >= quota or taken >= max_per_class:
@@ -67,7 +69,7 @@ def frames_by_source(sources: list, max_per_class: int, transform) -> tuple[Labe
                             target.labels.append(label)
                             target.videos.append(f"{source.name}/{video}")
                             kept, taken = kept + 1, taken + 1
-                    except (OSError, EOFError) as err:  # a damaged shard costs its frames, not the run
+                    except (OSError, EOFError, tarfile.TarError) as err:  # a damaged shard costs its frames only
                         log.warning("k-NN monitor: skipped unreadable shard %s (%s)", path, err)
     return memory, query, names
 
@@ -103,6 +105,16 @@ class KNNMonitor(pl.Callback):
         self.embedding_map, self.output_dir, self.batch_size = embedding_map, output_dir, batch_size
         self._sets: tuple[LabelledImages, LabelledImages, list[str]] | None = None
         self.last_result: dict[str, float] = {}
+        self.last_epoch: int | None = None
+
+    def state_dict(self) -> dict:
+        """The last result travels in checkpoints: the model card of an export (also a later one from the CLI)
+        reports the final online k-NN from it."""
+        return {"last_result": dict(self.last_result), "last_epoch": self.last_epoch} if self.last_result else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_result = dict(state_dict.get("last_result") or {})
+        self.last_epoch = state_dict.get("last_epoch")
 
     def _load_sets(self, trainer: pl.Trainer) -> tuple[LabelledImages, LabelledImages, list[str]] | None:
         if self._sets is None:
@@ -153,7 +165,7 @@ class KNNMonitor(pl.Callback):
         mem_y, qry_y = torch.tensor(memory.labels), torch.tensor(query.labels)
         top1, top5 = knn_accuracy(mem_f, mem_y, qry_f, qry_y, num_classes=len(classes), k=self.k,
                                   temperature=self.temperature)  # fmt: skip
-        self.last_result = {"knn/top1": top1, "knn/top5": top5}
+        self.last_result, self.last_epoch = {"knn/top1": top1, "knn/top5": top5}, epoch
         for logger in trainer.loggers:
             logger.log_metrics({**self.last_result, "epoch": epoch}, step=trainer.global_step)
         log.info("epoch %d: k-NN top-1 %.4f, top-5 %.4f (%d classes)", epoch, top1, top5, len(classes))

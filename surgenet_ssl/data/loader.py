@@ -13,25 +13,32 @@ Why it is built this way:
 - **Start-up reads manifests only** (one JSON per source); shards are opened lazily inside the workers.
 - **Bad data never stops training silently**: corrupt images, truncated or unreadable shards are skipped, logged
   with their path and counted in :attr:`MixtureStream.stats` (shared memory, summed over workers).
+- **Shards from anywhere**: sources may live at URLs (surgenet_ssl.data.location); remote shards are streamed
+  without a local copy, or kept in ``shard_cache_dir`` once read completely. A 404 is an unreadable shard and a
+  transfer cut mid-way a truncated one, exactly like a missing or truncated local file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from surgenet_ssl.cluster import ignore_preemption_signals_in_worker
+from surgenet_ssl.data import location as L
 from surgenet_ssl.data.mixture import ResolvedMixture, SourceSpec, resolve_mixture
 from surgenet_ssl.data.shards import iter_shard, keep_frame
 from surgenet_ssl.data.video import decode_rgb_image
+from surgenet_ssl.resources import limit_worker_threads
 
 __all__ = ["MixtureStream", "build_train_loader", "STAT_NAMES"]
 
@@ -73,9 +80,10 @@ class _SourceReader:
 
     def __init__(
         self, spec: SourceSpec, fraction: float, rng: np.random.Generator, counters: _Counters, where: str,
-        in_flight: int = 4,
+        in_flight: int = 4, cache_dir: str | None = None,
     ) -> None:  # fmt: skip
         self.spec, self.fraction, self.rng, self.counters, self.where = spec, fraction, rng, counters, where
+        self.cache_dir = cache_dir
         self.frames = np.array([max(0, int(s.get("frames", 0))) for s in spec.shards], dtype=np.float64)
         self.cum = np.cumsum(self.frames / self.frames.sum())
         self.reported: set[int] = set()  # shards already reported as damaged (log and count once)
@@ -92,7 +100,10 @@ class _SourceReader:
         shard = self.spec.shards[i]
         counts: dict[str, int] = {"keys": 0, "index": i}
         keep = self._keep if self.fraction < 1.0 else None
-        it = iter_shard(self.spec.directory / shard["file"], keep=keep, counts=counts)
+        it = iter_shard(
+            L.join(self.spec.directory, shard["file"]), keep=keep, counts=counts, cache_dir=self.cache_dir,
+            size=shard.get("bytes"), sha256=shard.get("sha256"),
+        )  # fmt: skip
         self.counters.add("shards_opened")
         self.open.append((it, shard, counts))
 
@@ -124,7 +135,7 @@ class _SourceReader:
                 self._open_one()
             j = int(self.rng.integers(len(self.open)))
             it, shard, counts = self.open[j]
-            path = self.spec.directory / shard["file"]
+            path = L.join(self.spec.directory, shard["file"])
             try:
                 key, sample = next(it)
                 self.delivered += 1
@@ -140,18 +151,20 @@ class _SourceReader:
                         "(truncated); re-create it with `python -m surgenet_ssl.prepare` (delete the shard and "
                         "its .state record first)", counts["index"],
                     )  # fmt: skip
-            except FileNotFoundError:
+            except FileNotFoundError as e:
                 self.open.pop(j)
-                self.problem("unreadable_shards", f"shard {path} of source {self.spec.name} is missing; skipped",
+                why = f" ({getattr(e, 'reason', e)})" if L.is_url(path) else ""  # e.g. an HTTP 404
+                self.problem("unreadable_shards", f"shard {path} of source {self.spec.name} is missing{why}; skipped",
                              counts["index"])  # fmt: skip
                 self._drop(counts["index"])
             except (tarfile.TarError, OSError, EOFError) as e:
                 self.open.pop(j)
                 readable = counts["keys"] > 1  # the key being read when it broke does not count
+                why = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"  # a remote read names its tool's error
                 self.problem(
                     "truncated_shards" if readable else "unreadable_shards",
                     f"shard {path} of source {self.spec.name} is damaged after {max(0, counts['keys'] - 1)} frames "
-                    f"({type(e).__name__}: {e}); " + ("using the frames before the damage" if readable else "skipped"),
+                    f"({why}); " + ("using the frames before the damage" if readable else "skipped"),
                     counts["index"],
                 )  # fmt: skip
                 if not readable:
@@ -187,6 +200,7 @@ class MixtureStream(IterableDataset):
         steps_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
         shards_in_flight: int = 4,
+        shard_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -198,6 +212,7 @@ class MixtureStream(IterableDataset):
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer = max(0, int(shuffle_buffer))
         self.shards_in_flight = shards_in_flight
+        self.shard_cache_dir = str(Path(shard_cache_dir).expanduser()) if shard_cache_dir else None
         self.sources: list[str] = [s.name for s in mixture.sources]
         self.frames_per_source: dict[str, int] = {s.name: s.expected_frames for s in mixture.sources}
         self.weights: dict[str, float] = {s.name: s.weight for s in mixture.sources}
@@ -208,19 +223,37 @@ class MixtureStream(IterableDataset):
         if int(steps_per_epoch) < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.steps_per_epoch = int(steps_per_epoch)
-        self.epoch = 0
+        # In shared memory, so persistent workers (which keep their copy of this object) see set_epoch too.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._epoch_explicit = False
         self._iterations = 0
+        # Where a resumed run continues: {"epoch", "batches", "num_workers", "workers": {w: [batches, samples]}}.
+        self.resume_position: dict[str, Any] | None = None
         self._counters = _Counters()
 
     # ---------------------------------------------------------------------------------------------- public API
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(int(value))
+
     def set_epoch(self, epoch: int) -> None:
         """Reseed shuffling for ``epoch`` (call in the main process before iterating; workers see it)."""
         self.epoch = int(epoch)
         self._epoch_explicit = True
+
+    def resume_at(self, position: Mapping[str, Any] | None) -> None:
+        """Continue the stream where an interrupted run stood (a position from :class:`StreamPosition`): the next
+        iteration of that epoch yields exactly the batches, in the order, that the interrupted run had not used."""
+        self.resume_position = dict(position) if position else None
+        if position:
+            self.set_epoch(int(position["epoch"]))
 
     @property
     def stats(self) -> dict[str, int]:
@@ -236,90 +269,161 @@ class MixtureStream(IterableDataset):
         )
 
     # ---------------------------------------------------------------------------------------------- iteration
-    def _batches_for_worker(self, worker: int, num_workers: int) -> int:
-        base, extra = divmod(self.steps_per_epoch, num_workers)
-        return base + (1 if worker < extra else 0)
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        self._counters.slot = worker % _STAT_SLOTS
-        seq = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, 0x5D6E])
-        rng = np.random.default_rng(seq)
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
+        resume = self.resume_position if (self.resume_position or {}).get("epoch") == epoch else None
+        plan = worker_plan(self.steps_per_epoch, num_workers, physical, resume)
         if info is not None:
-            # Augmentations (torch/random/numpy RNGs) differ per rank and worker and repeat with the seed. Only in
-            # worker processes: with num_workers=0 the training process' RNG state is not ours to reset.
-            aug_seed = int(seq.generate_state(1, dtype=np.uint32)[0])
-            torch.manual_seed(aug_seed)
-            random.seed(aug_seed)
-            np.random.seed(aug_seed)
+            limit_worker_threads()  # each worker is one of the process' cores: no torch/OpenCV thread pools
+        return self._batches(epoch, plan, main_process=info is None)
+
+    def _batches(self, epoch: int, plan: WorkerPlan, main_process: bool) -> Iterator[dict[str, Any]]:
+        worker = plan.worker
+        self._counters.slot = worker % _STAT_SLOTS
+        seq = np.random.SeedSequence([self.seed, epoch, self.rank, worker, 0x5D6E])
+        rng = np.random.default_rng(seq)
         where = f"rank {self.rank} worker {worker}"
         readers = [
             _SourceReader(s, self.mixture.fraction, np.random.default_rng(seq.spawn(1)[0]), self._counters,
-                          where, self.shards_in_flight)
+                          where, self.shards_in_flight, self.shard_cache_dir)
             for s in self.mixture.sources
         ]  # fmt: skip
-        cum = np.cumsum([s.weight for s in self.mixture.sources])
-        cum /= cum[-1]
+        stream = shuffle_buffer(sample_stream(readers, [s.weight for s in self.mixture.sources], rng),
+                                self.shuffle_buffer, rng)  # fmt: skip
+        raw = 0
+        for _ in range(plan.skip_samples):  # resume: replay the stream up to where the interrupted run stood
+            next(stream)
+            raw += 1
+        for index in range(plan.first_batch, plan.batches):
+            # Augmentation randomness is seeded per batch from (seed, epoch, rank, worker, batch): a resumed run makes
+            # the same crops without replaying the ones before. In the training process (num_workers=0) the global
+            # random state is put back afterwards: it is not the loader's.
+            batch_seed = int(np.random.SeedSequence([self.seed, epoch, self.rank, worker, index, 0xA06]).generate_state(1)[0])
+            with _seeded_randomness(batch_seed, restore=main_process):
+                batch, used = self._make_batch(stream, readers)
+            raw += used
+            batch["position"] = torch.tensor([epoch, worker, index + 1, raw], dtype=torch.long)
+            yield batch
 
-        def raw_stream() -> Iterator[tuple[int, str, bytes]]:
-            while True:
-                i = min(int(np.searchsorted(cum, rng.random(), side="right")), len(readers) - 1)
-                key, sample = readers[i].next()
-                if "jpg" not in sample:
-                    readers[i].problem("corrupt_images", f"sample {key} has no .jpg member; skipped")
-                    continue
-                yield i, f"{readers[i].spec.name}/{key}", sample["jpg"]
-
-        def shuffled() -> Iterator[tuple[int, str, bytes]]:
-            stream = raw_stream()
-            if self.shuffle_buffer <= 1:
-                yield from stream
-                return
-            buf: list[tuple[int, str, bytes]] = []
-            for item in stream:
-                if len(buf) < self.shuffle_buffer:
-                    buf.append(item)
-                    continue
-                j = int(rng.integers(len(buf)))
-                buf[j], item = item, buf[j]
-                yield item
-
-        stream = shuffled()
+    def _make_batch(self, stream: Iterator[tuple[int, str, bytes]], readers: list[_SourceReader]) -> tuple[dict[str, Any], int]:
+        """One batch from the stream; returns it and the number of stream items it used (corrupt ones included)."""
         # Transforms may decode themselves (e.g. reduced-size JPEG decoding) and report conversions/upscales.
         decode = getattr(self.transform, "decode", decode_rgb_image)
         consume_events = getattr(self.transform, "consume_events", None)
         batch_key = getattr(self.transform, "batch_key", "crops")  # "frames": uint8 frames for GPU augmentation
-        for _ in range(self._batches_for_worker(worker, num_workers)):
-            crops_per_sample: list[list[torch.Tensor]] = []
-            labels: list[int] = []
-            keys: list[str] = []
-            while len(keys) < self.batch_size:
-                i, key, jpg = next(stream)
-                try:
-                    img = decode(jpg)
-                except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data
-                    readers[i].problem("corrupt_images", f"corrupt image {key} ({type(e).__name__}: {e}); skipped")
-                    continue
-                try:
-                    out = self.transform(img)
-                except Exception as e:  # a bug in the transform, not bad data: fail loudly, naming the frame
-                    size = img.size if hasattr(img, "mode") else getattr(img, "shape", "?")
-                    raise RuntimeError(f"transform failed on frame {key} (size {size}): {e}") from e
-                if consume_events is not None:
-                    for name, n in consume_events().items():
-                        self._counters.add(name, n)
-                crops_per_sample.append(list(out) if isinstance(out, (list, tuple)) else [out])
-                labels.append(i)
-                keys.append(key)
-            n_crops = {len(c) for c in crops_per_sample}
-            if len(n_crops) != 1:
-                raise RuntimeError(f"transform returned different numbers of crops in one batch: {sorted(n_crops)}")
-            crops = [torch.stack([c[k] for c in crops_per_sample]) for k in range(n_crops.pop())]
-            self._counters.add("samples", len(keys))
-            self._counters.add("batches")
-            batch: dict[str, Any] = {"crops": crops} if batch_key == "crops" else {batch_key: crops[0]}
-            yield {**batch, "source": torch.tensor(labels, dtype=torch.long), "key": keys}
+        crops_per_sample: list[list[torch.Tensor]] = []
+        labels: list[int] = []
+        keys: list[str] = []
+        used = 0
+        while len(keys) < self.batch_size:
+            i, key, jpg = next(stream)
+            used += 1
+            try:
+                img = decode(jpg)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data
+                readers[i].problem("corrupt_images", f"corrupt image {key} ({type(e).__name__}: {e}); skipped")
+                continue
+            try:
+                out = self.transform(img)
+            except Exception as e:  # a bug in the transform, not bad data: fail loudly, naming the frame
+                size = img.size if hasattr(img, "mode") else getattr(img, "shape", "?")
+                raise RuntimeError(f"transform failed on frame {key} (size {size}): {e}") from e
+            if consume_events is not None:
+                for name, n in consume_events().items():
+                    self._counters.add(name, n)
+            crops_per_sample.append(list(out) if isinstance(out, (list, tuple)) else [out])
+            labels.append(i)
+            keys.append(key)
+        n_crops = {len(c) for c in crops_per_sample}
+        if len(n_crops) != 1:
+            raise RuntimeError(f"transform returned different numbers of crops in one batch: {sorted(n_crops)}")
+        crops = [torch.stack([c[k] for c in crops_per_sample]) for k in range(n_crops.pop())]
+        self._counters.add("samples", len(keys))
+        self._counters.add("batches")
+        keys_out = getattr(self.transform, "batch_keys", (batch_key,))  # GPU mode: ("frames", "frame_hw")
+        batch: dict[str, Any] = {"crops": crops} if batch_key == "crops" else dict(zip(keys_out, crops))
+        return {**batch, "source": torch.tensor(labels, dtype=torch.long), "key": keys}, used
+
+
+# ------------------------------------------------------------------------------------------- stream building blocks
+def sample_stream(readers: list[_SourceReader], weights: list[float], rng: np.random.Generator
+                  ) -> Iterator[tuple[int, str, bytes]]:  # fmt: skip
+    """Endless ``(source index, "source/key", jpeg bytes)``: a source drawn by weight, then its next sample."""
+    cum = np.cumsum(weights)
+    cum /= cum[-1]
+    while True:
+        i = min(int(np.searchsorted(cum, rng.random(), side="right")), len(readers) - 1)
+        key, sample = readers[i].next()
+        if "jpg" not in sample:
+            readers[i].problem("corrupt_images", f"sample {key} has no .jpg member; skipped")
+            continue
+        yield i, f"{readers[i].spec.name}/{key}", sample["jpg"]
+
+
+def shuffle_buffer(stream: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Shuffle an endless stream through a buffer of ``size`` items (raw bytes: decoding happens after it)."""
+    if size <= 1:
+        yield from stream
+        return
+    buf: list[Any] = []
+    for item in stream:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(len(buf)))
+        buf[j], item = item, buf[j]
+        yield item
+
+
+class WorkerPlan(NamedTuple):
+    """What one loader worker produces in an epoch: ``batches`` in all, starting at ``first_batch`` after replaying
+    ``skip_samples`` stream items (a resumed epoch), as logical worker ``worker``."""
+
+    worker: int
+    batches: int
+    first_batch: int = 0
+    skip_samples: int = 0
+
+
+def batches_for_worker(steps: int, num_workers: int, worker: int) -> int:
+    """Worker ``worker``'s share of an epoch's batches; the DataLoader takes them round-robin."""
+    base, extra = divmod(steps, num_workers)
+    return base + (1 if worker < extra else 0)
+
+
+def worker_plan(steps: int, num_workers: int, physical: int, resume: Mapping[str, Any] | None) -> WorkerPlan:
+    """The plan of physical worker ``physical``. Resuming after ``resume["batches"]`` batches, the DataLoader asks
+    physical worker 0 first, while the uninterrupted run would ask logical worker ``batches % num_workers`` next:
+    rotating the worker ids by that much makes the resumed order the uninterrupted one."""
+    if not resume:
+        return WorkerPlan(physical, batches_for_worker(steps, num_workers, physical))
+    done = int(resume.get("batches", 0))
+    worker = (physical + done) % num_workers
+    total = batches_for_worker(steps, num_workers, worker)
+    state = (resume.get("workers") or {}).get(worker) or (resume.get("workers") or {}).get(str(worker))
+    if state is not None and int(resume.get("num_workers", -1)) == num_workers:
+        return WorkerPlan(worker, total, first_batch=int(state[0]), skip_samples=int(state[1]))
+    # The worker layout changed (another num_workers): continue the epoch's length, not its exact order.
+    consumed = done // num_workers + (1 if worker < done % num_workers else 0)
+    return WorkerPlan(worker, total, first_batch=min(total, consumed), skip_samples=0)
+
+
+@contextlib.contextmanager
+def _seeded_randomness(seed: int, restore: bool) -> Iterator[None]:
+    """torch / numpy / random seeded with ``seed`` inside the block; with ``restore`` their state is put back."""
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if restore else None
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
 
 
 class _EpochLoader(DataLoader):
@@ -327,12 +431,25 @@ class _EpochLoader(DataLoader):
 
     def __iter__(self):  # type: ignore[override]
         ds = self.dataset
-        if isinstance(ds, MixtureStream):
-            if not ds._epoch_explicit and ds._iterations > 0:
-                ds.epoch += 1
-            ds._epoch_explicit = False
-            ds._iterations += 1
-        return super().__iter__()
+        if not isinstance(ds, MixtureStream):
+            return super().__iter__()
+        if not ds._epoch_explicit and ds._iterations > 0:
+            ds.epoch += 1
+        ds._epoch_explicit = False
+        ds._iterations += 1
+        if ds.resume_position is not None and int(ds.resume_position["epoch"]) != ds.epoch:
+            ds.resume_position = None
+        iterator = super().__iter__()  # workers (or the in-process iterator) took the resume position
+        ds.resume_position = None  # later epochs start from their beginning
+        return iterator
+
+    # Lightning treats a loader with state_dict/load_state_dict as resumable mid-epoch. The position itself is kept
+    # by the data module (StreamPosition: what the training loop consumed, not what the workers prefetched).
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def build_train_loader(
@@ -350,6 +467,9 @@ def build_train_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     epoch: int | None = None,
+    shard_cache_dir: str | Path | None = None,
+    persistent_workers: bool = False,
+    resume_position: Mapping[str, Any] | None = None,
 ) -> DataLoader:
     """The training DataLoader of a ``dataset`` config (see surgenet_ssl.data.mixture for the schema).
 
@@ -357,25 +477,38 @@ def build_train_loader(
     every missing source unless ``dataset.allow_missing`` is true. ``len(loader)`` = steps per epoch (identical on
     every rank). ``loader.dataset`` is the :class:`MixtureStream` (``sources``, ``frames_per_source``,
     ``steps_per_epoch``, ``stats``, ``set_epoch``). ``epoch`` seeds the first iteration (pass the resumed epoch:
-    Lightning creates the first iterator before ``on_train_epoch_start``).
+    Lightning creates the first iterator before ``on_train_epoch_start``). ``shard_cache_dir``: keep remote shards
+    there once read completely (null: stream them, no local copy); local shards are always read in place.
+    ``pin_memory`` (for CUDA training: page-locked batches, asynchronous copies), ``persistent_workers`` (workers
+    kept between epochs; the epoch still reseeds them) and ``prefetch_factor`` are passed to the DataLoader.
     """
     mixture = resolve_mixture(dataset_cfg, data_root)
     stream = MixtureStream(
         mixture, transform, batch_size, rank=rank, world_size=world_size, seed=seed,
         steps_per_epoch=steps_per_epoch, shuffle_buffer=shuffle_buffer, shards_in_flight=shards_in_flight,
+        shard_cache_dir=shard_cache_dir,
     )  # fmt: skip
     if epoch is not None:
         stream.set_epoch(epoch)
     if rank == 0:
         log.info("%s", stream.describe())
+        remote = [f"{s.name} ({s.directory})" for s in mixture.sources if L.is_url(s.directory)]
+        if remote:
+            cache = f"cached in {stream.shard_cache_dir}" if stream.shard_cache_dir else "streamed, no local copy"
+            log.info("remote sources, shards %s: %s", cache, ", ".join(remote))
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     kwargs: dict[str, Any] = {}
     if num_workers > 0 and prefetch_factor is not None:
         kwargs["prefetch_factor"] = prefetch_factor
+    if resume_position:
+        stream.resume_at(resume_position)
     return _EpochLoader(
-        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, **kwargs
-    )
+        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        worker_init_fn=ignore_preemption_signals_in_worker if num_workers > 0 else None,
+        generator=torch.Generator(),  # iterators draw their base seed here, not from the training process' RNG
+        persistent_workers=bool(persistent_workers) and num_workers > 0, **kwargs,
+    )  # fmt: skip
 
 
 def read_sample_metadata(sample: Mapping[str, bytes]) -> dict[str, Any]:

@@ -14,6 +14,10 @@ Config schema (configs/dataset/*.yaml)::
 
 ``sources: null`` means "every prepared source found under ``path``/``root``" (used by custom and demo).
 Start-up cost is one JSON file per source, independent of the number of frames.
+
+``root``, ``path`` and per-source ``path`` may be URLs (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see
+surgenet_ssl.data.location). A remote folder cannot be listed, so with ``sources: null`` a URL must hold a
+manifest.json itself: one prepared source, or a collection manifest naming its sources.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgenet_ssl.data import location as L
 from surgenet_ssl.data import shards as S
 from surgenet_ssl.data.sources import SOURCES, canonical_source_name
 
@@ -43,7 +48,7 @@ class SourceSpec:
     """A prepared source ready for streaming: its shards (relative to ``directory``) and frame counts."""
 
     name: str
-    directory: Path
+    directory: L.Location  # a local Path or a URL string
     shards: list[dict[str, Any]]
     frames: int  # frames listed in the manifest
     expected_frames: int  # after the mixture's fraction (what an epoch counts)
@@ -54,7 +59,7 @@ class SourceSpec:
 @dataclass
 class MissingSource:
     name: str
-    expected: Path
+    expected: L.Location
     problem: str  # "not prepared", "prepare not finished", ...
     hint: str
 
@@ -85,7 +90,7 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
-def _prepare_hint(name: str, directory: Path) -> str:
+def _prepare_hint(name: str, directory: L.Location) -> str:
     src = SOURCES.get(canonical_source_name(name) or "")
     what = src.display if src else name
     kind = "videos or frame folders"
@@ -93,23 +98,41 @@ def _prepare_hint(name: str, directory: Path) -> str:
         kind = "videos" if src.distributed_as == "video" else "frame/image folders"
         if not src.public:
             kind += "; private dataset, available at its owner's site only"
-    hint = f"python -m surgenet_ssl.prepare source={name} input=/path/to/{what.split()[0]} output={directory}"
+    output = f"/path/to/prepared/{name}" if L.is_url(directory) else directory
+    hint = f"python -m surgenet_ssl.prepare source={name} input=/path/to/{what.split()[0]} output={output}"
+    if L.is_url(directory):
+        hint += f", then upload that directory to {directory}"
     return f"{hint}   ({what}: {kind})"
 
 
-def check_source_dir(name: str, directory: Path) -> tuple[dict[str, Any] | None, MissingSource | None]:
-    """Load a source manifest, or describe why it cannot be used."""
-    manifest_path = directory / S.MANIFEST_NAME
+def check_source_dir(name: str, directory: L.Location) -> tuple[dict[str, Any] | None, MissingSource | None]:
+    """Load a source manifest (local or remote), or describe why it cannot be used."""
+    manifest_path = L.join(directory, S.MANIFEST_NAME)
     hint = _prepare_hint(name, directory)
-    if not directory.exists():
-        return None, MissingSource(name, manifest_path, "not prepared (directory missing)", hint)
-    try:
-        manifest = S.read_manifest(directory)
-    except S.ManifestError as e:
-        problem = "not prepared (no manifest.json)" if not manifest_path.exists() else f"unusable manifest: {e}"
-        if not manifest_path.exists() and (directory / ".state").is_dir():
-            problem = "prepare was interrupted before writing its manifest; rerun the same prepare command"
-        return None, MissingSource(name, manifest_path, problem, hint)
+    if L.is_url(directory):
+        try:
+            manifest = S.read_manifest(directory)
+        except S.ManifestError as e:
+            cause = e.__cause__
+            if isinstance(cause, FileNotFoundError):
+                problem = f"not prepared (no manifest.json at {manifest_path}: {getattr(cause, 'reason', cause)})"
+            elif isinstance(cause, OSError):
+                problem = f"cannot read {manifest_path} ({getattr(cause, 'reason', cause)})"
+            else:
+                problem = f"unusable manifest: {e}"
+            return None, MissingSource(name, manifest_path, problem, hint)
+    else:
+        directory = Path(directory)
+        manifest_path = directory / S.MANIFEST_NAME
+        if not directory.exists():
+            return None, MissingSource(name, manifest_path, "not prepared (directory missing)", hint)
+        try:
+            manifest = S.read_manifest(directory)
+        except S.ManifestError as e:
+            problem = "not prepared (no manifest.json)" if not manifest_path.exists() else f"unusable manifest: {e}"
+            if not manifest_path.exists() and (directory / ".state").is_dir():
+                problem = "prepare was interrupted before writing its manifest; rerun the same prepare command"
+            return None, MissingSource(name, manifest_path, problem, hint)
     if manifest.get("format") != S.MANIFEST_FORMAT:
         return None, MissingSource(name, manifest_path, "is a collection of sources, not one source", hint)
     if not manifest.get("complete", False):
@@ -126,19 +149,20 @@ def check_source_dir(name: str, directory: Path) -> tuple[dict[str, Any] | None,
     return manifest, None
 
 
-def _discover(base: Path) -> dict[str, Path]:
-    """Prepared sources under ``base``: itself, a collection manifest's members, or subfolders with manifests."""
+def _discover(base: L.Location) -> tuple[dict[str, L.Location], str | None]:
+    """Prepared sources under ``base``: itself, a collection manifest's members, or subfolders with manifests
+    (local only: a remote folder cannot be listed). Also returns why ``base``'s own manifest could not be read."""
     try:
-        manifest = S.read_manifest(base)
-    except S.ManifestError:
-        manifest = None
+        manifest, why = S.read_manifest(base), None
+    except S.ManifestError as e:
+        manifest, why = None, str(e)
     if manifest is not None and manifest.get("format") == S.MANIFEST_FORMAT:
-        return {str(manifest.get("source") or base.name): base}
+        return {str(manifest.get("source") or L.basename(base)): base}, None
     if manifest is not None:  # collection
-        return {name: base / rel for name, rel in manifest.get("sources", {}).items()}
-    if base.is_dir():
-        return {p.name: p for p in sorted(base.iterdir()) if (p / S.MANIFEST_NAME).is_file()}
-    return {}
+        return {name: L.join(base, rel) for name, rel in manifest.get("sources", {}).items()}, None
+    if not L.is_url(base) and Path(base).is_dir():
+        return {p.name: p for p in sorted(Path(base).iterdir()) if (p / S.MANIFEST_NAME).is_file()}, why
+    return {}, why
 
 
 def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> ResolvedMixture:
@@ -166,17 +190,17 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
             raise ValueError(f"dataset.generate must be 'demo' or null, got {cfg['generate']!r}")
         from surgenet_ssl.data.demo import ensure_demo_dataset
 
-        base = ensure_demo_dataset(cfg.get("root") or data_root)
+        base: L.Location = ensure_demo_dataset(cfg.get("root") or data_root)
     elif cfg.get("path"):
-        base = Path(str(cfg["path"])).expanduser()
+        base = L.as_location(str(cfg["path"]))
     else:
-        base = Path(str(cfg.get("root") or data_root)).expanduser()
+        base = L.as_location(str(cfg.get("root") or data_root))
 
     entries = cfg.get("sources")
     if not entries:
-        found = _discover(base)
+        found, why = _discover(base)
         if not found:
-            raise MissingSourcesError(_no_sources_message(base))
+            raise MissingSourcesError(_no_sources_message(base, why))
         entries = {n: None for n in found}
         dirs = found
     else:
@@ -185,7 +209,7 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
         dirs = {}
         for n, entry in entries.items():
             path = entry.get("path") if isinstance(entry, Mapping) else None
-            dirs[n] = Path(str(path)).expanduser() if path else base / n
+            dirs[n] = L.as_location(str(path)) if path else L.join(base, n)
 
     weights: dict[str, float | None] = {}
     for n, entry in entries.items():
@@ -238,7 +262,14 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
     return ResolvedMixture(name=name, fraction=fraction, sources=present, missing=missing)
 
 
-def _no_sources_message(base: Path) -> str:
+def _no_sources_message(base: L.Location, why: str | None = None) -> str:
+    if L.is_url(base):
+        return (
+            f"No prepared source found at {base}: {why or 'no manifest.json'}. A remote dataset.path (or root) must "
+            "hold a manifest.json: one prepared source, or a collection manifest listing its sources (remote folders "
+            "cannot be listed). Check the URL, or name the sources with dataset.sources."
+        )
+    base = Path(base)
     msg = f"No prepared source (manifest.json) found in {base}."
     if base.is_dir():
         from surgenet_ssl.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
@@ -254,7 +285,7 @@ def _no_sources_message(base: Path) -> str:
     return msg
 
 
-def _missing_message(name: str, base: Path, missing: list[MissingSource], n_total: int, any_present: bool) -> str:
+def _missing_message(name: str, base: L.Location, missing: list[MissingSource], n_total: int, any_present: bool) -> str:
     lines = [f"dataset={name}: {len(missing)} of {n_total} sources cannot be used (looked under {base}):"]
     for m in missing:
         lines.append(f"  - {m.name}: {m.problem}")

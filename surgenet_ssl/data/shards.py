@@ -6,6 +6,9 @@ Layout of one prepared source directory::
     <data_root>/<source>/shards/<video>-00000.tar   WebDataset tar: <key>.jpg + <key>.json per frame
     <data_root>/<source>/.state/<video>.json     per-video completion records (resumability; not read by the loader)
 
+The loader also reads such a directory from a URL (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see
+surgenet_ssl.data.location): the manifest and the shards, never ``.state``.
+
 Why these choices:
 - Shards are written under a temporary name and renamed only when complete, and the manifest lists only shards
   of finished videos, so a killed prepare never exposes a partial shard.
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgenet_ssl.data import location as L
 from surgenet_ssl.io_utils import atomic_path, sha256_file
 
 __all__ = [
@@ -198,6 +202,9 @@ def iter_shard(
     keep: Any = None,
     extensions: tuple[str, ...] = ("jpg", "json"),
     counts: dict[str, int] | None = None,
+    cache_dir: str | Path | None = None,
+    size: int | None = None,
+    sha256: str | None = None,
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {ext: bytes})`` samples of one tar shard in file order.
 
@@ -206,40 +213,66 @@ def iter_shard(
     the caller can compare it with the manifest: Python's tarfile ends *silently* when a tar is cut at a member
     boundary. Raises ``tarfile.ReadError``/``OSError``/``EOFError`` on a truncated or corrupt tar *after* yielding
     the samples before the damage (the caller counts and logs it).
+
+    ``path`` may be a URL (see :mod:`surgenet_ssl.data.location`): the shard is streamed (skipped members are
+    read and dropped), a 404 raises ``FileNotFoundError`` and a cut transfer ``OSError`` after the samples before
+    the cut. With ``cache_dir`` a
+    completely read remote shard is kept there (checked against ``size``/``sha256``) and later reads use the copy.
     """
     counts = counts if counts is not None else {}
     counts.setdefault("keys", 0)
-    with tarfile.open(path, "r:") as tar:
-        key: str | None = None
-        sample: dict[str, bytes] = {}
-        skip_key: str | None = None
-        while True:
-            info = tar.next()
-            if info is None:
-                break
-            if not info.isfile():
+    if not L.is_url(path):
+        with tarfile.open(path, "r:") as tar:
+            yield from _iter_tar(tar, keep, extensions, counts)
+        return
+    url = str(path)
+    cached = L.cache_file(cache_dir, url, sha256) if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        with tarfile.open(cached, "r:") as tar:
+            yield from _iter_tar(tar, keep, extensions, counts)
+        return
+    stream = L.RemoteStream(url, tee_to=cached, size=size, sha256=sha256)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[arg-type] # a read()-only stream
+            yield from _iter_tar(tar, keep, extensions, counts)
+        stream.finish()  # the tar padding, the tool's exit status, and the cached copy
+    finally:
+        stream.close()
+
+
+def _iter_tar(
+    tar: tarfile.TarFile, keep: Any, extensions: tuple[str, ...], counts: dict[str, int]
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    key: str | None = None
+    sample: dict[str, bytes] = {}
+    skip_key: str | None = None
+    while True:
+        info = tar.next()
+        if info is None:
+            break
+        if not info.isfile():
+            continue
+        k, ext = _split_name(info.name)
+        if k == skip_key:
+            continue
+        if k != key:
+            if key is not None and sample:
+                yield key, sample
+            key, sample = k, {}
+            counts["keys"] += 1
+            if keep is not None and not keep(k):
+                skip_key, key = k, None
                 continue
-            k, ext = _split_name(info.name)
-            if k == skip_key:
-                continue
-            if k != key:
-                if key is not None and sample:
-                    yield key, sample
-                key, sample = k, {}
-                counts["keys"] += 1
-                if keep is not None and not keep(k):
-                    skip_key, key = k, None
-                    continue
-                skip_key = None
-            if ext in extensions:
-                f = tar.extractfile(info)
-                assert f is not None
-                data = f.read()
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"unexpected end of data in member {info.name}")
-                sample[ext] = data
-        if key is not None and sample:
-            yield key, sample
+            skip_key = None
+        if ext in extensions:
+            f = tar.extractfile(info)
+            assert f is not None
+            data = f.read()
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"unexpected end of data in member {info.name}")
+            sample[ext] = data
+    if key is not None and sample:
+        yield key, sample
 
 
 # -------------------------------------------------------------------------------------------------------- manifest
@@ -249,7 +282,27 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """Load and validate ``<directory>/manifest.json`` (a source manifest or a collection of sources)."""
+    """Load and validate ``<directory>/manifest.json`` (a source manifest or a collection of sources).
+
+    ``directory`` may be a URL; a remote manifest that cannot be fetched raises :class:`ManifestError` whose
+    ``__cause__`` is the ``FileNotFoundError`` (404, missing object) or ``OSError`` of the transfer.
+    """
+    if L.is_url(directory):
+        url = str(L.join(directory, MANIFEST_NAME))
+        try:
+            text = L.read_bytes(url).decode("utf-8", errors="replace")
+        except FileNotFoundError as e:
+            raise ManifestError(f"No {MANIFEST_NAME} at {url} ({getattr(e, 'reason', e)})") from e
+        except OSError as e:
+            raise ManifestError(f"Cannot read {url} ({getattr(e, 'reason', e)})") from e
+        try:
+            manifest = json.loads(text)
+        except ValueError as e:
+            raise ManifestError(
+                f"{url} is not a JSON manifest ({e}); check that the URL serves the manifest.json written by "
+                "`python -m surgenet_ssl.prepare`."
+            ) from e
+        return _check_manifest(manifest, url)
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"No {MANIFEST_NAME} in {directory}")
@@ -260,6 +313,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"Cannot read {path}: {e}. The file is damaged; rerun `python -m surgenet_ssl.prepare` for this source "
             "(finished videos are kept and the manifest is rebuilt)."
         ) from e
+    return _check_manifest(manifest, path)
+
+
+def _check_manifest(manifest: Any, path: str | Path) -> dict[str, Any]:
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt not in (MANIFEST_FORMAT, COLLECTION_FORMAT):
         raise ManifestError(f"{path} is not a surgenet-ssl manifest (format={fmt!r}, expected {MANIFEST_FORMAT!r}).")

@@ -9,8 +9,13 @@ mid-way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,16 +83,56 @@ def sampling_step(video_fps: float, fps: float | None) -> int:
     return max(1, int(round(video_fps / fps)))
 
 
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[list[str]]:
+    """Capture what native code writes to file descriptor 2 meanwhile (the lines are in the yielded list after).
+
+    Why: decord's C++ reader prints "video_reader.cc:83: ERROR opening: ..." straight to fd 2 on a corrupt video,
+    past Python and its log level, through the progress bar; the reason belongs in our one warning instead.
+    """
+    lines: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (embedded interpreters): capture nothing
+        yield lines
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(line for line in tmp.read().decode(errors="replace").splitlines() if line.strip())
+
+
+def _native_reason(lines: list[str], path: Path) -> str:
+    """decord's last error line without its time stamp, source location and the (already known) path."""
+    if not lines:
+        return ""
+    text = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", lines[-1].strip())
+    return text.split(f"{path}, ", 1)[-1].strip()
+
+
 def _iter_decord(
     path: Path, fps: float | None, threads: int, report: DecodeReport, start: int = 0
 ) -> Iterator[DecodedFrame]:
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)
-    try:
-        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
-    except Exception as e:  # decord raises DECORDError / RuntimeError with little detail ("Error reading <path>")
-        raise VideoDecodeError("cannot open it") from e
+    opened: Exception | None = None
+    with _native_stderr_captured() as native:
+        try:
+            vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
+        except Exception as e:  # decord raises DECORDError / RuntimeError with little detail ("Error reading <path>")
+            opened = e
+    if opened is not None:
+        reason = _native_reason(native, path)
+        raise VideoDecodeError(f"cannot open it ({reason})" if reason else "cannot open it") from opened
+    for line in native:
+        log.debug("decord: %s", line)
     n = len(vr)
     report.backend, report.num_frames, report.video_fps = "decord", n, float(vr.get_avg_fps())
     if n == 0:

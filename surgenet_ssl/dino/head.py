@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +20,10 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_norm)
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        # nn.Linear's default init, as the official head (weight_norm of a fresh nn.Linear): rows of norm ~0.58.
+        # trunc_normal(0.02) would give 0.32 and, since the effective weight is v / ||v||, ~1.8x faster prototype
+        # rotation per update early in training.
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     @property
     def weight(self) -> torch.Tensor:

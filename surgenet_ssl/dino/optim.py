@@ -20,22 +20,30 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 @torch.no_grad()
-def clip_gradients_per_parameter(model: nn.Module, max_norm: float) -> list[float]:
+def clip_gradients_per_parameter(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale each parameter's gradient so its own L2 norm is at most ``max_norm`` (not a global-norm clip).
 
-    Matches the official DINO ``clip_gradients``: coef = max_norm / (norm + 1e-6), applied only when coef < 1.
-    Returns the per-parameter norms before clipping (for logging).
+    Matches the official DINO ``clip_gradients``: coef = max_norm / (norm + 1e-6), applied only when coef < 1
+    (here: clamped to 1, and multiplying by exactly 1.0 leaves a gradient unchanged). Written with the ``_foreach``
+    kernels and without reading any value on the host, so it never waits for the device.
+
+    Returns the total L2 norm of all gradients before clipping, as a 0-d float32 tensor on the gradients' device
+    (for logging; reading it is the caller's choice, e.g. Lightning's logger every ``log_every_n_steps``).
     """
-    norms = []
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        norm = p.grad.detach().norm(2)
-        norms.append(float(norm))
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1:
-            p.grad.mul_(coef)
-    return norms
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norms = torch.stack(torch._foreach_norm(grads, 2)).float()
+        coefs = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+        torch._foreach_mul_(grads, list(coefs.to(grads[0].dtype).unbind(0)))
+        squares.append(norms.square().sum())
+    if not squares:
+        return torch.zeros(())
+    device = next(iter(groups))[0]
+    return torch.stack([s.to(device) for s in squares]).sum().sqrt()
 
 
 def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer: int) -> bool:

@@ -19,9 +19,7 @@ import hashlib
 import logging
 import os
 import re
-import shutil
-import tempfile
-import urllib.request
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,10 +62,11 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "weights"
 
 
-def _fetch(url: str, dest: Path) -> None:
-    """Stream ``url`` into ``dest`` (the one network call; tests replace it)."""
-    with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as f:
-        shutil.copyfileobj(response, f, length=1 << 20)
+def _fetch(url: str, dest: Path, hash_prefix: str | None = None) -> None:
+    """Download ``url`` to ``dest`` with torch.hub's helper (the one network call): it streams into a temporary file
+    beside ``dest``, checks the sha256 prefix while reading, moves the file into place only when it matches and
+    removes the temporary file otherwise (RuntimeError "invalid hash value")."""
+    torch.hub.download_url_to_file(url, str(dest), hash_prefix=hash_prefix, progress=False)
 
 
 def _check_hash(path: Path, expected: str | None) -> bool:
@@ -95,26 +94,28 @@ def download_weights(url: str, sha256: str | None = None, directory: str | os.Pa
             log.info("Using cached weights %s (from %s)", dest, url)
             return dest
         log.warning("Cached %s does not match sha256 %s; downloading it again.", dest, expected)
+        dest.unlink()  # a failed new download must not leave the bad copy behind
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".download-")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    log.info("Downloading %s -> %s", url, dest)
+    previous_timeout = socket.getdefaulttimeout()
     try:
-        log.info("Downloading %s -> %s", url, dest)
-        try:
-            _fetch(url, tmp)
-        except OSError as err:
-            raise RuntimeError(
-                f"Could not download weights from {url}: {err}. Download the file yourself and pass its local path."
-            ) from err
-        if not _check_hash(tmp, expected):
-            raise RuntimeError(
-                f"sha256 mismatch for {url}: expected {expected}, got {sha256_file(tmp)}. The download is corrupt or "
-                "the file changed upstream; nothing was cached."
-            )
-        os.replace(tmp, dest)
+        # torch.hub's helper takes no timeout: bound a stalled server through the socket default while it runs
+        socket.setdefaulttimeout(previous_timeout or _DOWNLOAD_TIMEOUT_S)
+        _fetch(url, dest, expected.lower() if expected else None)
+    except RuntimeError as err:
+        if "invalid hash value" not in str(err):
+            raise
+        got = re.search(r"got \W*([0-9a-f]{64})", str(err))
+        raise RuntimeError(
+            f"sha256 mismatch for {url}: expected {expected}, got {got.group(1) if got else err}. The download is "
+            "corrupt or the file changed upstream; nothing was cached."
+        ) from err
+    except OSError as err:  # URLError/HTTPError, timeouts, refused connections
+        raise RuntimeError(
+            f"Could not download weights from {url}: {err}. Download the file yourself and pass its local path."
+        ) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        socket.setdefaulttimeout(previous_timeout)
     return dest
 
 
@@ -130,6 +131,28 @@ def _local_path(source: str | os.PathLike, sha256: str | None) -> Path:
     return path
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _is_damaged_file_error(err: BaseException) -> bool:
+    """Whether torch.load failed on the bytes (truncated zip, cut-off legacy pickle, not a checkpoint at all) rather
+    than refusing an intact file's pickled objects (``weights_only``'s "Weights only load failed")."""
+    return "Weights only load failed" not in str(err)
+
+
+def _corrupt_message(path: Path, err: BaseException) -> str:
+    try:
+        size = f"{path.stat().st_size:,} bytes"
+    except OSError:
+        size = "size unknown"
+    return (
+        f"Cannot read {path}: file is truncated or corrupt ({size}; {_first_line(err)}). An interrupted download or "
+        "copy is the usual cause: download or copy it again and compare its size / sha256 with the original."
+    )
+
+
 def read_state_dict(source: WeightSource, sha256: str | None = None) -> dict[str, Any]:
     """Read a checkpoint (path, ``file://`` or ``http(s)://`` URL, or an in-memory dict) into a dict on CPU.
 
@@ -143,13 +166,18 @@ def read_state_dict(source: WeightSource, sha256: str | None = None) -> dict[str
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # SafetensorError: bad header / sizes, i.e. a damaged file
+            raise ValueError(_corrupt_message(path, err)) from err
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError / RuntimeError subclasses depending on the failure
+        if _is_damaged_file_error(err):
+            raise ValueError(_corrupt_message(path, err)) from err
         raise ValueError(
-            f"Cannot read {path} with torch.load(weights_only=True): {str(err).splitlines()[0]} "
+            f"Cannot read {path} with torch.load(weights_only=True): {_first_line(err)} "
             "If the file holds pickled Python objects besides tensors (e.g. an OmegaConf config in a Lightning "
             "checkpoint's hyper_parameters), store plain containers instead, or - only if you trust the file - load "
             "it yourself with torch.load(..., weights_only=False) and pass the resulting dict."

@@ -99,9 +99,10 @@ def test_gpu_mode_workers_batch_fixed_size_uint8_frames(source: Path) -> None:
     assert "crops" not in batches[0]
     delivered = [k.split("/")[-1] for b in batches for k in b["key"]]
     assert loader.dataset.stats["upscaled_images"] == sum(delivered.count(n) for n in ("tiny", "one_px"))
-    # cover-resize + centre crop: a 48x64 frame scaled by 40/64 -> 30x40, central 24 rows
-    out = transform(smooth_image(48, 64))
-    assert out.shape == (3, 24, 40)
+    # fit, aspect kept: a 48x64 frame scaled by 24/48 -> 24x32 in the top-left of the 24x40 canvas, zero padding
+    assert batches[0]["frame_hw"].shape == (4, 2) and (batches[0]["frame_hw"] <= torch.tensor([24, 40])).all()
+    frame, hw = transform(smooth_image(48, 64))
+    assert frame.shape == (3, 24, 40) and hw.tolist() == [24, 32] and (frame[:, :, 32:] == 0).all()
 
 
 def test_build_augmentation_choices() -> None:

@@ -120,3 +120,29 @@ def test_sweep_job_dir_is_one_short_path_component():
     long = ",".join(f"key{i}=value{i}" for i in range(40))
     name = sweep_subdir(0, [], None, long)
     assert len(name) < 160 and "/" not in name and name != sweep_subdir(0, [], None, long + ",x=1")
+
+
+def test_every_trainer_argument_is_declared_so_it_overrides_without_plus():
+    import inspect
+
+    import pytorch_lightning as pl
+
+    declared = set(_compose([]).trainer) - {"_target_"}
+    accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
+    assert accepted <= declared, f"not declared in configs/trainer/default.yaml: {sorted(accepted - declared)}"
+    cfg = _compose(["trainer.max_steps=7", "trainer.limit_train_batches=3", "trainer.val_check_interval=0.5",
+                    "trainer.profiler=simple", "trainer=cpu", "trainer.max_time=00:01:00:00"])  # fmt: skip
+    assert cfg.trainer.max_steps == 7 and cfg.trainer.limit_train_batches == 3 and cfg.trainer.profiler == "simple"
+
+
+def test_misspelt_trainer_argument_names_the_closest_valid_one():
+    from surgenet_ssl.train import trainer_kwargs
+
+    out = "paths.output_dir=run"
+    cfg = _compose(["+trainer.max_stpes=5", out])
+    with pytest.raises(ValueError, match=r"trainer.max_stpes is not a pytorch_lightning.Trainer argument.*trainer.max_steps"):
+        trainer_kwargs(cfg.trainer)
+    with pytest.raises(ValueError, match="built from the `logger` config group"):
+        trainer_kwargs(_compose(["+trainer.logger=false", out]).trainer)
+    kwargs = trainer_kwargs(_compose(["trainer.max_steps=5", out]).trainer)
+    assert kwargs["max_steps"] == 5 and "_target_" not in kwargs

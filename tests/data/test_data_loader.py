@@ -49,7 +49,8 @@ def test_batch_contract(root: Path) -> None:
     batches = list(loader)
     assert len(batches) == 10
     b = batches[0]
-    assert set(b) == {"crops", "source", "key"}
+    assert set(b) == {"crops", "source", "key", "position"}
+    assert b["position"].tolist() == [0, 0, 1, 8]  # epoch, worker, batches of that worker, stream items it used
     assert [c.shape for c in b["crops"]] == [(8, 3, 10, 12), (8, 3, 4, 4)] and b["crops"][0].dtype == torch.float32
     assert b["source"].dtype == torch.long and b["source"].shape == (8,)
     for label, key in zip(b["source"].tolist(), b["key"]):
@@ -206,3 +207,30 @@ def test_custom_path_and_config_errors(root: Path, tmp_path: Path) -> None:
         build_train_loader(cfg(sources={"a": 2.0, "b": None}), root, two_crops, 4, 0)
     with pytest.raises(ValueError, match="fraction"):
         build_train_loader(cfg(fraction=0.0), root, two_crops, 4, 0)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumed_stream_continues_with_exactly_the_next_batches(root: Path, num_workers: int) -> None:
+    from surgenet_ssl.datamodule import StreamPosition
+
+    def run(resume=None, stop_after=None):
+        loader = build_train_loader(cfg(), root, two_crops, batch_size=4, num_workers=num_workers, shuffle_buffer=16,
+                                    steps_per_epoch=7, resume_position=resume)  # fmt: skip
+        seen, position = [], StreamPosition()
+        first_epoch = int(resume["epoch"]) if resume else 0
+        for epoch in range(first_epoch, 2):
+            loader.dataset.set_epoch(epoch)  # what the module does at each epoch start
+            for batch in loader:
+                position.consumed(*batch["position"].tolist())
+                seen.append((batch["key"], batch["crops"][0].sum().item()))
+                if stop_after is not None and len(seen) == stop_after:
+                    return seen, position.state(7, num_workers)
+        return seen, None
+
+    full, _ = run()
+    assert len(full) == 14
+    for stop in (3, 7, 9):  # mid-epoch 0, the end of epoch 0, mid-epoch 1
+        head, position = run(stop_after=stop)
+        assert head == full[:stop]
+        tail, _ = run(resume=position)
+        assert tail == full[stop:], f"resumed after {stop} batches"

@@ -223,9 +223,9 @@ def test_https_download_is_cached_and_sha256_checked(monkeypatch, published_file
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     calls = []
 
-    def fake_fetch(url, dest):
+    def fake_fetch(url, dest, hash_prefix=None):  # the real helper, reading the local file instead of the URL
         calls.append(url)
-        shutil.copyfile(src, dest)
+        torch.hub.download_url_to_file(src.resolve().as_uri(), str(dest), hash_prefix=hash_prefix, progress=False)
 
     monkeypatch.setattr(weights_mod, "_fetch", fake_fetch)
     url = "https://example.org/models/resolve/main/SurgeNet_PVTv2_checkpoint_epoch0050_teacher.pth?download=true"

@@ -68,31 +68,3 @@ def test_sigkill_after_checkpoint_then_rerun_resumes_to_final_step(demo_cache, t
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     steps = {int(r["step"]) for r in rows if r.get("train/loss")}
     assert 0 in steps and set(range(killed_at, 12)) <= steps  # (rows not yet flushed at the kill are lost)
-
-
-@pytest.mark.slow
-def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(demo_cache, tmp_path):
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    calls = tmp_path / "scontrol_calls.txt"
-    (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
-    (fake_bin / "scontrol").chmod(0o755)
-    slurm_env = {
-        "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_JOB_NAME": "surgenet-ssl", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost",
-        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-    }  # fmt: skip
-    run_dir = tmp_path / "run"
-    proc = _start(run_dir, demo_cache, env=slurm_env)
-    _wait_for(lambda: len(_step_checkpoints(run_dir)) > 0, proc)
-    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=SIGUSR1@120` sends before preemption / time limit
-    _wait_for(lambda: calls.exists() and (run_dir / "hpc_ckpt_1.ckpt").exists(), proc, timeout=120)
-    assert calls.read_text().split() == ["requeue", "4242"]
-    proc.kill()  # SLURM ends the job; the requeued job reruns the same command in the same run dir
-    proc.wait(timeout=60)
-    hpc_step = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)["global_step"]
-
-    rerun = run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *RESUME_ARGS, cache=demo_cache, env=slurm_env)
-    log = rerun.stdout + rerun.stderr
-    assert "resumed from" in log, log[-3000:]
-    assert _final_step(run_dir) == 12 and hpc_step < 12
