@@ -8,7 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from surgenet_ssl.data.augment import FrameResize, MultiCropAugmentation
+from surgenet_ssl.data.augment import FrameResize, MultiCropAugmentation, recipe_from_crops, recipe_probabilities
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.distributed import gather_from_ranks
 
@@ -22,6 +22,7 @@ def build_augmentation(
     """The worker transform: the multi-crop augmentation (``augment_on="cpu"``; ``backend`` "fast" or
     "official"; ``uint8_crops``: not normalised, DINOModule does it on the device), or decode + fit into
     ``frame_size`` only (``augment_on="gpu"``: DINOModule makes the crops)."""
+    recipe = recipe_probabilities(recipe_from_crops(crops))  # dino.crops strengths/probabilities, checked at start
     if augment_on == "gpu":
         return FrameResize(frame_size=tuple(frame_size), global_crops_size=crops["global_size"])
     if augment_on != "cpu":
@@ -34,6 +35,7 @@ def build_augmentation(
         local_crops_number=crops["local_number"],
         backend=backend,
         uint8_output=uint8_crops,
+        probabilities=recipe,
     )
 
 

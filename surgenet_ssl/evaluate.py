@@ -5,7 +5,10 @@
 Loads any weights ``load_backbone_weights`` understands (or ``weights=null``: random init, a baseline), extracts
 frozen pooled features of both folders, and reports DINO's weighted k-NN top-1/top-5 (train = memory, val =
 queries), a linear-probe accuracy, a t-SNE map (``embedding_map.png``) and ``results.json`` in ``output``.
-The last line printed is ``knn_top1=<float>`` (a fraction in [0, 1]). Bad input (missing folders, fewer than
+With ``baseline=random`` (the default) the same backbone at random initialisation (seeded by ``seed``) is scored
+too, and both and the gain are printed (and stored under ``baseline`` / ``gain``): a number only means something
+next to what the architecture gives without any training. The last line printed is ``knn_top1=<float>`` (a
+fraction in [0, 1], for the weights). Bad input (missing folders, fewer than
 2 classes, weights for another backbone) ends with a one-paragraph error and exit status 1.
 """
 
@@ -42,7 +45,9 @@ def backbone_options(backbone_cfg: DictConfig | dict) -> dict[str, Any]:
     ``+backbone.reg_tokens=4`` is rebuilt with the same architecture."""
     if isinstance(backbone_cfg, DictConfig):
         backbone_cfg = OmegaConf.to_container(backbone_cfg, resolve=True)
-    options = {k: v for k, v in backbone_cfg.items() if k not in ("name", "drop_path_rate")}
+    from surgenet_ssl.init_weights import INIT_KEYS  # training options (continued pretraining), not architecture
+
+    options = {k: v for k, v in backbone_cfg.items() if k not in ("name", "drop_path_rate", *INIT_KEYS)}
     if not options.get("timm_name"):
         options.pop("timm_name", None)
     return options
@@ -74,6 +79,31 @@ def build_model(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
             "timm backbone.timm_name=NAME), with the backbone.* options it was trained with (+backbone.KEY=VALUE)."
         ) from err
     return model, str(getattr(model, "load_report", f"loaded {cfg.weights}"))
+
+
+def build_random_model(cfg: DictConfig, like: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The same architecture as ``like`` (the loaded model; for caformer_s18 the same ReLU/StarReLU variant) at
+    random initialisation, seeded by ``cfg.seed``: the ``baseline=random`` reference."""
+    from surgenet_ssl.backbones import build_backbone
+    from surgenet_ssl.models.classification import resolve_caformer_variant
+
+    timm_kwargs = backbone_options(cfg.backbone)
+    trained_variant = timm_kwargs.pop("pretrained_variant", None)
+    variant = cfg.get("pretrained_variant") or trained_variant
+    if variant is None:
+        variant = resolve_caformer_variant(None, like.state_dict()) if like is not None else "SurgeNet"
+    torch.manual_seed(int(cfg.seed))
+    return build_backbone(cfg.backbone.name, pretrained_variant=variant, **timm_kwargs)
+
+
+def baseline_mode(cfg: DictConfig) -> str | None:
+    """``baseline``: ``random`` (default) or off (``null``/``none``/``false``)."""
+    value = cfg.get("baseline", "random")
+    if value in (None, False) or str(value).lower() in ("none", "null", "false", "off", ""):
+        return None
+    if str(value).lower() != "random":
+        raise ValueError(f"baseline={value} is not supported: use baseline=random (the default) or baseline=null.")
+    return "random"
 
 
 def check_writable(output: Path) -> None:
@@ -127,6 +157,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
              ", ".join(train_set.classes), len(val_set))
 
     check_writable(output)  # before the slow part, not after it
+    baseline = baseline_mode(cfg)
     model, load_summary = build_model(cfg)
     log.info("%s", load_summary)
     start = time.perf_counter()
@@ -148,6 +179,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                               k=int(cfg.knn.k), temperature=float(cfg.knn.temperature))
     probe = linear_probe_accuracy(train.features, train.labels, val.features, val.labels,
                                   C=float(cfg.linear_probe.C), max_iter=int(cfg.linear_probe.max_iter))
+    reference = None
+    if baseline == "random" and cfg.weights is not None:  # weights=null is the random baseline itself
+        random_model = build_random_model(cfg, like=model)
+        r_train = extract_features(random_model, train_set, **loader_kw)
+        r_val = extract_features(random_model, val_set, **loader_kw)
+        r_top1, r_top5 = knn_accuracy(r_train.features, r_train.labels, r_val.features, r_val.labels, num_classes,
+                                      k=int(cfg.knn.k), temperature=float(cfg.knn.temperature))
+        r_probe = linear_probe_accuracy(r_train.features, r_train.labels, r_val.features, r_val.labels,
+                                        C=float(cfg.linear_probe.C), max_iter=int(cfg.linear_probe.max_iter))
+        reference = {"weights": f"random initialisation (seed {int(cfg.seed)})", "knn_top1": r_top1,
+                     "knn_top5": r_top5, "linear_probe_accuracy": r_probe}
+        log.info("random-init baseline: k-NN top-1 %.4f, linear probe %.4f", r_top1, r_probe)
     output.mkdir(parents=True, exist_ok=True)
     png = save_embedding_map(
         torch.cat([train.features, val.features]),
@@ -169,6 +212,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "timm_name": cfg.backbone.get("timm_name"),
         "weights": None if cfg.weights is None else str(cfg.weights),
         "weights_loaded": load_summary,
+        "baseline": reference,
+        "gain": None if reference is None else {
+            key: (top1, top5, probe)[i] - reference[key]
+            for i, key in enumerate(("knn_top1", "knn_top5", "linear_probe_accuracy"))
+        },
         "feature_dim": int(train.features.shape[1]),
         "class_names": train.classes,
         "train": _split_summary(train_set, train),
@@ -196,6 +244,15 @@ def main(cfg: DictConfig) -> None:
     print(f"embedding_map={results['embedding_map']}")
     print(f"linear_probe_accuracy={results['linear_probe_accuracy']:.4f}")
     print(f"knn_top5={results['knn_top5']:.4f}")
+    base, gain = results.get("baseline"), results.get("gain")
+    if base is not None:
+        print(f"random_init_linear_probe_accuracy={base['linear_probe_accuracy']:.4f}")
+        print(f"random_init_knn_top1={base['knn_top1']:.4f}")
+        print(f"linear_probe_gain={gain['linear_probe_accuracy']:+.4f}")
+        print(f"knn_top1_gain={gain['knn_top1']:+.4f}")
+        print(f"k-NN top-1: {base['knn_top1']:.4f} at random init -> {results['knn_top1']:.4f} with {cfg.weights} "
+              f"(gain {gain['knn_top1']:+.4f}); linear probe {base['linear_probe_accuracy']:.4f} -> "
+              f"{results['linear_probe_accuracy']:.4f}")
     print(f"knn_top1={results['knn_top1']:.4f}", flush=True)
 
 

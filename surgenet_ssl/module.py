@@ -28,8 +28,11 @@ from surgenet_ssl.dino import (
     update_teacher,
 )
 from surgenet_ssl.dino.schedules import scaled_lr
-from surgenet_ssl.evaluation.diagnostics import collapse_diagnostics, collapse_warning
+from surgenet_ssl.dino.freeze import cancel_backbone_gradients
+from surgenet_ssl.dino.dinov2 import IBOTPatchLoss, backbone_features, block_masks, is_vit, koleo_loss, vit_tokens
+from surgenet_ssl.evaluation.diagnostics import CollapseTracker, collapse_diagnostics
 from surgenet_ssl.performance import compile_with_fallback, performance_options, to_channels_last, use_fused_adamw
+from surgenet_ssl.init_weights import INIT_KEYS, initialize_dino
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,8 @@ class DINOModule(pl.LightningModule):
         self.save_hyperparameters()
         self.backbone_cfg, self.dino_cfg, self.batch_size = dict(backbone), dict(dino), batch_size
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
-        kwargs = {k: v for k, v in self.backbone_cfg.items() if k not in ("name", "timm_name", "drop_path_rate")}
+        skip = ("name", "timm_name", "drop_path_rate", *INIT_KEYS)  # INIT_KEYS: training options (on_fit_start)
+        kwargs = {k: v for k, v in self.backbone_cfg.items() if k not in skip}
         name, timm_name = self.backbone_cfg["name"], self.backbone_cfg.get("timm_name")
         student_backbone = build_backbone(
             name, drop_path_rate=self.backbone_cfg.get("drop_path_rate", 0.0), timm_name=timm_name, **kwargs
@@ -98,15 +102,18 @@ class DINOModule(pl.LightningModule):
         out_dim = int(self.dino_cfg["out_dim"])
         self.student = MultiCropWrapper(student_backbone, DINOHead(embed_dim, out_dim, **head_cfg))
         self.teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, out_dim, **head_cfg))
+        loss_cfg = self.dino_cfg["loss"]
+        self._init_dinov2_options(loss_cfg, name if name != "timm" else timm_name, embed_dim, out_dim)
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        loss_cfg = self.dino_cfg["loss"]
         self.dino_loss = DINOLoss(
             out_dim,
             n_global_crops=2,
             student_temp=loss_cfg["student_temp"],
             center_momentum=loss_cfg["center_momentum"],
+            centering=loss_cfg.get("centering") or "centering",
+            sinkhorn_iterations=loss_cfg.get("sinkhorn_iterations") or 3,
         )
         self.schedules: dict[str, torch.Tensor] = {}
         self.global_batch = batch_size
@@ -122,16 +129,50 @@ class DINOModule(pl.LightningModule):
             self.teacher.to(memory_format=torch.channels_last)
         self._compiled = False
 
+    def _init_dinov2_options(self, loss_cfg: dict, shown: str, embed_dim: int, out_dim: int) -> None:
+        """DINOv2-style options (``dino.loss.koleo_weight``, ``ibot_weight``; ``centering`` lives in DINOLoss).
+        iBOT needs patch tokens: on a non-ViT backbone it is switched off with a warning (``dino=dinov2`` keeps KoLeo
+        and Sinkhorn-Knopp). Its mask token is a parameter of the student wrapper (and, unused, of the teacher, so the
+        EMA pairs parameters one to one); the exported backbone is unchanged."""
+        self.koleo_weight = float(loss_cfg.get("koleo_weight") or 0.0)
+        self.ibot_weight = float(loss_cfg.get("ibot_weight") or 0.0)
+        self.ibot_loss: IBOTPatchLoss | None = None
+        if self.ibot_weight and not is_vit(self.student.backbone):
+            log.warning("dino.loss.ibot_weight=%g ignored: the iBOT masked-patch loss needs a ViT backbone "
+                        "(backbone=vit_small); %s has no patch tokens", self.ibot_weight, shown)  # fmt: skip
+            self.ibot_weight = 0.0
+        if self.ibot_weight:
+            self.ibot_loss = IBOTPatchLoss(out_dim, loss_cfg["student_temp"], loss_cfg["center_momentum"],
+                                           loss_cfg.get("centering") or "centering",
+                                           loss_cfg.get("sinkhorn_iterations") or 3)  # fmt: skip
+            self.student.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim))
+            self.teacher.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim))
+        self._dinov2_step = bool(self.koleo_weight or self.ibot_loss is not None)
+
     def setup(self, stage: str) -> None:
         """``performance.*`` that act on the process or compile the backbones (once, in every DDP process)."""
         if self.performance["cudnn_benchmark"] and torch.backends.cudnn.is_available():
             torch.backends.cudnn.benchmark = True
         if self.performance["compile"] and not self._compiled:
             mode = self.performance["compile_mode"]
-            kwargs = {"dynamic": False, **({"mode": mode} if mode else {})}  # two crop sizes: two static graphs
+            kwargs = {"dynamic": False, "backend": self.performance["compile_backend"], **({"mode": mode} if mode else {})}
             compile_with_fallback(self.student.backbone, "student backbone", **kwargs)
             compile_with_fallback(self.teacher.backbone, "teacher backbone", **kwargs)
             self._compiled = True
+
+    def on_fit_start(self) -> None:
+        """``backbone.init_weights``: start student and teacher (and head + center, when the file has them) from a
+        file, on a fresh run only: when Lightning restores a checkpoint (``trainer.ckpt_path``, set by now), the
+        resumed state stands and the file is not read."""
+        source = self.backbone_cfg.get("init_weights")
+        if not source:
+            return
+        if self.trainer.ckpt_path:
+            log.info("init_weights %s not applied: resuming from %s", source, self.trainer.ckpt_path)
+            return
+        name = self.backbone_cfg["name"]
+        initialize_dino(self.student, self.teacher, str(source), name, center=self.dino_loss.center,
+                        load_head=bool(self.backbone_cfg.get("init_head", True)))  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------- setup
     def _steps_per_epoch(self) -> int:
@@ -170,7 +211,8 @@ class DINOModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainer = self.trainer
         global_batch = self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
-        self.build_schedules(int(trainer.estimated_stepping_batches), self._steps_per_epoch(), global_batch)
+        # trainer.max_steps=0 (export the untrained teacher): no step is taken, but the schedules need a length
+        self.build_schedules(max(1, int(trainer.estimated_stepping_batches)), self._steps_per_epoch(), global_batch)
         log.info(
             "global batch %d (= %d per device x %d devices x %d accumulation); peak lr %.3g; %d optimizer steps",
             global_batch, self.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
@@ -199,14 +241,16 @@ class DINOModule(pl.LightningModule):
             batch = {**batch, "crops": [to_channels_last(c) for c in crops] if channels_last else crops}
         if "frames" in batch:
             if getattr(self, "_gpu_augment", None) is None:
+                from surgenet_ssl.data.augment import recipe_from_crops
                 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 
                 c = self.dino_cfg["crops"]
                 self._gpu_augment = GpuMultiCrop(c["global_size"], c["local_size"], c["global_scale"],
-                                                 c["local_scale"], c["local_number"])  # fmt: skip
+                                                 c["local_scale"], c["local_number"],
+                                                 probabilities=recipe_from_crops(c))  # fmt: skip
                 self._gpu_generator = torch.Generator(device=batch["frames"].device)  # different per rank
                 self._gpu_generator.manual_seed(torch.initial_seed() + 1_000_003 * (self.global_rank + 1))
-                saved = (self._rng_to_restore or {}).get("gpu_augment")
+                saved = (getattr(self, "_rng_to_restore", None) or {}).get("gpu_augment")
                 if saved is not None:  # resumed: continue the saved stream of crops
                     self._gpu_generator.set_state(saved)
             batch = dict(batch)
@@ -215,14 +259,63 @@ class DINOModule(pl.LightningModule):
             batch["crops"] = [to_channels_last(c) for c in crops] if channels_last else crops
         return batch
 
+    def _dinov2_forward(self, crops: list[torch.Tensor], teacher_temp: float) -> tuple[torch.Tensor, ...]:
+        """The step with KoLeo and/or iBOT: backbone and head called separately, because KoLeo needs the student's
+        pooled features and iBOT the patch tokens of masked student / unmasked teacher global crops. Returns the
+        total loss, the teacher and student head outputs (as ``self.teacher/student(crops)``) and the loss parts."""
+        b = crops[0].shape[0]
+        global_crops = torch.cat(crops[:2])
+        masks = None
+        if self.ibot_loss is not None:
+            import random
+
+            patch = self.student.backbone.patch_embed.patch_size
+            grid = (global_crops.shape[-2] // patch[0], global_crops.shape[-1] // patch[1])
+            c = self.dino_cfg["loss"]
+            seed = int(torch.randint(0, 2**62, (1,)))  # the CPU RNG (restored on resume): no device sync
+            masks = block_masks(2 * b, grid, float(c.get("ibot_mask_probability", 0.5)),
+                                tuple(c.get("ibot_mask_ratio", (0.1, 0.5))), random.Random(seed))  # fmt: skip
+            masks = masks.to(global_crops.device)
+        with torch.no_grad():
+            if masks is None:
+                teacher_out = self.teacher(crops[:2])
+            else:
+                t_pooled, t_patch = vit_tokens(self.teacher.backbone, global_crops)
+                t_all = self.teacher.head(torch.cat([t_pooled, t_patch.flatten(0, 1).index_select(0, masks.index)]))
+                teacher_out, t_patch_out = t_all[: 2 * b], t_all[2 * b :]
+        if masks is None:
+            s_pooled, s_masked = self.student.backbone(global_crops), []
+        else:
+            s_pooled, s_patch = vit_tokens(self.student.backbone, global_crops, masks.masks, self.student.mask_token)
+            s_masked = [s_patch.flatten(0, 1).index_select(0, masks.index)]
+        features = [s_pooled, *backbone_features(self.student.backbone, crops[2:])]
+        n_rows = sum(f.shape[0] for f in features)
+        s_all = self.student.head(torch.cat(features + s_masked))
+        student_out = s_all[:n_rows]
+        loss = self.dino_loss(student_out, teacher_out, teacher_temp)
+        parts = {"dino_loss": loss.detach()}
+        if self.koleo_weight:
+            koleo = sum(koleo_loss(x) for x in s_pooled.chunk(2))  # per global crop, never two crops of one image
+            loss = loss + self.koleo_weight * koleo
+            parts["koleo_loss"] = koleo.detach()
+        if masks is not None:
+            ibot = self.ibot_loss(s_all[n_rows:], t_patch_out, masks.weights, masks.n_images, teacher_temp)
+            loss = loss + self.ibot_weight * ibot
+            parts["ibot_loss"] = ibot.detach()
+        return loss, teacher_out, student_out, parts
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         crops = batch["crops"]
         step = self.global_step
-        with torch.no_grad():
-            teacher_out = self.teacher(crops[:2])
-        student_out = self.student(crops)
         teacher_temp = self._scheduled("teacher_temp", step)
-        loss = self.dino_loss(student_out, teacher_out, teacher_temp)
+        if self._dinov2_step:  # dino.loss.koleo_weight / ibot_weight
+            loss, teacher_out, student_out, parts = self._dinov2_forward(crops, teacher_temp)
+            self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=crops[0].shape[0])
+        else:  # the DINO recipe
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:2])
+            student_out = self.student(crops)
+            loss = self.dino_loss(student_out, teacher_out, teacher_temp)
         # No host sync here: the flag is checked, together with the other ranks', before the optimizer step.
         bad = ~torch.isfinite(loss.detach())
         if self._nonfinite is None or self._nonfinite.device != bad.device:
@@ -250,7 +343,9 @@ class DINOModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics({f"diag/{k}": float(v) for k, v in metrics.items()}, step=self.global_step)
-        warning = collapse_warning(metrics, out_dim=teacher_out.shape[-1])
+        if getattr(self, "_collapse", None) is None:  # warns when collapse persists (see CollapseTracker)
+            self._collapse = CollapseTracker(out_dim=teacher_out.shape[-1])
+        warning = self._collapse.update(metrics)
         if warning and self.current_epoch >= 1 and self.trainer.is_global_zero:
             log.warning("step %d: %s", self.global_step, warning)
 
@@ -285,6 +380,7 @@ class DINOModule(pl.LightningModule):
             if every and (self.global_step + 1) % every == 0:  # the steps whose metrics Lightning writes out
                 self.log("train/grad_norm", total_norm, batch_size=self.batch_size)
         cancel_last_layer_gradients(self.student, self.current_epoch, self.dino_cfg["optimizer"]["freeze_last_layer"])
+        cancel_backbone_gradients(self.student, self.current_epoch, int(self.backbone_cfg.get("freeze_epochs") or 0))
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         step = self.global_step
@@ -297,6 +393,8 @@ class DINOModule(pl.LightningModule):
         momentum = self._scheduled("momentum", step)
         update_teacher(self.student, self.teacher, momentum)
         self.dino_loss.update_center()
+        if self.ibot_loss is not None:
+            self.ibot_loss.update_center()
         self.log_dict(
             {"train/lr": lr, "train/weight_decay": wd, "train/teacher_momentum": momentum,
              "train/global_batch": float(self.global_batch), "train/batch_per_device": float(self.batch_size)},

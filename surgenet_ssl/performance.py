@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 PERFORMANCE_DEFAULTS: dict[str, Any] = {
     "compile": False,  # torch.compile the student and teacher backbones
     "compile_mode": None,  # torch.compile mode: null (default), reduce-overhead, max-autotune, ...
+    "compile_backend": "inductor",  # torch.compile backend; aot_eager: graph capture without code generation
     "channels_last": False,  # NHWC crops and backbone weights (tensor-core convolutions)
     "fused_adamw": True,  # the fused AdamW kernel where the parameters are on CUDA
     "cudnn_benchmark": True,  # let cuDNN pick the fastest convolution per shape (two crop sizes: tuned once)

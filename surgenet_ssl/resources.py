@@ -8,9 +8,10 @@ take ``that - 1`` (at most 8) and torch keeps the rest (at least 1 thread); work
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -113,11 +114,23 @@ def apply_torch_threads(requested: int | None, num_workers: int, trainer_cfg: Ma
 
 
 def limit_worker_threads() -> None:
-    """Inside a loader worker: one torch and one OpenCV thread (the workers already use one core each)."""
+    """Inside a loader worker: one torch thread (each worker already is one of the process' cores). OpenCV's thread
+    count is set in the parent before the fork (:func:`single_threaded_opencv_fork`): changing it inside a forked
+    child can deadlock on the pool threads the child does not have."""
     torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def single_threaded_opencv_fork() -> Iterator[None]:
+    """Wrap the creation of forked loader workers: they inherit a one-thread OpenCV, the parent gets its own back."""
     try:
         import cv2
-
-        cv2.setNumThreads(1)
     except ImportError:  # pragma: no cover - opencv is a dependency
-        pass
+        yield
+        return
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)

@@ -21,8 +21,7 @@ class ArchiveCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(kind="archive", every_n_epochs=self._every_n_epochs,
-                                        every_n_train_steps=self._every_n_train_steps)  # fmt: skip
+        return f"ArchiveCheckpoint{{'dirpath': {str(self.dirpath)!r}}}"  # public attributes only
 
 
 class RollingCheckpoint(ModelCheckpoint):

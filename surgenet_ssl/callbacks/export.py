@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 
@@ -25,9 +26,27 @@ class TeacherExport(pl.Callback):
         # command, overrides and git commit of this run, taken where the run starts (the model card records them)
         self.provenance = provenance if provenance is not None else run_provenance()
 
-    def _export(self, trainer: pl.Trainer) -> None:
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, completed_epochs: int) -> dict[str, Any]:
+        """What the exporters read, from the live training state through Lightning's public API."""
+        checkpoint: dict[str, Any] = {
+            "state_dict": pl_module.state_dict(),
+            "epoch": completed_epochs,
+            "global_step": trainer.global_step,
+            "hyper_parameters": dict(pl_module.hparams),
+            "optimizer_states": [opt.state_dict() for opt in trainer.optimizers],
+            "callbacks": {type(cb).__qualname__: cb.state_dict() for cb in trainer.callbacks if cb.state_dict()},
+            "global_batch": getattr(pl_module, "global_batch", None),
+            "run_config": self.run_config,
+            "run_provenance": self.provenance,
+        }
+        precision_state = trainer.precision_plugin.state_dict()
+        if precision_state:  # the fp16 gradient scaler
+            checkpoint[type(trainer.precision_plugin).__qualname__] = precision_state
+        return checkpoint
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, completed_epochs: int) -> None:
         if trainer.is_global_zero:
+            checkpoint = self._snapshot(trainer, pl_module, completed_epochs)
             self.last_paths = export_checkpoint(checkpoint, self.output_dir, self.dataset, self.run_config)
         trainer.strategy.barrier("teacher_export")
 
@@ -39,7 +58,13 @@ class TeacherExport(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
         if self.every_n_epochs > 0 and done % self.every_n_epochs == 0 and done < (trainer.max_epochs or 0):
-            self._export(trainer)
+            self._export(trainer, pl_module, done)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._export(trainer)
+        self._export(trainer, pl_module, trainer.current_epoch)  # epochs trained (a stopped last epoch counts)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # trainer.max_steps=0 skips the training loop (no on_train_end): export the untrained teacher, the honest
+        # random-init (or init_weights) baseline, as epoch 0.
+        if trainer.max_steps == 0 and trainer.global_step == 0:
+            self._export(trainer, pl_module, 0)

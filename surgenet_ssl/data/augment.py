@@ -4,6 +4,11 @@ Each crop: random resized crop (bicubic) -> horizontal flip p=0.5 -> colour jitt
 order with p=0.8 -> grayscale p=0.2 -> Gaussian blur sigma~U(0.1, 2) (global 1: always, global 2: p=0.1, locals:
 p=0.5) -> solarize at 128 (global 2 only, p=0.2) -> ImageNet normalisation.
 
+Every strength and probability above is a config key under ``dino.crops`` (``flip_p``, ``color_jitter``,
+``color_jitter_p``, ``grayscale_p``, ``blur_p``, ``blur_sigma``, ``solarize_p``, ``solarize_threshold``; the
+official values are the defaults), read with :func:`recipe_from_crops` and used by all three execution paths (fast
+and official CPU backends, and :mod:`surgenet_ssl.data.gpu_augment`).
+
 - ``backend="official"`` (:class:`OfficialMultiCrop`): the PIL/torchvision transforms of the official DINO code,
   kept as the reference and for comparison (about 21 ms per 854x480 frame on one core).
 - ``backend="fast"`` (:class:`FastMultiCrop`, the default): the same distribution on uint8 numpy arrays with
@@ -51,6 +56,7 @@ __all__ = [
     "decode_frame",
     "jpeg_info",
     "random_resized_crop_params",
+    "recipe_from_crops",
     "recipe_probabilities",
 ]
 
@@ -65,6 +71,7 @@ SOLARIZE_P = 0.2  # global crop 2 only
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 JITTER_P, GRAY_P, FLIP_P = 0.8, 0.2, 0.5
 SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128  # pixels >= this are inverted (PIL ImageOps.solarize)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
@@ -192,11 +199,60 @@ def random_resized_crop_params(
 
 
 # -------------------------------------------------------------------------------------------------- base / API
+# dino.crops config key -> recipe key (see recipe_probabilities)
+AUGMENT_CONFIG_KEYS = {
+    "flip_p": "flip",
+    "color_jitter": "jitter_strength",
+    "color_jitter_p": "jitter",
+    "grayscale_p": "gray",
+    "blur_p": "blur",
+    "blur_sigma": "blur_sigma",
+    "solarize_p": "solarize",
+    "solarize_threshold": "solarize_threshold",
+}
+
+
 def recipe_probabilities(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The per-op probabilities of the recipe (``blur`` per crop position: global 1, global 2, locals)."""
-    p = {"flip": FLIP_P, "jitter": JITTER_P, "gray": GRAY_P, "blur": BLUR_P, "solarize": SOLARIZE_P}
+    """The per-op probabilities and strengths of the recipe, with ``overrides`` applied and checked.
+
+    Keys: ``flip``, ``jitter``, ``gray``, ``solarize`` (probabilities; solarization on global crop 2 only),
+    ``blur`` (probability per crop position: global 1, global 2, locals), ``jitter_strength`` (brightness, contrast,
+    saturation, hue as in torchvision's ColorJitter), ``blur_sigma`` (sigma range in px), ``solarize_threshold``
+    (0..256; 256 never inverts).
+    """
+    p: dict[str, Any] = {"flip": FLIP_P, "jitter": JITTER_P, "gray": GRAY_P, "blur": BLUR_P, "solarize": SOLARIZE_P,
+                         "jitter_strength": JITTER, "blur_sigma": SIGMA, "solarize_threshold": SOLARIZE_THRESHOLD}
     p.update(overrides or {})
+    config = {v: k for k, v in AUGMENT_CONFIG_KEYS.items()}
+
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"dino.crops.{config.get(key, key)}={p[key]!r}: {why}")
+
+    for key in ("flip", "jitter", "gray", "solarize"):
+        if not 0.0 <= float(p[key]) <= 1.0:
+            raise bad(key, "a probability must be in [0, 1]")
+    p["blur"] = tuple(float(v) for v in p["blur"])
+    if len(p["blur"]) != 3 or not all(0.0 <= v <= 1.0 for v in p["blur"]):
+        raise bad("blur", "needs 3 probabilities in [0, 1]: global crop 1, global crop 2, local crops")
+    p["jitter_strength"] = tuple(float(v) for v in p["jitter_strength"])
+    js = p["jitter_strength"]
+    if len(js) != 4 or min(js) < 0 or js[0] > 1 or js[1] > 1 or js[2] > 1 or js[3] > 0.5:
+        raise bad("jitter_strength", "needs [brightness, contrast, saturation, hue] with the first three in [0, 1] "
+                                     "and hue in [0, 0.5]")  # fmt: skip
+    p["blur_sigma"] = tuple(float(v) for v in p["blur_sigma"])
+    if len(p["blur_sigma"]) != 2 or not 0 < p["blur_sigma"][0] <= p["blur_sigma"][1]:
+        raise bad("blur_sigma", "needs [min, max] with 0 < min <= max (px)")
+    if not 0 <= int(p["solarize_threshold"]) <= 256:
+        raise bad("solarize_threshold", "must be in 0..256 (pixels >= it are inverted; 256: never)")
+    p["solarize_threshold"] = int(p["solarize_threshold"])
     return p
+
+
+def recipe_from_crops(crops: dict[str, Any] | None) -> dict[str, Any]:
+    """The augmentation knobs of a ``dino.crops`` config (``flip_p``, ``color_jitter``, ``color_jitter_p``,
+    ``grayscale_p``, ``blur_p``, ``blur_sigma``, ``solarize_p``, ``solarize_threshold``) as the overrides that
+    :func:`recipe_probabilities` and every backend's ``probabilities=`` take. Absent keys keep the official values."""
+    return {AUGMENT_CONFIG_KEYS[k]: v for k, v in (crops or {}).items() if k in AUGMENT_CONFIG_KEYS and v is not None}
 
 
 class CropGeometry:
@@ -260,10 +316,12 @@ class MultiCropAugmentation(CropGeometry):
         std: Sequence[float] = IMAGENET_STD,
         backend: str | None = None,
         uint8_output: bool = False,
+        probabilities: dict[str, Any] | None = None,
     ) -> None:
         self._init_geometry(global_crops_size, local_crops_size, global_crops_scale, local_crops_scale,
                             local_crops_number, mean, std)  # fmt: skip
         self.uint8_output = bool(uint8_output)
+        self.p = recipe_probabilities(probabilities)  # strengths and probabilities (recipe_from_crops(dino.crops))
         self._events: Counter[str] = Counter()
 
     def decode(self, data: bytes) -> np.ndarray:
@@ -333,13 +391,15 @@ class OfficialMultiCrop(MultiCropAugmentation):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        p = self.p
         flip_and_jitter = T.Compose(
             [
-                T.RandomHorizontalFlip(p=FLIP_P),
-                T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
-                T.RandomGrayscale(p=GRAY_P),
+                T.RandomHorizontalFlip(p=p["flip"]),
+                T.RandomApply([T.ColorJitter(*p["jitter_strength"])], p=p["jitter"]),
+                T.RandomGrayscale(p=p["gray"]),
             ]
         )
+        sigma = p["blur_sigma"]
         as_float = T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
         normalize = T.PILToTensor() if self.uint8_output else as_float
         bicubic = T.InterpolationMode.BICUBIC
@@ -352,19 +412,19 @@ class OfficialMultiCrop(MultiCropAugmentation):
             [
                 crop(g, self.global_crops_scale),
                 flip_and_jitter,
-                RandomGaussianBlur(BLUR_P[0]),
+                RandomGaussianBlur(p["blur"][0], *sigma),
                 normalize,
             ]
         )
         self.global_2 = T.Compose(
-            [crop(g, self.global_crops_scale), flip_and_jitter, RandomGaussianBlur(BLUR_P[1]),
-             RandomSolarize(SOLARIZE_P), normalize]
+            [crop(g, self.global_crops_scale), flip_and_jitter, RandomGaussianBlur(p["blur"][1], *sigma),
+             RandomSolarize(p["solarize"], p["solarize_threshold"]), normalize]
         )  # fmt: skip
         self.local = T.Compose(
             [
                 crop(loc, self.local_crops_scale),
                 flip_and_jitter,
-                RandomGaussianBlur(BLUR_P[2]),
+                RandomGaussianBlur(p["blur"][2], *sigma),
                 normalize,
             ]
         )
@@ -444,12 +504,15 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(img, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE)
 
 
-_SOLARIZE_LUT = np.array([v if v < 128 else 255 - v for v in range(256)], dtype=np.uint8)
+_SOLARIZE_LUTS: dict[int, np.ndarray] = {}
 
 
-def solarize(img: np.ndarray) -> np.ndarray:
-    """Invert pixels >= 128 (PIL ImageOps.solarize(img, 128))."""
-    return cv2.LUT(img, _SOLARIZE_LUT)
+def solarize(img: np.ndarray, threshold: int = SOLARIZE_THRESHOLD) -> np.ndarray:
+    """Invert pixels >= ``threshold`` (PIL ImageOps.solarize(img, threshold); 128 in the recipe)."""
+    lut = _SOLARIZE_LUTS.get(threshold)
+    if lut is None:
+        lut = _SOLARIZE_LUTS[threshold] = np.array([v if v < threshold else 255 - v for v in range(256)], np.uint8)
+    return cv2.LUT(img, lut)
 
 
 def resize_crop(img: np.ndarray, top: int, left: int, h: int, w: int, size: int) -> np.ndarray:
@@ -471,7 +534,8 @@ class FastMultiCrop(MultiCropAugmentation):
     Extra args: ``decode_min_short`` (reduced-size JPEG decoding keeps the shorter side >= this; ``None`` = the
     size at which the smallest global crop is not upscaled, ``0`` = never reduce); ``seed`` (fixed RNG, for tests;
     default: per process from ``torch.initial_seed()``, which the loader sets per worker); ``probabilities``
-    (override ``flip``, ``jitter``, ``gray``, ``blur`` (3-tuple), ``solarize`` — tests only).
+    (every backend: override ``flip``, ``jitter``, ``gray``, ``blur`` (3-tuple), ``solarize`` and the strengths,
+    see :func:`recipe_probabilities`; training passes ``recipe_from_crops(dino.crops)``).
     Call with ``return_params=True`` to also get, per crop, the drawn parameters (box, flip, jitter factors and
     order or None, gray, blur sigma or None, solarize).
     """
@@ -486,11 +550,10 @@ class FastMultiCrop(MultiCropAugmentation):
         probabilities: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, probabilities=probabilities, **kwargs)
         if decode_min_short is None:
             decode_min_short = math.ceil(self.global_crops_size / math.sqrt(self.global_crops_scale[0]))
         self.decode_min_short = int(decode_min_short)
-        self.p = recipe_probabilities(probabilities)
         self.seed = seed
         self._rng: np.random.Generator | None = None
         self._rng_key: tuple[int, int] | None = None
@@ -536,7 +599,7 @@ class FastMultiCrop(MultiCropAugmentation):
             out = cv2.flip(out, 1)
         jitter = None
         if u[23] < p["jitter"]:
-            b, c, s, hue = JITTER
+            b, c, s, hue = p["jitter_strength"]
             jitter = {
                 "brightness": 1 - b + 2 * b * u[24],
                 "contrast": 1 - c + 2 * c * u[25],
@@ -550,12 +613,13 @@ class FastMultiCrop(MultiCropAugmentation):
         if gray:
             out = to_grayscale(out)
         blur_p = p["blur"][min(index, 2)]
-        sigma = SIGMA[0] + u[30] * (SIGMA[1] - SIGMA[0]) if u[29] < blur_p else None
+        lo, hi = p["blur_sigma"]
+        sigma = lo + u[30] * (hi - lo) if u[29] < blur_p else None
         if sigma is not None:
             out = gaussian_blur(out, sigma)
         sol = index == 1 and u[31] < p["solarize"]
         if sol:
-            out = solarize(out)
+            out = solarize(out, p["solarize_threshold"])
         if params is not None:
             params.append({"box": (top, left, h, w), "flip": flip, "jitter": jitter, "gray": gray, "sigma": sigma,
                            "solarize": sol, "size": size, "frame": img.shape[:2]})  # fmt: skip

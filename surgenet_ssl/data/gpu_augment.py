@@ -34,7 +34,6 @@ from torchvision.ops import roi_align
 from surgenet_ssl.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    JITTER,
     RATIO,
     SIGMA,
     CropGeometry,
@@ -223,8 +222,9 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, or
 class GpuMultiCrop(CropGeometry):
     """uint8 frames ``(B, 3, H, W)`` on any device -> list of ``2 + local_crops_number`` normalised float crops.
 
-    Args mirror :class:`surgenet_ssl.data.augment.MultiCropAugmentation`; ``probabilities`` overrides ``flip``,
-    ``jitter``, ``gray``, ``blur`` (3-tuple), ``solarize`` (tests only); ``dtype`` of the output crops.
+    Args mirror :class:`surgenet_ssl.data.augment.MultiCropAugmentation`; ``probabilities`` (training:
+    ``recipe_from_crops(dino.crops)``, strengths included, see ``recipe_probabilities``) overrides ``flip``,
+    ``jitter``, ``gray``, ``blur`` (3-tuple), ``solarize``; ``dtype`` of the output crops.
     Call with ``sizes`` ((B, 2) valid ``(h, w)`` per frame, top-left aligned in the padded canvas) to crop each
     frame within its own region; without, every frame is the whole canvas.
     """
@@ -264,7 +264,7 @@ class GpuMultiCrop(CropGeometry):
         flip = u[:, 0] < self.p["flip"]
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
         jitter = u[:, 1] < self.p["jitter"]
-        bri, con, sat, hue = JITTER
+        bri, con, sat, hue = self.p["jitter_strength"]  # dino.crops.color_jitter (recipe: JITTER)
         factors = torch.stack(
             [1 - bri + 2 * bri * u[:, 2], 1 - con + 2 * con * u[:, 3], 1 - sat + 2 * sat * u[:, 4],
              -hue + 2 * hue * u[:, 5]], 1,
@@ -278,12 +278,14 @@ class GpuMultiCrop(CropGeometry):
         blur_p = self.p["blur"][min(index, 2)]
         v = torch.rand(b, 3, generator=g, device=dev)
         blur = v[:, 0] < blur_p
-        sigma = torch.where(blur, SIGMA[0] + v[:, 1] * (SIGMA[1] - SIGMA[0]), torch.zeros_like(v[:, 1]))
+        lo, hi = self.p["blur_sigma"]  # dino.crops.blur_sigma (recipe: SIGMA)
+        sigma = torch.where(blur, lo + v[:, 1] * (hi - lo), torch.zeros_like(v[:, 1]))
         if blur_p > 0:
-            out = gaussian_blur(out, sigma)  # sigma 0 (not drawn): identity kernel
+            out = gaussian_blur(out, sigma, radius=math.ceil(3.0 * hi))  # sigma 0 (not drawn): identity kernel
         sol = (v[:, 2] < self.p["solarize"]) if index == 1 else torch.zeros_like(blur)
         if index == 1 and self.p["solarize"] > 0:
-            out = torch.where(sol.view(-1, 1, 1, 1) & (out >= 128.0 / 255.0), 1.0 - out, out)
+            threshold = self.p["solarize_threshold"] / 255.0  # dino.crops.solarize_threshold (recipe: 128)
+            out = torch.where(sol.view(-1, 1, 1, 1) & (out >= threshold), 1.0 - out, out)
         mean, std = _constants(dev, self.mean, self.std, uint8=False)
         out = ((out - mean) / std).to(self.dtype)
         params = {"box": boxes, "flip": flip, "jitter": jitter, "factors": factors, "order": order, "gray": gray,

@@ -38,7 +38,7 @@ from surgenet_ssl.data import location as L
 from surgenet_ssl.data.mixture import ResolvedMixture, SourceSpec, resolve_mixture
 from surgenet_ssl.data.shards import iter_shard, keep_frame
 from surgenet_ssl.data.video import decode_rgb_image
-from surgenet_ssl.resources import limit_worker_threads
+from surgenet_ssl.resources import limit_worker_threads, single_threaded_opencv_fork
 
 __all__ = ["MixtureStream", "build_train_loader", "STAT_NAMES"]
 
@@ -184,7 +184,8 @@ class _SourceReader:
 class MixtureStream(IterableDataset):
     """IterableDataset of ready batches ``{"crops": [Tensor(B,3,h,w)], "source": LongTensor(B), "key": [str]}``.
 
-    (``{"frames": uint8 Tensor(B,3,H,W), ...}`` instead when the transform's ``batch_key`` is "frames".)
+    (``{"frames": uint8 Tensor(B,3,H,W), "frame_hw": Tensor(B,2), ...}`` instead when the transform's
+    ``batch_key`` is "frames": GPU augmentation mode, each frame's valid size in its padded canvas.)
 
     ``len()`` is the number of batches per epoch on each rank, the same on every rank.
     """
@@ -439,7 +440,8 @@ class _EpochLoader(DataLoader):
         ds._iterations += 1
         if ds.resume_position is not None and int(ds.resume_position["epoch"]) != ds.epoch:
             ds.resume_position = None
-        iterator = super().__iter__()  # workers (or the in-process iterator) took the resume position
+        with single_threaded_opencv_fork():
+            iterator = super().__iter__()  # workers (or the in-process iterator) took the resume position
         ds.resume_position = None  # later epochs start from their beginning
         return iterator
 

@@ -7,6 +7,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from surgenet_ssl.dino.dinov2 import sinkhorn_knopp
+
 
 class DINOLoss(nn.Module):
     """Cross-entropy H(teacher_i, student_j) averaged over all pairs (teacher global crop i, student crop j), i != j.
@@ -16,13 +18,21 @@ class DINOLoss(nn.Module):
 
     Unlike the official code, the center is not updated inside ``forward``: teacher outputs are accumulated and
     ``update_center()`` is called once per optimizer step, so gradient accumulation does not update it twice.
+
+    ``centering="sinkhorn_knopp"`` (DINOv2) replaces the centred softmax by Sinkhorn-Knopp normalised targets
+    (:func:`surgenet_ssl.dino.dinov2.sinkhorn_knopp`, ``sinkhorn_iterations``) over all teacher rows of the step;
+    the EMA center is then not used nor updated.
     """
 
-    def __init__(self, out_dim: int, n_global_crops: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, n_global_crops: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "centering", sinkhorn_iterations: int = 3):  # fmt: skip
         super().__init__()
+        if centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"dino.loss.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         self.n_global_crops = n_global_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering, self.sinkhorn_iterations = centering, int(sinkhorn_iterations)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self._pending_sum: torch.Tensor | None = None
         self._pending_count = 0
@@ -38,7 +48,10 @@ class DINOLoss(nn.Module):
         n_crops = student_output.shape[0] // batch
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(n_crops)
         teacher = teacher_output.detach().float()
-        teacher_p = F.softmax((teacher - self.center) / teacher_temp, dim=-1).chunk(self.n_global_crops)
+        if self.centering == "sinkhorn_knopp":
+            teacher_p = sinkhorn_knopp(teacher, teacher_temp, self.sinkhorn_iterations).chunk(self.n_global_crops)
+        else:
+            teacher_p = F.softmax((teacher - self.center) / teacher_temp, dim=-1).chunk(self.n_global_crops)
 
         total, pairs = student_output.new_zeros((), dtype=torch.float32), 0
         for i, t in enumerate(teacher_p):
@@ -47,7 +60,8 @@ class DINOLoss(nn.Module):
                     continue  # same view for teacher and student: skipped
                 total = total + torch.sum(-t * s, dim=-1).mean()
                 pairs += 1
-        self._accumulate(teacher)
+        if self.centering == "centering":
+            self._accumulate(teacher)
         return total / pairs
 
     @torch.no_grad()

@@ -8,7 +8,9 @@ from .diagnostics import (
     CONSTANT_RATIO,
     ONEHOT_RATIO,
     UNIFORM_RATIO,
+    CollapseTracker,
     collapse_diagnostics,
+    collapse_kind,
     collapse_warning,
     entropy,
 )
@@ -30,6 +32,8 @@ __all__ = [
     "fit_linear_probe",
     "collapse_diagnostics",
     "collapse_warning",
+    "collapse_kind",
+    "CollapseTracker",
     "entropy",
     "UNIFORM_RATIO",
     "ONEHOT_RATIO",

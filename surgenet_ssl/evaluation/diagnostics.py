@@ -148,3 +148,54 @@ def collapse_warning(
             "the batch holds a single image (its crops legitimately agree)."
         )
     return None
+
+
+def collapse_kind(
+    metrics: dict[str, float], out_dim: int, uniform_ratio: float = UNIFORM_RATIO, onehot_ratio: float = ONEHOT_RATIO,
+    constant_ratio: float = CONSTANT_RATIO,
+) -> str | None:  # fmt: skip
+    """``"uniform"``, ``"onehot"``, ``"constant"`` or ``None``: which collapse one batch's metrics look like."""
+    log_k = math.log(out_dim)
+    h, h_mean = metrics["teacher_entropy"], metrics["teacher_mean_entropy"]
+    if h >= uniform_ratio * log_k:
+        return "uniform"
+    if h_mean <= onehot_ratio * log_k:
+        return "onehot"
+    if h_mean - h <= constant_ratio * log_k:
+        return "constant"
+    return None
+
+
+class CollapseTracker:
+    """Warns when collapse *persists*, instead of on every batch that looks collapsed (see the module docstring).
+
+    Fed with each :func:`collapse_diagnostics` result (``update``). A warning needs the last ``window`` results to
+    show the same collapse and, for the uniform kind, that the teacher is not sharpening (its entropy fell by less
+    than ``min_entropy_drop`` x log K over the window) and that the student has caught up with it (KL(teacher ||
+    student) <= ``max_kl`` x log K): a teacher that is still near log K but sharpening, or a student still far from
+    it, is learning. After a warning the window restarts, so a persisting collapse warns once per window.
+    """
+
+    def __init__(self, out_dim: int, window: int = 5, min_entropy_drop: float = 0.01, max_kl: float = 0.05,
+                 **thresholds: float) -> None:  # fmt: skip
+        if out_dim < 2:
+            raise ValueError(f"out_dim must be >= 2 for entropy-based diagnostics, got {out_dim}.")
+        self.out_dim, self.window = out_dim, max(1, int(window))
+        self.min_entropy_drop, self.max_kl, self.thresholds = min_entropy_drop, max_kl, thresholds
+        self.history: list[tuple[str | None, dict[str, float]]] = []
+
+    def update(self, metrics: dict[str, float]) -> str | None:
+        kind = collapse_kind(metrics, self.out_dim, **self.thresholds)
+        self.history = [*self.history, (kind, dict(metrics))][-self.window :]
+        if kind is None or len(self.history) < self.window or any(k != kind for k, _ in self.history):
+            return None
+        log_k = math.log(self.out_dim)
+        first, last = self.history[0][1], self.history[-1][1]
+        if kind == "uniform":
+            drop = first["teacher_entropy"] - last["teacher_entropy"]
+            kl = max(m.get("kl_teacher_student", 0.0) for _, m in self.history)
+            if drop > self.min_entropy_drop * log_k or kl > self.max_kl * log_k:
+                return None  # still sharpening, or the student still has something to learn from the teacher
+        self.history = []
+        message = collapse_warning(last, self.out_dim, **self.thresholds)
+        return f"{message} (the last {self.window} diagnostics agree)" if message else None

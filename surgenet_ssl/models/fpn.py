@@ -77,6 +77,16 @@ class FPNDecoder(nn.Module):
         return self.classifier(self.dropout(merged))
 
 
+def _stride_4_to_32(model: nn.Module) -> tuple[int, ...]:
+    """Indices of the feature stages at strides 4, 8, 16, 32 (the last stage of each stride): (0, 1, 2, 3) for the
+    SurgeNet backbones; (1, 2, 3, 4) for models with a stride-2 stem stage (ResNets, EfficientNets)."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        return (0, 1, 2, 3)
+    last = {int(f["reduction"]): i for i, f in enumerate(info)}
+    return tuple(last[r] for r in (4, 8, 16, 32)) if all(r in last for r in (4, 8, 16, 32)) else (0, 1, 2, 3)
+
+
 class BackboneFPN(nn.Module):
     """Segmentation model: timm backbone stages -> ``FPNDecoder`` -> logits ``(B, num_classes, H, W)``.
 
@@ -99,7 +109,11 @@ class BackboneFPN(nn.Module):
         if weights is not None:
             name = None if isinstance(pretrained_weights, Mapping) else str(pretrained_weights)
             self.load_report = load_backbone_weights(model, weights, backbone, source_name=name)
-        self.encoder = FeatureListNet(model, out_indices=(0, 1, 2, 3), flatten_sequential=True)
+        out_indices = _stride_4_to_32(model)
+        try:
+            self.encoder = FeatureListNet(model, out_indices=out_indices, flatten_sequential=True)
+        except AssertionError:  # stages named by a Sequential itself (ResNet 'layer1'): timm's unflattened wrapper
+            self.encoder = FeatureListNet(model, out_indices=out_indices, flatten_sequential=False)
         reductions = self.encoder.feature_info.reduction()
         if reductions != [4, 8, 16, 32]:
             raise ValueError(f"{backbone} stages have strides {reductions}; the FPN needs 4, 8, 16, 32.")

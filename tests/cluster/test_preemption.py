@@ -14,9 +14,9 @@ from cluster.slurm_sim import JOB_ID, TOTAL_STEPS, SlurmJob, read_trace
 pytestmark = pytest.mark.slow
 
 
-def _preempt_and_resume(tmp_path, demo_cache, ntasks: int, after_step: int) -> tuple[SlurmJob, int]:
+def _preempt_and_resume(tmp_path, demo_cache, ntasks: int, after_step: int, extra=()) -> tuple[SlurmJob, int]:
     run_dir = tmp_path / "run"
-    job = SlurmJob(tmp_path, run_dir, demo_cache, ntasks=ntasks).start()
+    job = SlurmJob(tmp_path, run_dir, demo_cache, ntasks=ntasks, extra=list(extra)).start()
     job.wait_until(lambda: any(s >= after_step for s in job.step_checkpoints()))
     job.signal_all()
     codes = job.wait(timeout=240)
@@ -30,7 +30,7 @@ def _preempt_and_resume(tmp_path, demo_cache, ntasks: int, after_step: int) -> t
     assert after_step <= stopped_at < TOTAL_STEPS and f"preempted at optimizer step {stopped_at}" in out
     assert (run_dir / "checkpoints" / "last.ckpt").resolve() == preempted[0].resolve()
 
-    rerun = SlurmJob(tmp_path, run_dir, demo_cache, ntasks=ntasks).start()  # the requeued job: same command, same dir
+    rerun = SlurmJob(tmp_path, run_dir, demo_cache, ntasks=ntasks, extra=list(extra)).start()  # requeued: same command
     assert rerun.wait(timeout=300) == [0] * ntasks, rerun.output()[-4000:]
     assert f"resumed from {preempted[0]} at step {stopped_at}" in rerun.output()
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -40,32 +40,44 @@ def _preempt_and_resume(tmp_path, demo_cache, ntasks: int, after_step: int) -> t
     return job, stopped_at
 
 
-def _uninterrupted(tmp_path, demo_cache, ntasks: int):
-    ref_dir = tmp_path / "reference"
-    job = SlurmJob(tmp_path / "ref_tmp", ref_dir, demo_cache, ntasks=ntasks)
-    assert job.start().wait(timeout=300) == [0] * ntasks, job.output()[-4000:]
-    return ref_dir
+_REFERENCES: dict[tuple, object] = {}
 
 
-@pytest.mark.parametrize("after_step", [1, 5], ids=["epoch0", "mid-epoch1"])
-def test_signal_to_whole_job_with_workers_checkpoints_requeues_and_resumes_exactly(tmp_path, demo_cache, after_step):
-    (tmp_path / "ref_tmp").mkdir()
-    _, stopped_at = _preempt_and_resume(tmp_path, demo_cache, ntasks=1, after_step=after_step)
-    reference = read_trace(_uninterrupted(tmp_path, demo_cache, ntasks=1))
+def _uninterrupted(tmp_path_factory, demo_cache, ntasks: int, extra=()):
+    """The same job without interruption (run once per configuration and shared by the tests)."""
+    key = (ntasks, tuple(extra))
+    if key not in _REFERENCES:
+        tmp = tmp_path_factory.mktemp("reference")
+        job = SlurmJob(tmp, tmp / "run", demo_cache, ntasks=ntasks, extra=list(extra))
+        assert job.start().wait(timeout=300) == [0] * ntasks, job.output()[-4000:]
+        _REFERENCES[key] = tmp / "run"
+    return _REFERENCES[key]
+
+
+GPU_AUGMENT = ("data.augment_on=gpu", "data.gpu_frame_size=[40,64]")  # crops made by the module from a generator
+
+
+@pytest.mark.parametrize(
+    ("after_step", "extra"), [(1, ()), (5, ()), (5, GPU_AUGMENT)], ids=["epoch0", "mid-epoch1", "gpu-augment-mid-epoch1"]
+)
+def test_signal_to_whole_job_with_workers_checkpoints_requeues_and_resumes_exactly(tmp_path, tmp_path_factory, demo_cache,
+                                                                                   after_step, extra):  # fmt: skip
+    _, stopped_at = _preempt_and_resume(tmp_path, demo_cache, ntasks=1, after_step=after_step, extra=extra)
+    ref_dir = _uninterrupted(tmp_path_factory, demo_cache, ntasks=1, extra=extra)
+    reference = read_trace(ref_dir)
     resumed = read_trace(tmp_path / "run")
     assert sorted(resumed) == list(range(TOTAL_STEPS)) == sorted(reference)
     for step in range(TOTAL_STEPS):  # same frames, same crops, in the same order, before and after the requeue
         assert resumed[step] == reference[step], f"step {step} differs (stopped at {stopped_at})"
     final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    ref = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ref = torch.load(ref_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     for name, value in ref["state_dict"].items():  # weights too: RNG streams (drop path, ...) continued
         torch.testing.assert_close(final["state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_two_ranks_agree_save_once_and_resume_the_same_stream(tmp_path, demo_cache):
-    (tmp_path / "ref_tmp").mkdir()
+def test_two_ranks_agree_save_once_and_resume_the_same_stream(tmp_path, tmp_path_factory, demo_cache):
     _preempt_and_resume(tmp_path, demo_cache, ntasks=2, after_step=5)
-    ref_dir = _uninterrupted(tmp_path, demo_cache, ntasks=2)
+    ref_dir = _uninterrupted(tmp_path_factory, demo_cache, ntasks=2)
     for rank in (0, 1):
         assert read_trace(tmp_path / "run", rank) == read_trace(ref_dir, rank)
     assert read_trace(ref_dir, 0)[0][0] != read_trace(ref_dir, 1)[0][0]  # the ranks read different frames

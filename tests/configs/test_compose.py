@@ -106,7 +106,8 @@ def test_checkpoint_callbacks_coexist_with_any_intervals(tmp_path):
 
     cfg = _compose(["callbacks.archive_checkpoint.every_n_epochs=1", "callbacks.model_checkpoint.every_n_train_steps=1",
                     f"callbacks.model_checkpoint.dirpath={tmp_path}", f"callbacks.archive_checkpoint.dirpath={tmp_path}/a",
-                    f"callbacks.knn_monitor.output_dir={tmp_path}", "export.enabled=false"])  # fmt: skip
+                    f"callbacks.knn_monitor.output_dir={tmp_path}", f"callbacks.batch_trace.output_dir={tmp_path}",
+                    "export.enabled=false"])  # fmt: skip
     callbacks = build_callbacks(cfg, tmp_path)
     checkpointers = [c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)]
     assert len(checkpointers) == 3 and len({c.state_key for c in checkpointers}) == 3

@@ -62,7 +62,9 @@ def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplo
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True})
+    # aot_eager: dynamo's graph capture and AOT autograd as with inductor, without minutes of C++ code generation on CPU
+    model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True,
+                                                                               "compile_backend": "aot_eager"})
     keys = list(model.state_dict())
     with caplog.at_level(logging.WARNING, logger="surgenet_ssl.performance"):
         trainer = _fit(model, tmp_path)
@@ -87,7 +89,9 @@ def test_compile_setup_failure_leaves_the_backbone_eager(tmp_path, monkeypatch, 
 @pytest.mark.slow
 def test_compile_true_compiles_or_falls_back_and_training_runs(tmp_path, caplog) -> None:
     torch.manual_seed(0)
-    model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True})
+    # aot_eager: dynamo's graph capture and AOT autograd as with inductor, without minutes of C++ code generation on CPU
+    model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True,
+                                                                               "compile_backend": "aot_eager"})
     keys = list(model.state_dict())
     with caplog.at_level(logging.WARNING, logger="surgenet_ssl.performance"):
         trainer = _fit(model, tmp_path)
