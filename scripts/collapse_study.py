@@ -37,6 +37,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                 [*SMALL, "dino.loss.teacher_temp=0.1", "dino.loss.warmup_teacher_temp=0.1"]),
     "onehot": ("64/32 px, no centering (center momentum 1.0): one-hot collapse",
                [*SMALL, "dino.loss.center_momentum=1.0"]),
+    # the same small-image runs with the lr of batch 256 (5e-4) instead of 5e-4 x 16 / 256
+    "nolocals_lr": ("as nolocals, peak lr 5e-4", ["dino.crops.global_size=64", "dino.crops.local_number=0",
+                                                 "dino.optimizer.reference_batch=16"]),
+    "locals32_lr": ("as locals32, peak lr 5e-4", [*SMALL, "dino.optimizer.reference_batch=16"]),
 }
 
 

@@ -16,6 +16,7 @@ import torch
 from surgenet_ssl.backbones import build_backbone
 from surgenet_ssl.cluster import PREEMPTION
 from surgenet_ssl.distributed import gather_from_ranks
+from surgenet_ssl.step_agreement import Agreement, StepAgreement
 from surgenet_ssl.dino import (
     DINOHead,
     DINOLoss,
@@ -117,10 +118,8 @@ class DINOModule(pl.LightningModule):
         )
         self.schedules: dict[str, torch.Tensor] = {}
         self.global_batch = batch_size
-        # Per-step agreement between ranks (see _agree_to_continue) and RNG states to restore on resume.
-        self._nonfinite: torch.Tensor | None = None
-        self._bad_loss: torch.Tensor | None = None
-        self._bad_where: tuple[int, int, int] | None = None
+        # Per-step agreement between ranks (surgenet_ssl/step_agreement.py) and RNG states to restore on resume.
+        self._agreement = StepAgreement()
         self.stop_agreed = False
         self._rng_to_restore: dict[str, Any] | None = None
         self.performance = performance_options(performance)
@@ -316,14 +315,8 @@ class DINOModule(pl.LightningModule):
                 teacher_out = self.teacher(crops[:2])
             student_out = self.student(crops)
             loss = self.dino_loss(student_out, teacher_out, teacher_temp)
-        # No host sync here: the flag is checked, together with the other ranks', before the optimizer step.
-        bad = ~torch.isfinite(loss.detach())
-        if self._nonfinite is None or self._nonfinite.device != bad.device:
-            self._nonfinite, self._bad_loss = bad.clone(), loss.detach().clone()
-        else:
-            self._bad_loss = torch.where(self._nonfinite, self._bad_loss, loss.detach())  # keep the first bad value
-            self._nonfinite |= bad
-        self._bad_where = self._bad_where or (step, self.current_epoch, batch_idx)
+        # No host sync here: the ranks agree on the loss being finite before the optimizer step.
+        self._agreement.record_loss(loss, (step, self.current_epoch, batch_idx))
         bs = crops[0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/teacher_temp", teacher_temp, batch_size=bs)
@@ -349,29 +342,24 @@ class DINOModule(pl.LightningModule):
         if warning and self.current_epoch >= 1 and self.trainer.is_global_zero:
             log.warning("step %d: %s", self.global_step, warning)
 
-    def _agree_to_continue(self) -> None:
-        """All ranks agree, through one all-reduced flag, on whether a rank's loss was not finite (stop with the
-        message) or a preemption signal arrived (``stop_agreed``: save and stop after this step). This is the
-        one host sync per optimizer step; nothing is saved and no optimizer step is taken after a bad loss."""
-        device = self._nonfinite.device if self._nonfinite is not None else self.device
-        local_bad = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.bool, device=device)
-        flags = torch.stack([local_bad.float(), torch.full((), float(PREEMPTION.requested), device=device)])
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        any_bad, stop = flags.tolist()
-        if any_bad:
-            step, epoch, batch_idx = self._bad_where or (self.global_step, self.current_epoch, -1)
-            value = f"{self._bad_loss.item()}" if bool(local_bad) else "not finite on another rank"
-            raise FloatingPointError(
-                f"DINO loss is {value} at optimizer step {step} (epoch {epoch}, batch {batch_idx}); training stopped "
-                "on every rank and the last good checkpoint is untouched. Usual fixes: lower dino.optimizer.base_lr, "
-                "use trainer.precision=bf16-mixed instead of 16-mixed, or a lower dino.optimizer.clip_grad."
-            )
-        self.stop_agreed = bool(stop)
-        self._nonfinite, self._bad_where = None, None
+    def _act_on(self, agreed: Agreement | None) -> None:
+        """What all ranks agreed on: a non-finite loss on any rank stops every rank with the message (before the
+        optimizer step, or on CUDA before the next checkpoint is written); a preemption signal sets ``stop_agreed``
+        (callbacks.PreemptionCheckpoint saves and stops at the end of the step)."""
+        if agreed is None:
+            return
+        if agreed.any_bad:
+            raise FloatingPointError(agreed.message())
+        self.stop_agreed = self.stop_agreed or agreed.stop
+
+    def check_pending_steps(self) -> None:
+        """Settle the agreement of steps not read yet (pipelined on CUDA): before a checkpoint or an export."""
+        self._act_on(self._agreement.resolve())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._agree_to_continue()
+        # One all-reduce of two flags per optimizer step; on CPU read at once, on CUDA one step later (no host wait).
+        where = (self.global_step, self.current_epoch, -1)
+        self._act_on(self._agreement.submit(PREEMPTION.requested, where, self.device))
         # Runs after AMP unscaling, so the clip threshold applies to true gradient norms.
         clip = self.dino_cfg["optimizer"].get("clip_grad", 0.0)
         if clip:
@@ -438,6 +426,7 @@ class DINOModule(pl.LightningModule):
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_pending_steps()  # never write the weights of a step whose loss was not finite
         checkpoint["global_batch"] = self.global_batch  # with global_step: frames seen, for the model card
         # Every rank's RNG state, so that a resumed run draws the same drop-path masks and GPU crops.
         checkpoint["rng_states"] = gather_from_ranks(self._rng_state(), self.trainer.world_size)

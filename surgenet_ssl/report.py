@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"{summary['runs']} pretraining run(s), {summary['results']} result(s), {len(summary['columns'])} metric "
-          "column(s)")  # fmt: skip
+    print(f"{summary['runs']} pretraining run(s), {summary['results']} results.json file(s), "
+          f"{len(summary['columns'])} metric column(s)")  # fmt: skip
     for note in summary["notes"]:
         print(f"note: {note}")
     for name, path in summary["files"].items():

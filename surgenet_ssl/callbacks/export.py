@@ -45,6 +45,9 @@ class TeacherExport(pl.Callback):
         return checkpoint
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, completed_epochs: int) -> None:
+        check = getattr(pl_module, "check_pending_steps", None)
+        if check is not None:  # never export the weights of a step whose loss was not finite
+            check()
         if trainer.is_global_zero:
             checkpoint = self._snapshot(trainer, pl_module, completed_epochs)
             self.last_paths = export_checkpoint(checkpoint, self.output_dir, self.dataset, self.run_config)

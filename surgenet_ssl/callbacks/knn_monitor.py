@@ -5,6 +5,10 @@ The labelled set is either an image folder with class subfolders (``train_dir``/
 training sources themselves labelled by source (= procedure on the demo data): per source the frames of the last
 video are queries and the other videos are the memory bank, so a query never has a near-duplicate neighbour from
 its own video.
+
+With ``baseline=True`` (default) it also measures the teacher before the first step of a fresh run (logged at step
+0: the random-init baseline, or the ``backbone.init_weights`` starting point), and at the end of training logs
+``k-NN top-1: <baseline> at init -> <final> after N steps``.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class KNNMonitor(pl.Callback):
         embedding_map: bool = True,
         output_dir: str | None = None,
         batch_size: int = 64,
+        baseline: bool = True,
     ) -> None:
         self.every_n_epochs = every_n_epochs
         self.k, self.temperature, self.image_size = k, temperature, image_size
@@ -106,15 +111,21 @@ class KNNMonitor(pl.Callback):
         self._sets: tuple[LabelledImages, LabelledImages, list[str]] | None = None
         self.last_result: dict[str, float] = {}
         self.last_epoch: int | None = None
+        self.baseline = baseline
+        self.baseline_result: dict[str, float] = {}  # at step 0 (before any training step)
 
     def state_dict(self) -> dict:
         """The last result travels in checkpoints: the model card of an export (also a later one from the CLI)
         reports the final online k-NN from it."""
-        return {"last_result": dict(self.last_result), "last_epoch": self.last_epoch} if self.last_result else {}
+        state = {"last_result": dict(self.last_result), "last_epoch": self.last_epoch} if self.last_result else {}
+        if self.baseline_result:
+            state["baseline_result"] = dict(self.baseline_result)
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_result = dict(state_dict.get("last_result") or {})
         self.last_epoch = state_dict.get("last_epoch")
+        self.baseline_result = dict(state_dict.get("baseline_result") or {})
 
     def _load_sets(self, trainer: pl.Trainer) -> tuple[LabelledImages, LabelledImages, list[str]] | None:
         if self._sets is None:
@@ -140,6 +151,20 @@ class KNNMonitor(pl.Callback):
         out = [backbone(torch.stack(images[i:i + self.batch_size]).to(device)).float().cpu()
                for i in range(0, len(images), self.batch_size)]  # fmt: skip
         return torch.cat(out)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The untrained teacher of a fresh run (step 0): the baseline every later k-NN is compared with."""
+        if self.every_n_epochs <= 0 or not self.baseline or trainer.global_step != 0:
+            return
+        if trainer.is_global_zero:
+            self._evaluate(trainer, pl_module, 0)
+            self.baseline_result = dict(self.last_result)
+        trainer.strategy.barrier("knn_monitor_baseline")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.baseline_result and self.last_result:
+            log.info("k-NN top-1: %.4f at init -> %.4f after %d steps", self.baseline_result["knn/top1"],
+                     self.last_result["knn/top1"], trainer.global_step)  # fmt: skip
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
@@ -168,7 +193,8 @@ class KNNMonitor(pl.Callback):
         self.last_result, self.last_epoch = {"knn/top1": top1, "knn/top5": top5}, epoch
         for logger in trainer.loggers:
             logger.log_metrics({**self.last_result, "epoch": epoch}, step=trainer.global_step)
-        log.info("epoch %d: k-NN top-1 %.4f, top-5 %.4f (%d classes)", epoch, top1, top5, len(classes))
+        when = f"epoch {epoch}" if epoch else "step 0 (untrained teacher)"
+        log.info("%s: k-NN top-1 %.4f, top-5 %.4f (%d classes)", when, top1, top5, len(classes))
         if self.embedding_map:
             out_dir = Path(self.output_dir or trainer.default_root_dir) / "embeddings"
             path = save_embedding_map(

@@ -145,7 +145,9 @@ def demo_labels_complete(directory: str | Path) -> bool:
         info = json.loads((Path(directory) / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return info.get("version") == LABELS_VERSION and info.get("complete") is True
+    # a new pretraining demo (its textures, instruments) means new labelled cases too
+    return (info.get("version") == LABELS_VERSION and info.get("demo_version") == D.DEMO_VERSION
+            and info.get("complete") is True)  # fmt: skip
 
 
 def _build(tmp: Path) -> dict:
@@ -176,7 +178,8 @@ def _build(tmp: Path) -> dict:
     for split, lines in rows.items():
         (phases_dir / f"{split}.csv").write_text("path,label,video\n" + "\n".join(lines) + "\n")
     info = {
-        "version": LABELS_VERSION, "complete": True, "classes": list(SEGMENTATION_CLASSES), "phases": list(PHASES),
+        "version": LABELS_VERSION, "demo_version": D.DEMO_VERSION, "complete": True,
+        "classes": list(SEGMENTATION_CLASSES), "phases": list(PHASES),
         "frames": counts, "frames_fps": FRAMES_FPS, "annotation_fps": D.VIDEO_FPS,
         "description": "surgenet-ssl demo: labelled synthetic cases (masks, phases) for downstream fine-tuning",
     }  # fmt: skip

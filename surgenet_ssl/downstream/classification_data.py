@@ -206,8 +206,10 @@ def load_classification_split(data_cfg, split: str) -> tuple[list[ClsSample], li
     if fmt == "auto":
         fmt = "csv" if where.lower().endswith(".csv") else "cholec80" if data_cfg.get("annotations") else None
         if fmt is None:
-            raise ValueError(f"Cannot tell the classification layout of {where}: pass a .csv file, or frame folders "
-                             "with data.annotations=DIR (Cholec80 phases); or set data.format=csv|cholec80.")  # fmt: skip
+            raise ValueError(
+                f"Cannot tell the classification layout of {where}: pass a .csv file, or frame folders with "
+                "data.annotations=DIR (Cholec80 phases); or set data.format=csv|cholec80."
+            )
     if fmt == "csv":
         samples, criteria = csv_samples(where, data_cfg.get("label_columns"), data_cfg.get("image_root"))
         return samples, criteria, fmt

@@ -141,7 +141,7 @@ class FinetuneModule(pl.LightningModule):
             scores = self.all_gather(torch.cat(self._scores)).reshape(-1, self.num_classes)
             targets = self.all_gather(torch.cat(self._targets)).reshape(-1, self.num_classes)
             metrics = multilabel_metrics(scores.float().cpu(), targets.float().cpu(), self.class_names)
-            values = {"val/mAP": metrics["mAP"]}
+            values = {"val/mAP": metrics["mAP"]} | {f"val/ap/{k}": v for k, v in metrics["ap"].items()}
         else:
             if self._cm is None:
                 return
@@ -153,7 +153,8 @@ class FinetuneModule(pl.LightningModule):
             else:
                 metrics = classification_metrics(cm, self.class_names)
                 values = {"val/accuracy": metrics["accuracy"], "val/macro_f1": metrics["macro_f1"]}
-        values = {k: (0.0 if v != v else float(v)) for k, v in values.items()}  # nan (class absent) logs as 0
+                values |= {f"val/f1/{k}": v for k, v in metrics["f1"].items()}
+        values = {k: float(v) for k, v in values.items() if v == v}  # undefined (nan: class absent) is not logged
         self.log_dict(values, sync_dist=False)
         self._reset_val()
 
@@ -169,7 +170,8 @@ class FinetuneModule(pl.LightningModule):
             groups.setdefault((is_backbone, no_decay), []).append(p)
         param_groups = [
             {"params": params, "lr": o["lr"] * (o["backbone_lr_mult"] if bb else 1.0),
-             "weight_decay": 0.0 if nd else o["weight_decay"], "name": f"{'backbone' if bb else 'head'}{'_no_decay' if nd else ''}"}
+             "weight_decay": 0.0 if nd else o["weight_decay"],
+             "name": ("backbone" if bb else "head") + ("_no_decay" if nd else "")}
             for (bb, nd), params in sorted(groups.items())
         ]  # fmt: skip
         optimizer = torch.optim.AdamW(param_groups, lr=o["lr"], betas=tuple(o["betas"]))
@@ -177,9 +179,9 @@ class FinetuneModule(pl.LightningModule):
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = int(round(float(o["warmup_epochs"]) * per_epoch))
         warmup = min(warmup, max(0, total - 1))
+        power, min_ratio = float(o["poly_power"]), float(o["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(step, total, warmup, o["schedule"], float(o["poly_power"]), float(o["min_lr_ratio"])),
+            optimizer, lambda step: lr_factor(step, total, warmup, o["schedule"], power, min_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -195,7 +197,8 @@ def update_accumulators(owner, logits: Tensor, y) -> None:
         cm = None
         for logit, mask in zip(logits, masks, strict=True):
             if logit.shape[-2:] != mask.shape[-2:]:
-                logit = F.interpolate(logit[None].float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)[0]
+                logit = F.interpolate(logit[None].float(), size=mask.shape[-2:], mode="bilinear",
+                                      align_corners=False)[0]  # fmt: skip
             part = confusion_matrix(logit.argmax(0), mask.to(logit.device), owner.num_classes, owner.ignore_index)
             cm = part if cm is None else cm + part
     else:
@@ -246,6 +249,7 @@ def evaluate_model(model: nn.Module, loader, task: str, class_names: Sequence[st
     if acc._cm is None:
         raise ValueError("Empty split: the validation loader yielded no samples.")
     cm = acc._cm.cpu()
-    metrics = segmentation_metrics(cm, class_names) if task == "segmentation" else classification_metrics(cm, class_names)
+    score = segmentation_metrics if task == "segmentation" else classification_metrics
+    metrics = score(cm, class_names)
     metrics["confusion_matrix"] = cm.tolist()
     return metrics, kept

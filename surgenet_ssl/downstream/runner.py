@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -34,7 +33,7 @@ from surgenet_ssl.io_utils import atomic_path, sha256_file
 from .classification_data import CHOLEC80_PHASES, ClassificationDataset, ClsSample, load_classification_split
 from .fractions import select_fraction
 from .metrics import nan_to_none
-from .segmentation_data import MaskReader, SegmentationDataset, SegSample, load_segmentation_split
+from .segmentation_data import MaskReader, SegmentationDataset, load_segmentation_split
 from .transforms import SegmentationTransform, as_size, classification_transform
 
 __all__ = ["run_finetune", "prepare_data", "resolve_variants", "find_demo_teacher", "apply_demo_defaults",
@@ -101,7 +100,8 @@ def _split_by_groups(samples: list, val_groups: Sequence[str], where: str) -> tu
     found = {s.group for s in samples}
     unknown = sorted(wanted - found)
     if unknown:
-        raise ValueError(f"data.val_groups {unknown} are not videos/cases of {where} (found: {sorted(map(str, found))[:10]}).")
+        raise ValueError(f"data.val_groups {unknown} are not videos/cases of {where} "
+                         f"(found: {sorted(map(str, found))[:10]}).")  # fmt: skip
     return [s for s in samples if s.group not in wanted], [s for s in samples if s.group in wanted]
 
 
@@ -127,7 +127,8 @@ def _prepare_segmentation(cfg: DictConfig) -> PreparedData:
     train_samples, classes, kind, fmt = load_segmentation_split(str(d.train), str(d.format), d.get("classes"),
                                                                 str(d.cholecseg8k_mask))  # fmt: skip
     if d.get("val"):
-        val_samples, val_classes, _, _ = load_segmentation_split(str(d.val), fmt, d.get("classes"), str(d.cholecseg8k_mask))
+        val_samples, val_classes, _, _ = load_segmentation_split(str(d.val), fmt, d.get("classes"),
+                                                                 str(d.cholecseg8k_mask))  # fmt: skip
         if list(val_classes) != list(classes):
             raise ValueError(f"{d.val} has other class names than {d.train}: {val_classes} vs {classes}.")
     elif d.get("val_groups"):
@@ -224,10 +225,13 @@ def _prepare_classification(cfg: DictConfig) -> PreparedData:
             return {c: int(arr[:, k].sum()) for k, c in enumerate(classes)}
         return {c: int(sum(1 for t in targets if t == k)) for k, c in enumerate(classes)}
 
-    summary = {"format": fmt, "multilabel": multilabel,
-               "train": {"root": str(d.train), **_group_summary(train_samples), "per_class": distribution(train_targets)},
-               "val": {"root": str(d.val or d.train), **_group_summary(val_samples), "per_class": distribution(val_targets)},
-               **fraction_info}  # fmt: skip
+    summary = {
+        "format": fmt, "multilabel": multilabel,
+        "train": {"root": str(d.train), **_group_summary(train_samples), "per_class": distribution(train_targets)},
+        "val": {"root": str(d.val or d.train), **_group_summary(val_samples),
+                "per_class": distribution(val_targets)},
+        **fraction_info,
+    }  # fmt: skip
     missing = [c for c, n in summary["train"]["per_class"].items() if n == 0]
     if missing:
         log.warning("classes without training samples (after data.train_fraction): %s", ", ".join(missing))
@@ -277,8 +281,10 @@ def resolve_variants(cfg: DictConfig, demo: bool) -> list[tuple[str, str | None]
         weights = None
     if weights == "auto":
         if not demo:
-            raise ValueError("weights=auto only finds the demo teacher (runs on the demo data). Pass weights=PATH (an "
-                             "export, a published SurgeNet file, any checkpoint the loader reads) or weights=null.")  # fmt: skip
+            raise ValueError(
+                "weights=auto only finds the demo teacher (runs on the demo data). Pass weights=PATH (an export, a "
+                "published SurgeNet file, any checkpoint the loader reads) or weights=null."
+            )
         teacher = find_demo_teacher(cfg)
         if teacher is None:
             raise FileNotFoundError(
@@ -478,17 +484,6 @@ def _is_rank_zero() -> bool:
 
 def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run everything ``cfg`` asks for; returns the results dict (None on ranks other than 0)."""
-    from surgenet_ssl.evaluate import check_writable
-    from surgenet_ssl.resources import apply_torch_threads
-    from surgenet_ssl.train import check_devices, silence_benign_warnings
-
-    silence_benign_warnings()
-    import warnings
-
-    # check_val_every_n_epoch=0 runs no validation loop on purpose; the final evaluation always runs
-    warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
-    # validation metrics are summed over ranks by the module itself (confusion matrices), not by self.log
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|train)/")
     start = time.perf_counter()
     task = cfg.task.name
     if task not in ("segmentation", "classification"):
@@ -510,13 +505,24 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
     elif not cfg.data.get("val") and not cfg.data.get("val_groups"):
         raise ValueError("missing data.val (or data.val_groups). Usage: python -m surgenet_ssl.finetune task=NAME "
                          "weights=PATH|null backbone=NAME data.train=DIR|CSV data.val=DIR|CSV")  # fmt: skip
-    check_devices(cfg.trainer)
     seeds = [int(s) for s in (cfg.seeds if OmegaConf.is_list(cfg.seeds) else [cfg.seeds])]
     if not seeds:
         raise ValueError("seeds is empty: give at least one seed, e.g. seeds=[0,1,2]")
 
     # everything that can be wrong with the input fails here, before training or writing anything
-    data = prepare_data(cfg)
+    data = prepare_data(cfg)  # first: bad data fails in seconds, before Lightning is even imported
+    from surgenet_ssl.evaluate import check_writable
+    from surgenet_ssl.resources import apply_torch_threads
+    from surgenet_ssl.train import check_devices, silence_benign_warnings
+
+    silence_benign_warnings()
+    import warnings
+
+    # check_val_every_n_epoch=0 runs no validation loop on purpose; the final evaluation always runs
+    warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
+    # validation metrics are summed over ranks by the module itself (confusion matrices), not by self.log
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|train)/")
+    check_devices(cfg.trainer)
     variants = resolve_variants(cfg, demo)
     for _, weights in variants:  # weights that do not fit the backbone: now, not after the first variant
         if weights is not None:
@@ -546,11 +552,12 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
                 if run is None:
                     continue
                 kept = run.pop("kept")
+                value = run["metrics"].get(data.metric, float("nan"))
                 if kept:
-                    png = _overlay(data, kept, staging / "overlays" / f"{variant}.png",
-                                   f"{variant} (seed {seed}): {data.metric} {run['metrics'].get(data.metric, float('nan')):.3f}")
+                    title = f"{variant} (seed {seed}): {data.metric} {value:.3f}"
+                    png = _overlay(data, kept, staging / "overlays" / f"{variant}.png", title)
                     overlays[variant] = str(Path("overlays") / png.name)
-                log.info("%s seed %d: %s=%.4f", variant, seed, data.metric, run["metrics"].get(data.metric, float("nan")))
+                log.info("%s seed %d: %s=%.4f", variant, seed, data.metric, value)
                 runs.append(run)
             if not rank_zero:
                 continue

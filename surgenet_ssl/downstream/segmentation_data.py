@@ -81,7 +81,8 @@ def _is_hidden(part: str) -> bool:
 def _images_under(root: Path) -> list[Path]:
     return sorted(
         p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(_is_hidden(x) for x in p.relative_to(root).parts)
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(_is_hidden(x) for x in p.relative_to(root).parts)
     )  # fmt: skip
 
 
@@ -192,7 +193,8 @@ class MaskReader:
         if self.kind == "color":
             return self._from_colors(arr, path)
         if arr.ndim == 3:
-            if arr.shape[2] >= 3 and (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            r, g, b = (arr[..., k] for k in range(3)) if arr.shape[2] >= 3 else (arr[..., 0], None, None)
+            if g is not None and np.array_equal(r, g) and np.array_equal(r, b):  # grey stored as RGB
                 arr = arr[..., 0]
             else:
                 raise ValueError(
@@ -203,8 +205,10 @@ class MaskReader:
             mapped = self._lut[arr.astype(np.int64).clip(0, 255)]
             bad = np.unique(arr[mapped < 0])
             if bad.size:
-                raise ValueError(f"Mask {path} has grey value(s) {bad.tolist()[:10]} that are not CholecSeg8k watershed "
-                                 f"classes (known: {sorted(CHOLECSEG8K_WATERSHED)}; 0/255 = ignored).")  # fmt: skip
+                raise ValueError(
+                    f"Mask {path} has grey value(s) {bad.tolist()[:10]} that are not CholecSeg8k watershed classes "
+                    f"(known: {sorted(CHOLECSEG8K_WATERSHED)}; 0/255 = ignored)."
+                )
             return mapped
         ids = arr.astype(np.int64)
         bad = np.unique(ids[(ids != self.ignore_index) & ((ids < 0) | (ids >= self.num_classes))])

@@ -105,11 +105,18 @@ class SegmentationTransform:
             image, mask = image[::-1], mask[::-1]
         if self.color_jitter > 0:
             image = _jitter(np.ascontiguousarray(image), self.color_jitter, rng)
-        return normalize_image(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
+        mask_t = torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
+        return normalize_image(np.ascontiguousarray(image)), mask_t
 
 
-def classification_transform(size: Sequence[int] | int, train: bool, hflip: float = 0.5, vflip: float = 0.0,
-                             color_jitter: float = 0.2, scale: Sequence[float] = (0.6, 1.0)) -> transforms.Compose:  # fmt: skip
+def classification_transform(
+    size: Sequence[int] | int,
+    train: bool,
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    color_jitter: float = 0.2,
+    scale: Sequence[float] = (0.6, 1.0),
+) -> transforms.Compose:
     """PIL image -> normalised tensor of ``size`` (h, w). The whole frame is kept (resized, not center-cropped):
     surgical frames are wide and their borders hold instruments. Train: random resized crop of ``scale`` of the
     area at the target aspect, flips, colour jitter."""

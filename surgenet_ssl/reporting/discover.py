@@ -151,7 +151,9 @@ def _read_run(path: Path) -> PretrainRun | None:
     dataset_cfg = cfg.get("dataset") or {}
     if not isinstance(backbone_cfg, dict) or "name" not in backbone_cfg or not isinstance(dataset_cfg, dict):
         return None  # some other tool's config.yaml
-    backbone = str(backbone_cfg.get("timm_name") or backbone_cfg["name"]) if backbone_cfg["name"] == "timm" else str(backbone_cfg["name"])
+    backbone = str(backbone_cfg["name"])
+    if backbone == "timm":
+        backbone = str(backbone_cfg.get("timm_name") or backbone)
     sources = dataset_cfg.get("sources")
     run = PretrainRun(
         path=path, backbone=backbone, dataset=str(dataset_cfg.get("name") or "?"),

@@ -64,15 +64,21 @@ def build_rows(runs: Sequence[PretrainRun], entries: Sequence[ResultEntry]) -> t
                 notes.append(f"{row['model']}: {column} measured more than once; using the newest ({e.source})")
             row["values"][column] = value
             row["sources"][column] = str(e.source)
-    columns = sorted({c for row in rows.values() for c in row["values"]}, key=_column_order)
+    first_seen: dict[str, int] = {}  # the primary metric of each task comes first (finetune lists it first)
+    for e in entries:
+        for column in e.columns:
+            first_seen.setdefault(column, len(first_seen))
+    columns = sorted(first_seen, key=lambda c: (_column_order(c), first_seen[c]))
     ordered = sorted(rows.values(), key=lambda r: (r["kind"] != "pretrained", r["backbone"], r["pretrain_frames"] or 0,
                                                     r["model"]))  # fmt: skip
     return ordered, columns, notes
 
 
 def _column_order(column: str) -> tuple[int, str]:
+    """Tasks in a fixed order, then the data set label (``task[label]:metric``)."""
     order = ("segmentation", "classification", "multilabel", "knn", "linear_probe")
-    return next((i for i, prefix in enumerate(order) if column.startswith(prefix)), len(order)), column
+    task = next((i for i, prefix in enumerate(order) if column.startswith(prefix)), len(order))
+    return task, column.split(":", 1)[0]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -112,7 +118,7 @@ def report_markdown(rows: Sequence[dict], columns: Sequence[str], figures: dict[
     lines = [
         "# Ablation report",
         "",
-        f"{len(pretrained)} pretraining run(s) and {n_results} downstream result(s) found under "
+        f"{len(pretrained)} pretraining run(s) and {n_results} downstream results.json file(s) found under "
         + ", ".join(f"`{d}`" for d in dirs) + ". Cells: mean ± sample std over seeds (n = seeds).",
         "",
         "| model | backbone | pretraining data | frames | frames seen | epochs | online k-NN | "
@@ -128,9 +134,12 @@ def report_markdown(rows: Sequence[dict], columns: Sequence[str], figures: dict[
         )
     if columns and len(rows) > 1:
         table = ranks(rows, columns)
-        lines += ["", "Ranks (1 = best): " + "; ".join(
-            f"{c}: " + ", ".join(f"{m} {int(k) if k == int(k) else k}" for m, k in sorted(table[c].items(), key=lambda x: x[1]))
-            for c in columns)]  # fmt: skip
+
+        def ranked(column: str) -> str:
+            order = sorted(table[column].items(), key=lambda item: item[1])
+            return ", ".join(f"{model} {int(rank) if rank == int(rank) else rank}" for model, rank in order)
+
+        lines += ["", "Ranks (1 = best): " + "; ".join(f"{c}: {ranked(c)}" for c in columns)]
     lines += ["", "## Figures", ""]
     titles = {"scaling": "Downstream metric vs pretraining frames", "ranks": "Rank chart across tasks",
               "tsne": "t-SNE of the teacher features per run (coloured by source)"}  # fmt: skip
@@ -182,16 +191,18 @@ def make_report(dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
                          f"{', '.join(map(str, roots))}.")  # fmt: skip
     rows, columns, notes = build_rows(runs, entries)
     notes = problems + notes
+    n_files = len({e.source for e in entries})
     out = Path(output)
     builders = {
         "scaling": lambda d: scaling_figure(rows, columns, d / "scaling.png"),
         "ranks": lambda d: rank_figure(rows, columns, d / "ranks.png"),
-        "tsne": lambda d: tsne_grid([(r["model"], r["embedding_map"]) for r in rows if r["embedding_map"]], d / "tsne.png"),
+        "tsne": lambda d: tsne_grid([(r["model"], r["embedding_map"]) for r in rows if r["embedding_map"]],
+                                    d / "tsne.png"),
     }  # fmt: skip
     files = {
         "report.csv": report_csv(rows, columns),
-        "report.md": lambda figs: report_markdown(rows, columns, figs, roots, notes, len(entries)),
+        "report.md": lambda figs: report_markdown(rows, columns, figs, roots, notes, n_files),
     }
     written = write_report(out, files, builders)
     return {"rows": rows, "columns": columns, "notes": notes, "files": written, "runs": len(runs),
-            "results": len(entries)}  # fmt: skip
+            "results": len({e.source for e in entries})}  # fmt: skip

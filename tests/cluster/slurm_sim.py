@@ -85,7 +85,7 @@ class SlurmJob:
         """What SLURM does before preemption / the time limit: every process of the step, workers included."""
         os.killpg(os.getpgid(self.procs[0].pid), sig)
 
-    def wait_until(self, predicate, timeout: float = 300) -> None:
+    def wait_until(self, predicate, timeout: float = 600) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if predicate():
@@ -96,7 +96,7 @@ class SlurmJob:
         self.kill()
         raise AssertionError(f"timed out waiting:\n{self.output()[-5000:]}")
 
-    def wait(self, timeout: float = 300) -> list[int]:
+    def wait(self, timeout: float = 600) -> list[int]:
         """The tasks' exit codes."""
         try:
             self.procs[0].wait(timeout=timeout)

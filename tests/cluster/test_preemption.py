@@ -19,7 +19,7 @@ def _preempt_and_resume(tmp_path, demo_cache, ntasks: int, after_step: int, extr
     job = SlurmJob(tmp_path, run_dir, demo_cache, ntasks=ntasks, extra=list(extra)).start()
     job.wait_until(lambda: any(s >= after_step for s in job.step_checkpoints()))
     job.signal_all()
-    codes = job.wait(timeout=240)
+    codes = job.wait()
     out = job.output()
     assert codes == [0] * ntasks, out[-4000:]
     assert "killed by signal" not in out and "Traceback" not in out, out[-4000:]
@@ -31,7 +31,7 @@ def _preempt_and_resume(tmp_path, demo_cache, ntasks: int, after_step: int, extr
     assert (run_dir / "checkpoints" / "last.ckpt").resolve() == preempted[0].resolve()
 
     rerun = SlurmJob(tmp_path, run_dir, demo_cache, ntasks=ntasks, extra=list(extra)).start()  # requeued: same command
-    assert rerun.wait(timeout=300) == [0] * ntasks, rerun.output()[-4000:]
+    assert rerun.wait() == [0] * ntasks, rerun.output()[-4000:]
     assert f"resumed from {preempted[0]} at step {stopped_at}" in rerun.output()
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == TOTAL_STEPS
@@ -49,7 +49,7 @@ def _uninterrupted(tmp_path_factory, demo_cache, ntasks: int, extra=()):
     if key not in _REFERENCES:
         tmp = tmp_path_factory.mktemp("reference")
         job = SlurmJob(tmp, tmp / "run", demo_cache, ntasks=ntasks, extra=list(extra))
-        assert job.start().wait(timeout=300) == [0] * ntasks, job.output()[-4000:]
+        assert job.start().wait() == [0] * ntasks, job.output()[-4000:]
         _REFERENCES[key] = tmp / "run"
     return _REFERENCES[key]
 
@@ -111,7 +111,7 @@ def test_submitit_signal_goes_through_submitit_requeue(tmp_path, demo_cache):
     job.start()
     job.wait_until(lambda: any(s >= 2 for s in job.step_checkpoints()))
     job.signal_all(sig=signal.SIGUSR2)
-    assert job.wait(timeout=240) == [0], job.output()[-4000:]
+    assert job.wait() == [0], job.output()[-4000:]
     assert marker.read_text() == str(int(signal.SIGUSR2))
     assert job.requeues() == []  # submitit requeues, not our scontrol call
     assert len(list((run_dir / "checkpoints").glob("preempted-step*.ckpt"))) == 1

@@ -122,7 +122,7 @@ def test_multilabel_csv_linear_probe_with_fraction(tmp_path):
     out = tmp_path / "out"
     cfg = _cfg(out, "task=classification", "task.mode=linear", "weights=null", "seeds=[3]",
                f"data.train={tmp_path / 'train.csv'}", f"data.val={tmp_path / 'val.csv'}", "data.train_fraction=0.5",
-               "trainer.check_val_every_n_epoch=0")  # fmt: skip
+               "trainer.check_val_every_n_epoch=0", "trainer.log_every_n_steps=1")  # fmt: skip
     results = run_finetune(cfg, overrides=[])
     assert results["task"] == "multilabel_classification" and results["primary_metric"] == "mAP"
     assert list(results["variants"]) == ["random_init"] and results["class_names"] == ["c1", "c2"]

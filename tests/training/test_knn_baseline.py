@@ -1,0 +1,63 @@
+"""The online k-NN monitor measures the untrained teacher at step 0 (fresh runs only) and ends with
+"k-NN top-1: <baseline> at init -> <final> after N steps"."""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+from evaluation.helpers import make_image_folder
+
+from surgenet_ssl.callbacks import KNNMonitor
+from surgenet_ssl.module import DINOModule
+
+from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
+
+
+class _Recorder(pl.loggers.Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict]] = []
+
+    name, version = "recorder", "0"
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_step_zero_baseline_and_final_line(tmp_path, caplog):
+    make_image_folder(tmp_path / "train", 4)
+    make_image_folder(tmp_path / "val", 2, seed=1)
+    monitor = KNNMonitor(every_n_epochs=1, k=3, image_size=32, train_dir=str(tmp_path / "train"),
+                         val_dir=str(tmp_path / "val"), embedding_map=False)  # fmt: skip
+    recorder = _Recorder()
+    torch.manual_seed(0)
+    module = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, diagnostics_every_n_steps=0)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=recorder, callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="surgenet_ssl"):
+        trainer.fit(module, train_dataloaders=crop_batches(2, batch_size=4))
+    knn = [(step, m["knn/top1"]) for step, m in recorder.rows if "knn/top1" in m]
+    assert [s for s, _ in knn] == [0, 2, 4]  # step 0 (untrained), then after each epoch
+    assert monitor.baseline_result["knn/top1"] == knn[0][1] and monitor.last_result["knn/top1"] == knn[-1][1]
+    assert f"k-NN top-1: {knn[0][1]:.4f} at init -> {knn[-1][1]:.4f} after 4 steps" in caplog.text
+    assert "step 0 (untrained teacher): k-NN top-1" in caplog.text
+
+    # the baseline travels in checkpoints; a resumed run (global step > 0) does not measure it again
+    state = monitor.state_dict()
+    again = KNNMonitor(every_n_epochs=1)
+    again.load_state_dict(state)
+    assert again.baseline_result == monitor.baseline_result
+    off = KNNMonitor(every_n_epochs=1, baseline=False, train_dir=str(tmp_path / "train"),
+                     val_dir=str(tmp_path / "val"), image_size=32, embedding_map=False)  # fmt: skip
+    rec2 = _Recorder()
+    pl.Trainer(accelerator="cpu", max_epochs=1, logger=rec2, callbacks=[off], enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path).fit(
+        DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, diagnostics_every_n_steps=0),
+        train_dataloaders=crop_batches(2, batch_size=4))  # fmt: skip
+    assert [s for s, m in rec2.rows if "knn/top1" in m] == [2]
