@@ -186,16 +186,19 @@ class CollapseTracker:
     =====================================  ===========  ================  =============  ===================
     run                                    H / log K    (H(mean)-H)/logK  KL (nats)      old / new warnings
     =====================================  ===========  ================  =============  ===================
-    uniform collapse (teacher temp 0.1)    0.976-0.991  0.007-0.011       0.018-0.082    36 of 36 / 7
-    small images, 32-px local crops        0.850-0.943  0.038-0.061       0.15-0.49      0 / 0
-    small images, no local crops           0.853-0.943  0.037-0.059       0.16-0.48      0 / 0
-    no centering (center momentum 1.0)     0.85 -> 0.33 0.038-0.058       0.48-0.62      0 / 0
+    uniform collapse (teacher temp 0.1)    0.976-0.993  0.006-0.012       0.018-0.089    36 of 36 / 7
+    small images, 32-px local crops        0.850-0.946  0.035-0.063       0.153-0.494    0 / 0
+    small images, no local crops           0.853-0.944  0.036-0.064       0.158-0.483    0 / 0
+    the same two with peak lr 5e-4         0.814-0.951  0.024-0.061       0.077-0.494    1 / 0 each
+    no centering (center momentum 1.0)     0.851->0.332 0.032-0.064       0.475-0.691    0 / 0
     =====================================  ===========  ================  =============  ===================
 
     The entropy alone does not separate them (a run whose teacher sits above 0.95 log K can still be learning, as
     reported in issue 13: 66 warnings while k-NN rose 0.83 -> 0.92); the information the teacher carries about the
-    image, H(mean) - mean H, does: 5-6x lower in the collapsed run, and KL(teacher || student) stays below 0.1 nats
-    there versus >= 0.15 in the others. The k-NN monitor (``knn/top1`` against its step-0 baseline) stays the final
+    image, H(mean) - mean H, does: at most 0.012 log K in the collapsed run, at least 0.024 log K in the others
+    (threshold ``CONSTANT_RATIO`` = 0.02; the margin is smallest for the high-lr runs). KL(teacher || student) stays
+    below 0.09 nats in the collapsed run but also falls to 0.08 in the high-lr runs, so it only vetoes (a student
+    still far from its teacher is learning). The k-NN monitor (``knn/top1`` against its step-0 baseline) stays the final
     check: a collapsed teacher's k-NN does not rise above the untrained one.
     """
 

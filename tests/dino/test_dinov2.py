@@ -257,3 +257,15 @@ def test_two_ranks_with_different_row_counts_match_one_process():
     assert torch.allclose(torch.tensor(results[0][0] + results[1][0]), single, atol=1e-6)
     center = 0.1 * rows.mean(dim=0, keepdim=True)  # the mean over all 8 masked patches of both ranks
     assert torch.allclose(torch.tensor(results[0][1]), center, atol=1e-6) and results[0][1] == results[1][1]
+
+
+def test_dinov2_recipe_composes_with_the_dinov2_values_and_default_is_off():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base="1.3"):
+        v2, v1 = compose("train", overrides=["dino=dinov2"]).dino.loss, compose("train").dino.loss
+    assert (v2.centering, v2.koleo_weight, v2.ibot_weight, v2.sinkhorn_iterations) == ("sinkhorn_knopp", 0.1, 1.0, 3)
+    assert list(v2.ibot_mask_ratio) == [0.1, 0.5] and v2.ibot_mask_probability == 0.5 and v2.teacher_temp == 0.04
+    assert (v1.centering, v1.koleo_weight, v1.ibot_weight) == ("centering", 0.0, 0.0)

@@ -96,16 +96,18 @@ def test_official_dino_layout_with_ddp_prefixed_student(tmp_path):
 
 
 def test_published_surgenet_naming_loads_into_caformer(tmp_path):
-    torch.manual_seed(3)
+    from types import SimpleNamespace
+
     from surgenet_ssl.backbones import build_backbone
 
-    published = timm_to_surgenet(build_backbone("caformer_s18").state_dict(), "caformer_s18")
-    torch.save(published, tmp_path / "surgenet_caformer_teacher.pth")
-    cfg = {"name": "caformer_s18", "timm_name": None, "drop_path_rate": 0.1}
-    m = DINOModule(cfg, {**tiny_dino(), "crops": {**tiny_dino()["crops"], "global_size": 64, "local_size": 32}}, 4)
-    report = initialize_dino(m.student, m.teacher, tmp_path / "surgenet_caformer_teacher.pth", "caformer_s18")
+    torch.manual_seed(3)
+    student = SimpleNamespace(backbone=build_backbone("caformer_s18", drop_path_rate=0.1), head=None)
+    teacher = SimpleNamespace(backbone=build_backbone("caformer_s18"), head=None)
+    source = {k: v + 0.01 for k, v in student.backbone.state_dict().items()}  # other weights, SurgeNet-named below
+    torch.save(timm_to_surgenet(source, "caformer_s18"), tmp_path / "surgenet_caformer_teacher.pth")
+    report = initialize_dino(student, teacher, tmp_path / "surgenet_caformer_teacher.pth", "caformer_s18")
     assert report.backbone.loaded == 152 and "surgenet naming" in report.backbone.format
-    assert torch.equal(m.teacher.backbone.stem.conv.weight, m.student.backbone.stem.conv.weight)
+    assert _same(student.backbone.state_dict(), source) and _same(teacher.backbone.state_dict(), source)
 
 
 def test_mismatches_are_errors_and_init_head_false_keeps_a_fresh_head(tmp_path):
