@@ -48,3 +48,39 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def build_dir_once(target: str | Path, is_complete, build, timeout_s: float = 600.0) -> bool:
+    """Create the cached directory ``target`` with ``build(tmp_dir)`` unless ``is_complete(target)``: one process
+    builds (a file lock beside it; others wait), into a temp dir renamed into place, so a crash never leaves a
+    half-built cache. Returns True when this call built it."""
+    import shutil
+
+    from filelock import FileLock, Timeout
+
+    target = Path(target)
+    if is_complete(target):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target.parent / f".{target.name}.lock"))
+    try:
+        with lock.acquire(timeout=timeout_s):
+            if is_complete(target):  # built by another process while we waited
+                return False
+            tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                build(tmp)
+                if target.exists():
+                    old = target.parent / f".{target.name}.old-{os.getpid()}"
+                    os.replace(target, old)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except Timeout:
+        raise TimeoutError(
+            f"Waited {timeout_s:.0f} s for another process generating {target} (lock {lock.lock_file}). If no such "
+            "process runs, delete the lock file and retry."
+        ) from None
+    return True

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from surgenet_ssl.data import shards as S
+from surgenet_ssl.io_utils import build_dir_once
 
 __all__ = ["ensure_demo_dataset", "DEMO_PROCEDURES", "DEMO_VERSION", "demo_is_complete", "write_demo_video"]
 
@@ -231,36 +230,14 @@ def _build(tmp: Path) -> None:
 
 def ensure_demo_dataset(root: str | Path, timeout_s: float = 600.0) -> Path:
     """Return ``<root>/demo``, generating it first if it is missing, incomplete or from an older version."""
-    root = Path(root).expanduser()
-    target = root / DEMO_DIRNAME
-    if demo_is_complete(target):
-        return target
-    from filelock import FileLock, Timeout  # a dependency of torch
+    target = Path(root).expanduser() / DEMO_DIRNAME
+    t0 = time.time()
 
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(root / f".{DEMO_DIRNAME}.lock"))
-    try:
-        with lock.acquire(timeout=timeout_s):
-            if demo_is_complete(target):  # built by another process while we waited
-                return target
-            t0 = time.time()
-            log.info("generating the demo dataset in %s (one-off, a few seconds)", target)
-            tmp = root / f".{DEMO_DIRNAME}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                _build(tmp)
-                if target.exists():
-                    old = root / f".{DEMO_DIRNAME}.old-{os.getpid()}"
-                    os.replace(target, old)
-                    shutil.rmtree(old, ignore_errors=True)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            frames = json.loads((target / S.MANIFEST_NAME).read_text())["frames"]
-            log.info("demo dataset ready: %d frames in %.1f s", frames, time.time() - t0)
-    except Timeout:
-        raise TimeoutError(
-            f"Waited {timeout_s:.0f} s for another process generating the demo dataset in {target} "
-            f"(lock {lock.lock_file}). If no such process runs, delete the lock file and retry."
-        ) from None
+    def build(tmp: Path) -> None:
+        log.info("generating the demo dataset in %s (one-off, a few seconds)", target)
+        _build(tmp)
+
+    if build_dir_once(target, demo_is_complete, build, timeout_s):
+        frames = json.loads((target / S.MANIFEST_NAME).read_text())["frames"]
+        log.info("demo dataset ready: %d frames in %.1f s", frames, time.time() - t0)
     return target

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from surgenet_ssl.data import demo as D
+from surgenet_ssl.io_utils import build_dir_once
 
 __all__ = [
     "LABELS_VERSION",
@@ -189,32 +188,9 @@ def _build(tmp: Path) -> dict:
 
 def ensure_demo_labels(root: str | Path, timeout_s: float = 600.0) -> Path:
     """Return ``<root>/demo_downstream``, generating it first when missing or from an older version."""
-    root = Path(root).expanduser()
-    target = root / LABELS_DIRNAME
-    if demo_labels_complete(target):
-        return target
-    from filelock import FileLock, Timeout
-
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(root / f".{LABELS_DIRNAME}.lock"))
-    try:
-        with lock.acquire(timeout=timeout_s):
-            if demo_labels_complete(target):
-                return target
-            t0 = time.time()
-            tmp = root / f".{LABELS_DIRNAME}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                info = _build(tmp)
-                if target.exists():
-                    old = root / f".{LABELS_DIRNAME}.old-{os.getpid()}"
-                    os.replace(target, old)
-                    shutil.rmtree(old, ignore_errors=True)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            log.info("labelled demo data ready in %s: %s frames in %.1f s", target, info["frames"], time.time() - t0)
-    except Timeout:
-        raise TimeoutError(f"Waited {timeout_s:.0f} s for another process generating {target} (lock "
-                           f"{lock.lock_file}); if none runs, delete the lock file and retry.") from None  # fmt: skip
+    target = Path(root).expanduser() / LABELS_DIRNAME
+    t0 = time.time()
+    if build_dir_once(target, demo_labels_complete, _build, timeout_s):
+        frames = json.loads((target / "manifest.json").read_text())["frames"]
+        log.info("labelled demo data ready in %s: %s frames in %.1f s", target, frames, time.time() - t0)
     return target
