@@ -50,6 +50,7 @@ from surgenet_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 from surgenet_ssl.dino import clip_gradients_per_parameter
 from surgenet_ssl.module import DINOModule
+from surgenet_ssl.recipe import dino_recipe
 
 OFF = {"compile": False, "channels_last": False, "fused_adamw": False, "cudnn_benchmark": False}
 # the training defaults (configs/train.yaml performance:), with compile switched by the matrix
@@ -71,18 +72,12 @@ OVER_BUDGET = "skipped (time budget)"
 
 
 def dino_cfg(args: argparse.Namespace) -> dict:
-    return {
-        "out_dim": args.out_dim,
-        "head": {"hidden_dim": args.hidden_dim, "bottleneck_dim": 256, "nlayers": 3, "use_bn": False,
-                 "norm_last_layer": True},
-        "crops": {"global_size": args.global_size, "local_size": args.local_size, "global_scale": [0.4, 1.0],
-                  "local_scale": [0.05, 0.4], "local_number": args.local_number},
-        "loss": {"student_temp": 0.1, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
-                 "warmup_teacher_temp_epochs": 0, "center_momentum": 0.9},
-        "optimizer": {"base_lr": 5e-4, "reference_batch": 256, "min_lr": 1e-6, "warmup_epochs": 1,
-                      "weight_decay": 0.04, "weight_decay_end": 0.4, "clip_grad": 3.0, "freeze_last_layer": 0},
-        "teacher": {"momentum": 0.996, "momentum_end": 1.0},
-    }  # fmt: skip
+    """configs/dino/default.yaml with this run's sizes."""
+    return dino_recipe(**{
+        "out_dim": args.out_dim, "head.hidden_dim": args.hidden_dim, "crops.global_size": args.global_size,
+        "crops.local_size": args.local_size, "crops.local_number": args.local_number,
+        "optimizer.warmup_epochs": 1, "optimizer.freeze_last_layer": 0,
+    })  # fmt: skip
 
 
 def backbone_cfg(name: str) -> dict:

@@ -1,0 +1,19 @@
+"""The DINO recipe of ``configs/dino/default.yaml`` as a plain dict, for code that builds a ``DINOModule`` without
+Hydra (benchmark scripts): one source of the recipe's values instead of copies that drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+DINO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "dino" / "default.yaml"
+
+
+def dino_recipe(**overrides: Any) -> dict[str, Any]:
+    """The recipe dict with dotted overrides, e.g. ``dino_recipe(**{"crops.global_size": 112, "out_dim": 4096})``."""
+    cfg = OmegaConf.load(DINO_RECIPE)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
