@@ -27,6 +27,7 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgenet_ssl.data import augment as A
+from surgenet_ssl.data import decode as D
 
 
 def synthetic_frames(directory: Path, n: int, width: int, height: int, seed: int = 0) -> None:
@@ -118,6 +119,8 @@ def _pil_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return np.array(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=sigma)))
 
 
+# Each entry replaces names in surgenet_ssl.data.augment, where the fast pipeline looks them up (decode_frame too:
+# imported there from surgenet_ssl.data.decode).
 ABLATIONS: dict[str, dict[str, object]] = {
     "decode: PIL instead of OpenCV": {"decode_frame": _pil_decode},
     "resize: PIL bicubic (antialiased)": {"resize_crop": _pil_resize_crop},
@@ -168,14 +171,14 @@ def main() -> None:
         else:
             frames_dir = args.frames
         frames = load_frames(frames_dir, args.n)
-    shape = A.decode_frame(frames[0])[0].shape
+    shape = D.decode_frame(frames[0])[0].shape
     kw = {"global_crops_size": args.global_size, "local_crops_size": args.local_size,
           "local_crops_number": args.local_number}  # fmt: skip
     print(f"{len(frames)} frames of {shape[1]}x{shape[0]} ({'synthetic' if args.frames is None else frames_dir}); "
           f"crops 2x{args.global_size} + {args.local_number}x{args.local_size}; 1 thread")  # fmt: skip
 
     results: dict[str, float] = {}
-    decode_only = throughput(lambda b: A.decode_frame(b), frames, args.seconds / 2)
+    decode_only = throughput(lambda b: D.decode_frame(b), frames, args.seconds / 2)
     print(f"{'decode only (OpenCV)':42s} {decode_only:8.1f} frames/s")
     if not args.skip_official:
         off = A.OfficialMultiCrop(**kw)

@@ -97,11 +97,11 @@ def run_lightning(module: DINOModule, data: list[dict], steps: int) -> list[floa
 
 def run_plain(module: DINOModule, data: list[dict], steps: int) -> list[float]:
     """The same DINO step in plain PyTorch, reusing the module's parts and schedules (built for ``steps``)."""
-    student, teacher, loss_fn, cfg = (
+    student, teacher, loss_fn, opt_recipe = (
         module.student,
         module.teacher,
         module.dino_loss,
-        module.dino_cfg,
+        module.recipe.optimizer,
     )
     module.build_schedules(steps, steps, module.batch_size)
     opt = torch.optim.AdamW(param_groups(student), lr=module.peak_lr)
@@ -124,8 +124,8 @@ def run_plain(module: DINOModule, data: list[dict], steps: int) -> list[float]:
             raise FloatingPointError("non-finite loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        clip_gradients_per_parameter(student, cfg["optimizer"]["clip_grad"])
-        cancel_last_layer_gradients(student, 0, cfg["optimizer"]["freeze_last_layer"])
+        clip_gradients_per_parameter(student, opt_recipe.clip_grad)
+        cancel_last_layer_gradients(student, 0, opt_recipe.freeze_last_layer)
         opt.step()
         update_teacher(student, teacher, module._scheduled("momentum", step))
         loss_fn.update_center()

@@ -8,7 +8,13 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from surgenet_ssl.data.augment import FrameResize, MultiCropAugmentation, recipe_from_crops, recipe_probabilities
+from surgenet_ssl.data.augment import (
+    FrameResize,
+    FrameTransform,
+    multi_crop_class,
+    recipe_from_crops,
+    recipe_probabilities,
+)
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.distributed import gather_from_ranks
 
@@ -16,24 +22,27 @@ log = logging.getLogger(__name__)
 
 
 def build_augmentation(
-    crops: dict, backend: str = "fast", augment_on: str = "cpu", frame_size: Any = (320, 568),
+    crops: dict,
+    backend: str = "fast",
+    augment_on: str = "cpu",
+    frame_size: Any = (320, 568),
     uint8_crops: bool = False,
-) -> MultiCropAugmentation:  # fmt: skip
-    """The worker transform: the multi-crop augmentation (``augment_on="cpu"``; ``backend`` "fast" or
-    "official"; ``uint8_crops``: not normalised, DINOModule does it on the device), or decode + fit into
-    ``frame_size`` only (``augment_on="gpu"``: DINOModule makes the crops)."""
+) -> FrameTransform:
+    """The worker transform: the multi-crop augmentation (``augment_on="cpu"``; ``backend`` "fast" or "official",
+    :func:`~surgenet_ssl.data.augment.multi_crop_class`; ``uint8_crops``: not normalised, DINOModule does it on the
+    device), or decode + fit into ``frame_size`` only (``augment_on="gpu"``, :class:`FrameResize`: DINOModule makes
+    the crops)."""
     recipe = recipe_probabilities(recipe_from_crops(crops))  # dino.crops strengths/probabilities, checked at start
     if augment_on == "gpu":
         return FrameResize(frame_size=tuple(frame_size), global_crops_size=crops["global_size"])
     if augment_on != "cpu":
         raise ValueError(f"data.augment_on must be 'cpu' or 'gpu', got {augment_on!r}")
-    return MultiCropAugmentation(
+    return multi_crop_class(backend)(
         global_crops_size=crops["global_size"],
         local_crops_size=crops["local_size"],
         global_crops_scale=crops["global_scale"],
         local_crops_scale=crops["local_scale"],
         local_crops_number=crops["local_number"],
-        backend=backend,
         uint8_output=uint8_crops,
         probabilities=recipe,
     )
@@ -45,8 +54,11 @@ def loader_options(data_cfg: dict, trainer: pl.Trainer | None) -> dict[str, Any]
     if pin == "auto":
         pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
     prefetch = data_cfg.get("prefetch_factor")
-    return {"pin_memory": bool(pin), "persistent_workers": bool(data_cfg.get("persistent_workers", False)),
-            "prefetch_factor": int(prefetch) if prefetch else None}  # fmt: skip
+    return {
+        "pin_memory": bool(pin),
+        "persistent_workers": bool(data_cfg.get("persistent_workers", False)),
+        "prefetch_factor": int(prefetch) if prefetch else None,
+    }
 
 
 class StreamPosition:
@@ -70,8 +82,12 @@ class StreamPosition:
         num_workers = max(1, num_workers)
         if self.batches >= batches_per_epoch:  # the epoch is complete: the next one starts from its beginning
             return {"epoch": self.epoch + 1, "batches": 0, "num_workers": num_workers, "workers": {}}
-        return {"epoch": self.epoch, "batches": self.batches, "num_workers": num_workers,
-                "workers": {w: list(v) for w, v in self.workers.items()}}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "num_workers": num_workers,
+            "workers": {w: list(v) for w, v in self.workers.items()},
+        }
 
 
 class StreamingDataModule(pl.LightningDataModule):
@@ -111,8 +127,12 @@ class StreamingDataModule(pl.LightningDataModule):
             log.warning(
                 "the checkpoint's data stream was read by %d ranks with batch size %s; this run has %d ranks and "
                 "batch size %s: the data stream continues from the start of epoch %d, not from the exact batch",
-                len(positions), state.get("batch_size"), world, self.data_cfg["batch_size"], positions[0]["epoch"],
-            )  # fmt: skip
+                len(positions),
+                state.get("batch_size"),
+                world,
+                self.data_cfg["batch_size"],
+                positions[0]["epoch"],
+            )
             self._resume = {"epoch": int(positions[0]["epoch"]), "batches": 0, "workers": {}}
             return
         self._resume = positions[rank]
@@ -125,8 +145,10 @@ class StreamingDataModule(pl.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         on, backend = self.data_cfg.get("augment_on", "cpu"), self.data_cfg.get("augment_backend", "fast")
         if rank == 0:
-            log.info("multi-crop augmentation: %s", "on the training device (GPU mode)" if on == "gpu"
-                     else f"in the loader workers, {backend} backend")  # fmt: skip
+            log.info(
+                "multi-crop augmentation: %s",
+                "on the training device (GPU mode)" if on == "gpu" else f"in the loader workers, {backend} backend",
+            )
         return build_train_loader(
             self.dataset_cfg,
             self.data_root,

@@ -41,6 +41,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def save_torch(obj: object, path: str | Path) -> None:
+    """``torch.save`` through a file object: given a path, torch names the zip archive's root folder after the file,
+    and the atomic writes use a random temporary name, so the same weights gave different bytes on every export."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (checksums in manifests, model cards and download checks)."""
     h = hashlib.sha256()

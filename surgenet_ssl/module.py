@@ -7,6 +7,7 @@ center updates exactly once per optimizer step (also under gradient accumulation
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from surgenet_ssl.backbones import build_backbone
 from surgenet_ssl.cluster import PREEMPTION
+from surgenet_ssl.config_checks import build_section
 from surgenet_ssl.distributed import gather_from_ranks
 from surgenet_ssl.step_agreement import Agreement, StepAgreement
 from surgenet_ssl.dino import (
@@ -31,6 +33,7 @@ from surgenet_ssl.dino import (
 from surgenet_ssl.dino.schedules import scaled_lr
 from surgenet_ssl.dino.freeze import cancel_backbone_gradients
 from surgenet_ssl.dino.dinov2 import IBOTPatchLoss, backbone_features, block_masks, is_vit, koleo_loss, vit_tokens
+from surgenet_ssl.dino.recipe import CropsRecipe, DinoRecipe, LossRecipe
 from surgenet_ssl.evaluation.diagnostics import CollapseTracker, collapse_diagnostics
 from surgenet_ssl.performance import compile_with_fallback, performance_options, to_channels_last, use_fused_adamw
 from surgenet_ssl.init_weights import INIT_KEYS, initialize_dino
@@ -50,16 +53,14 @@ def _lookup(cfg: dict, dotted: str) -> Any:
 
 
 @torch.no_grad()
-def check_crop_sizes(backbone: torch.nn.Module, name: str, crops: dict) -> None:
+def check_crop_sizes(backbone: torch.nn.Module, name: str, crops: CropsRecipe) -> None:
     """Fail at start-up, with the fix, when the backbone cannot take the configured crop sizes (e.g. a ViT with
     16-px patches and 60-px crops), instead of deep inside the first training step."""
     was_training = backbone.training
     backbone.eval()
     try:
         for key in ("global_size", "local_size"):
-            size = int(crops.get(key, 0) or 0)
-            if size <= 0:
-                continue
+            size = int(getattr(crops, key))
             try:
                 backbone(torch.zeros(1, 3, size, size))
             except Exception as err:  # timm raises AssertionError/RuntimeError/ValueError depending on the model
@@ -76,19 +77,24 @@ class DINOModule(pl.LightningModule):
 
     Args:
         backbone: the ``backbone`` config group as a dict (``name``, ``timm_name``, ``drop_path_rate``, ...).
-        dino: the ``dino`` recipe config group as a dict (see ``configs/dino/default.yaml``).
+        dino: the ``dino`` recipe config group as a dict (see ``configs/dino/default.yaml``), checked into
+            ``self.recipe`` (a :class:`~surgenet_ssl.dino.recipe.DinoRecipe`) at once; a ``DinoRecipe`` is also
+            accepted. The hyperparameters saved in checkpoints keep the plain dict.
         batch_size: per-device batch size, used with world size and accumulation to scale the lr.
         diagnostics_every_n_steps: how often to log collapse diagnostics (0: never).
         performance: the ``performance`` config group (compile, channels_last, fused_adamw, cudnn_benchmark).
     """
 
     def __init__(
-        self, backbone: dict, dino: dict, batch_size: int, diagnostics_every_n_steps: int = 50,
+        self, backbone: dict, dino: dict | DinoRecipe, batch_size: int, diagnostics_every_n_steps: int = 50,
         performance: dict | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
+        if isinstance(dino, DinoRecipe):
+            dino = dino.to_dict()  # before save_hyperparameters (it reads the arguments' current values): a plain dict
         self.save_hyperparameters()
         self.backbone_cfg, self.dino_cfg, self.batch_size = dict(backbone), dict(dino), batch_size
+        self.recipe = DinoRecipe.from_dict(self.dino_cfg)  # a misspelt key or a bad value fails here, naming it
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
         skip = ("name", "timm_name", "drop_path_rate", *INIT_KEYS)  # INIT_KEYS: training options (on_fit_start)
         kwargs = {k: v for k, v in self.backbone_cfg.items() if k not in skip}
@@ -98,23 +104,24 @@ class DINOModule(pl.LightningModule):
         )
         teacher_backbone = build_backbone(name, drop_path_rate=0.0, timm_name=timm_name, **kwargs)
         embed_dim = student_backbone.num_features
-        check_crop_sizes(teacher_backbone, name if name != "timm" else timm_name, self.dino_cfg.get("crops", {}))
-        head_cfg = dict(self.dino_cfg.get("head", {}))
-        out_dim = int(self.dino_cfg["out_dim"])
+        recipe = self.recipe
+        check_crop_sizes(teacher_backbone, name if name != "timm" else timm_name, recipe.crops)
+        head_cfg = dataclasses.asdict(recipe.head)
+        out_dim = recipe.out_dim
         self.student = MultiCropWrapper(student_backbone, DINOHead(embed_dim, out_dim, **head_cfg))
         self.teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, out_dim, **head_cfg))
-        loss_cfg = self.dino_cfg["loss"]
-        self._init_dinov2_options(loss_cfg, name if name != "timm" else timm_name, embed_dim, out_dim)
+        loss = recipe.loss
+        self._init_dinov2_options(loss, name if name != "timm" else timm_name, embed_dim, out_dim)
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.dino_loss = DINOLoss(
             out_dim,
             n_global_crops=2,
-            student_temp=loss_cfg["student_temp"],
-            center_momentum=loss_cfg["center_momentum"],
-            centering=loss_cfg.get("centering") or "centering",
-            sinkhorn_iterations=loss_cfg.get("sinkhorn_iterations") or 3,
+            student_temp=loss.student_temp,
+            center_momentum=loss.center_momentum,
+            centering=loss.centering,
+            sinkhorn_iterations=loss.sinkhorn_iterations,
         )
         self.schedules: dict[str, torch.Tensor] = {}
         self.global_batch = batch_size
@@ -128,22 +135,23 @@ class DINOModule(pl.LightningModule):
             self.teacher.to(memory_format=torch.channels_last)
         self._compiled = False
 
-    def _init_dinov2_options(self, loss_cfg: dict, shown: str, embed_dim: int, out_dim: int) -> None:
+    def _init_dinov2_options(self, loss: LossRecipe | dict, shown: str, embed_dim: int, out_dim: int) -> None:
         """DINOv2-style options (``dino.loss.koleo_weight``, ``ibot_weight``; ``centering`` lives in DINOLoss).
         iBOT needs patch tokens: on a non-ViT backbone it is switched off with a warning (``dino=dinov2`` keeps KoLeo
         and Sinkhorn-Knopp). Its mask token is a parameter of the student wrapper (and, unused, of the teacher, so the
         EMA pairs parameters one to one); the exported backbone is unchanged."""
-        self.koleo_weight = float(loss_cfg.get("koleo_weight") or 0.0)
-        self.ibot_weight = float(loss_cfg.get("ibot_weight") or 0.0)
+        if not isinstance(loss, LossRecipe):
+            loss = build_section(LossRecipe, loss, "dino.loss")
+        self.koleo_weight = loss.koleo_weight
+        self.ibot_weight = loss.ibot_weight
         self.ibot_loss: IBOTPatchLoss | None = None
         if self.ibot_weight and not is_vit(self.student.backbone):
             log.warning("dino.loss.ibot_weight=%g ignored: the iBOT masked-patch loss needs a ViT backbone "
                         "(backbone=vit_small); %s has no patch tokens", self.ibot_weight, shown)  # fmt: skip
             self.ibot_weight = 0.0
         if self.ibot_weight:
-            self.ibot_loss = IBOTPatchLoss(out_dim, loss_cfg["student_temp"], loss_cfg["center_momentum"],
-                                           loss_cfg.get("centering") or "centering",
-                                           loss_cfg.get("sinkhorn_iterations") or 3)  # fmt: skip
+            self.ibot_loss = IBOTPatchLoss(out_dim, loss.student_temp, loss.center_momentum, loss.centering,
+                                           loss.sinkhorn_iterations)  # fmt: skip
             self.student.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim))
             self.teacher.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim))
         self._dinov2_step = bool(self.koleo_weight or self.ibot_loss is not None)
@@ -185,18 +193,18 @@ class DINOModule(pl.LightningModule):
 
     def build_schedules(self, total_steps: int, steps_per_epoch: int, global_batch: int) -> None:
         """Per-optimizer-step schedules of lr, weight decay, teacher momentum and teacher temperature."""
-        opt, loss, tea = self.dino_cfg["optimizer"], self.dino_cfg["loss"], self.dino_cfg["teacher"]
-        peak_lr = scaled_lr(opt["base_lr"], global_batch, opt.get("reference_batch", 256))
+        opt, loss, tea = self.recipe.optimizer, self.recipe.loss, self.recipe.teacher
+        peak_lr = scaled_lr(opt.base_lr, global_batch, opt.reference_batch)
         self.schedules = {
             "lr": cosine_schedule(
-                peak_lr, opt["min_lr"], total_steps, warmup_steps=int(opt["warmup_epochs"] * steps_per_epoch)
+                peak_lr, opt.min_lr, total_steps, warmup_steps=int(opt.warmup_epochs * steps_per_epoch)
             ),
-            "wd": cosine_schedule(opt["weight_decay"], opt["weight_decay_end"], total_steps),
-            "momentum": cosine_schedule(tea["momentum"], tea["momentum_end"], total_steps),
+            "wd": cosine_schedule(opt.weight_decay, opt.weight_decay_end, total_steps),
+            "momentum": cosine_schedule(tea.momentum, tea.momentum_end, total_steps),
             "teacher_temp": teacher_temp_schedule(
-                loss["warmup_teacher_temp"],
-                loss["teacher_temp"],
-                int(loss["warmup_teacher_temp_epochs"] * steps_per_epoch),
+                loss.warmup_teacher_temp,
+                loss.teacher_temp,
+                int(loss.warmup_teacher_temp_epochs * steps_per_epoch),
                 total_steps,
             ),
         }
@@ -217,7 +225,7 @@ class DINOModule(pl.LightningModule):
             global_batch, self.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
             self.peak_lr, len(self.schedules["lr"]),
         )  # fmt: skip
-        betas = tuple(self.dino_cfg["optimizer"].get("betas", (0.9, 0.999)))
+        betas = self.recipe.optimizer.betas
         fused = use_fused_adamw(self.performance["fused_adamw"], self.device, trainer.precision)
         extra = {"fused": True} if fused else {}
         return torch.optim.AdamW(param_groups(self.student), lr=self.peak_lr, betas=betas, **extra)
@@ -243,6 +251,7 @@ class DINOModule(pl.LightningModule):
                 from surgenet_ssl.data.augment import recipe_from_crops
                 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 
+                # The dino.crops dict, as the CPU path gets it (datamodule): recipe_from_crops reads its knobs.
                 c = self.dino_cfg["crops"]
                 self._gpu_augment = GpuMultiCrop(c["global_size"], c["local_size"], c["global_scale"],
                                                  c["local_scale"], c["local_number"],
@@ -270,10 +279,9 @@ class DINOModule(pl.LightningModule):
 
             patch = self.student.backbone.patch_embed.patch_size
             grid = (global_crops.shape[-2] // patch[0], global_crops.shape[-1] // patch[1])
-            c = self.dino_cfg["loss"]
+            c = self.recipe.loss
             seed = int(torch.randint(0, 2**62, (1,)))  # the CPU RNG (restored on resume): no device sync
-            masks = block_masks(2 * b, grid, float(c.get("ibot_mask_probability", 0.5)),
-                                tuple(c.get("ibot_mask_ratio", (0.1, 0.5))), random.Random(seed))  # fmt: skip
+            masks = block_masks(2 * b, grid, c.ibot_mask_probability, c.ibot_mask_ratio, random.Random(seed))
             masks = masks.to(global_crops.device)
         with torch.no_grad():
             if masks is None:
@@ -361,13 +369,13 @@ class DINOModule(pl.LightningModule):
         where = (self.global_step, self.current_epoch, -1)
         self._act_on(self._agreement.submit(PREEMPTION.requested, where, self.device))
         # Runs after AMP unscaling, so the clip threshold applies to true gradient norms.
-        clip = self.dino_cfg["optimizer"].get("clip_grad", 0.0)
+        clip = self.recipe.optimizer.clip_grad
         if clip:
             total_norm = clip_gradients_per_parameter(self.student, clip)  # a device tensor: no host sync here
             every = self.trainer.log_every_n_steps
             if every and (self.global_step + 1) % every == 0:  # the steps whose metrics Lightning writes out
                 self.log("train/grad_norm", total_norm, batch_size=self.batch_size)
-        cancel_last_layer_gradients(self.student, self.current_epoch, self.dino_cfg["optimizer"]["freeze_last_layer"])
+        cancel_last_layer_gradients(self.student, self.current_epoch, self.recipe.optimizer.freeze_last_layer)
         cancel_backbone_gradients(self.student, self.current_epoch, int(self.backbone_cfg.get("freeze_epochs") or 0))
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:

@@ -1,5 +1,6 @@
 """The DINO recipe of ``configs/dino/default.yaml`` as a plain dict, for code that builds a ``DINOModule`` without
-Hydra (benchmark scripts): one source of the recipe's values instead of copies that drift."""
+Hydra (benchmark scripts): one source of the recipe's values instead of copies that drift. Its typed, checked form
+is :class:`surgenet_ssl.dino.recipe.DinoRecipe`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+
+from surgenet_ssl.dino.recipe import DinoRecipe
 
 DINO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "dino" / "default.yaml"
 
@@ -16,4 +19,6 @@ def dino_recipe(**overrides: Any) -> dict[str, Any]:
     cfg = OmegaConf.load(DINO_RECIPE)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    DinoRecipe.from_dict(recipe)  # a misspelt override key fails here, with the closest valid name
+    return recipe

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from surgenet_ssl.export import export_checkpoint, run_provenance
+from surgenet_ssl.provenance import run_provenance
+from surgenet_ssl.teacher_export import export_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -16,24 +16,27 @@ and official CPU backends, and :mod:`surgenet_ssl.data.gpu_augment`).
   OpenCV JPEG decoding straight to an array, crop *before* resizing (only the crop's pixels are touched), an
   integer-factor area reduction followed by bicubic (antialiased like PIL's bicubic, at OpenCV-cubic speed),
   colour ops as 256-entry lookup tables / ``cv2.addWeighted`` / OpenCV HSV, OpenCV Gaussian blur, and one
-  vectorised normalisation per crop. Reduced-size JPEG decoding (DCT scaling) is used only when the frame is so
-  large that the smallest global crop would still be downscaled (``decode_min_short``), so output quality is
-  unchanged for the usual 854x480 / 320-px-storage frames.
+  vectorised normalisation per crop. Reduced-size JPEG decoding (DCT scaling, :mod:`surgenet_ssl.data.decode`) is
+  used only when the frame is so large that the smallest global crop would still be downscaled
+  (``decode_min_short``), so output quality is unchanged for the usual 854x480 / 320-px-storage frames.
 
-``MultiCropAugmentation(...)`` keeps its historical signature and returns the backend chosen by ``backend``.
-Both backends take a PIL image, an HxWx3 uint8 RGB array, or encoded image bytes (``transform.decode(bytes)``
-is what the loader calls); they count frames that had to be converted (grayscale/RGBA/CMYK/...) or were smaller
-than the global crop (upscaled) in :meth:`consume_events`, which the loader adds to its stats.
+Both are subclasses of :class:`MultiCropAugmentation` (the shared signature; not instantiable itself):
+:func:`multi_crop_class` maps a ``data.augment_backend`` name to its class, and
+:func:`surgenet_ssl.datamodule.build_augmentation` builds the worker transform from the config (a multi-crop
+backend, or :class:`FrameResize` for ``data.augment_on=gpu``). Every worker transform (:class:`FrameTransform`)
+takes a PIL image, an HxWx3 uint8 RGB array, or encoded image bytes (``transform.decode(bytes)`` is what the loader
+calls); it counts frames that had to be converted (grayscale/RGBA/CMYK/...) or were smaller than the global crop
+(upscaled) in :meth:`~FrameTransform.consume_events`, which the loader adds to its stats.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -41,20 +44,21 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self needs Python 3.11
+from surgenet_ssl.data.decode import as_rgb_array, decode_frame, jpeg_info, open_rgb, to_rgb
 
 __all__ = [
     "BLUR_P",
+    "MULTI_CROP_BACKENDS",
+    "CropDraws",
     "CropGeometry",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "FastMultiCrop",
     "FrameResize",
+    "FrameTransform",
     "MultiCropAugmentation",
     "OfficialMultiCrop",
-    "decode_frame",
-    "jpeg_info",
+    "multi_crop_class",
     "random_resized_crop_params",
     "recipe_from_crops",
     "recipe_probabilities",
@@ -62,11 +66,7 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BLUR_P = (
-    1.0,
-    0.1,
-    0.5,
-)  # Gaussian blur probability: global crop 1, global crop 2, local crops
+BLUR_P = (1.0, 0.1, 0.5)  # Gaussian blur probability: global crop 1, global crop 2, local crops
 SOLARIZE_P = 0.2  # global crop 2 only
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 JITTER_P, GRAY_P, FLIP_P = 0.8, 0.2, 0.5
@@ -76,96 +76,6 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
-# ------------------------------------------------------------------------------------------------------ decoding
-def jpeg_info(data: bytes) -> tuple[int, int, int] | None:
-    """``(height, width, components)`` from a baseline/progressive JPEG header, or None if not a (parsable) JPEG.
-
-    Reading the frame header costs microseconds and tells whether OpenCV's fast path applies (3 components)
-    and how far the frame may be reduced while decoding.
-    """
-    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return None
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
-            i += 2
-            continue
-        length = (data[i + 2] << 8) | data[i + 3]
-        if marker in (
-            0xC0,
-            0xC1,
-            0xC2,
-            0xC3,
-            0xC5,
-            0xC6,
-            0xC7,
-            0xC9,
-            0xCA,
-            0xCB,
-            0xCD,
-            0xCE,
-            0xCF,
-        ):
-            if i + 10 > n:
-                return None
-            h = (data[i + 5] << 8) | data[i + 6]
-            w = (data[i + 7] << 8) | data[i + 8]
-            return h, w, data[i + 9]
-        i += 2 + length
-    return None
-
-
-def _pil_to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
-    """PIL image of any mode -> RGB (16-bit gray scaled, alpha composited on black); True if it was converted."""
-    if img.mode == "RGB":
-        return img, False
-    if img.mode in (
-        "I;16",
-        "I;16B",
-        "I;16L",
-        "I",
-    ):  # 16-bit grayscale: map 0..65535 to 0..255 instead of clipping
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.rint(arr / 257.0).clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
-    return img.convert("RGB"), True
-
-
-def decode_frame(data: bytes, min_short: int = 0) -> tuple[np.ndarray, bool]:
-    """Encoded image -> (HxWx3 uint8 RGB array, converted). Raises on corrupt data (the loader counts and skips).
-
-    ``min_short > 0`` allows JPEG DCT-domain reduction by 2/4/8 as long as the decoded shorter side stays
-    >= ``min_short``. ``converted`` is True when the file was not 3-channel colour (grayscale, CMYK, RGBA, ...).
-    """
-    info = jpeg_info(data)
-    # OpenCV fast path for complete 3-channel JPEGs. A truncated file (no end marker) goes to PIL, which raises
-    # instead of returning a grey-padded frame, so the loader counts it as corrupt.
-    if info is not None and info[2] == 3 and data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
-        h, w, _ = info
-        factor = 1
-        if min_short > 0:
-            while factor < 8 and min(h, w) // (factor * 2) >= min_short:
-                factor *= 2
-        flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                8: cv2.IMREAD_REDUCED_COLOR_8}[factor]  # fmt: skip
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
-        if bgr is None:
-            raise ValueError("OpenCV could not decode the JPEG data (corrupt or truncated)")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), False
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    rgb, converted = _pil_to_rgb(img)
-    return np.asarray(rgb), converted
-
-
 def random_resized_crop_params(
     height: int,
     width: int,
@@ -173,20 +83,23 @@ def random_resized_crop_params(
     ratio: Sequence[float],
     u: Sequence[float],
 ) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params, driven by 22 given uniforms: ``(top, left, h, w)``.
+    """torchvision's RandomResizedCrop.get_params, driven by 22 given uniforms (:attr:`CropDraws.box`):
+    ``(top, left, h, w)``.
 
-    ``u[2k], u[2k+1]`` (k < 10) are the area and log-aspect draws of attempt k, ``u[20], u[21]`` the position.
+    ``u[2k], u[2k+1]`` (k < 10) are the area and log-aspect draws of attempt k, ``u[20], u[21]`` the position of
+    the first box that fits; if none fits, the centre crop of torchvision's fallback.
     """
     area = height * width
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    for k in range(10):
-        target = area * (scale[0] + u[2 * k] * (scale[1] - scale[0]))
-        aspect = math.exp(lo + u[2 * k + 1] * (hi - lo))
+    top_u, left_u = u[20], u[21]
+    for area_u, aspect_u in zip(u[0:20:2], u[1:20:2]):  # 10 attempts
+        target = area * (scale[0] + area_u * (scale[1] - scale[0]))
+        aspect = math.exp(lo + aspect_u * (hi - lo))
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top = min(int(u[20] * (height - h + 1)), height - h)
-            left = min(int(u[21] * (width - w + 1)), width - w)
+            top = min(int(top_u * (height - h + 1)), height - h)
+            left = min(int(left_u * (width - w + 1)), width - w)
             return top, left, h, w
     in_ratio = width / height
     if in_ratio < min(ratio):
@@ -220,8 +133,16 @@ def recipe_probabilities(overrides: dict[str, Any] | None = None) -> dict[str, A
     saturation, hue as in torchvision's ColorJitter), ``blur_sigma`` (sigma range in px), ``solarize_threshold``
     (0..256; 256 never inverts).
     """
-    p: dict[str, Any] = {"flip": FLIP_P, "jitter": JITTER_P, "gray": GRAY_P, "blur": BLUR_P, "solarize": SOLARIZE_P,
-                         "jitter_strength": JITTER, "blur_sigma": SIGMA, "solarize_threshold": SOLARIZE_THRESHOLD}
+    p: dict[str, Any] = {
+        "flip": FLIP_P,
+        "jitter": JITTER_P,
+        "gray": GRAY_P,
+        "blur": BLUR_P,
+        "solarize": SOLARIZE_P,
+        "jitter_strength": JITTER,
+        "blur_sigma": SIGMA,
+        "solarize_threshold": SOLARIZE_THRESHOLD,
+    }
     p.update(overrides or {})
     config = {v: k for k, v in AUGMENT_CONFIG_KEYS.items()}
 
@@ -237,8 +158,10 @@ def recipe_probabilities(overrides: dict[str, Any] | None = None) -> dict[str, A
     p["jitter_strength"] = tuple(float(v) for v in p["jitter_strength"])
     js = p["jitter_strength"]
     if len(js) != 4 or min(js) < 0 or js[0] > 1 or js[1] > 1 or js[2] > 1 or js[3] > 0.5:
-        raise bad("jitter_strength", "needs [brightness, contrast, saturation, hue] with the first three in [0, 1] "
-                                     "and hue in [0, 0.5]")  # fmt: skip
+        raise bad(
+            "jitter_strength",
+            "needs [brightness, contrast, saturation, hue] with the first three in [0, 1] and hue in [0, 0.5]",
+        )
     p["blur_sigma"] = tuple(float(v) for v in p["blur_sigma"])
     if len(p["blur_sigma"]) != 2 or not 0 < p["blur_sigma"][0] <= p["blur_sigma"][1]:
         raise bad("blur_sigma", "needs [min, max] with 0 < min <= max (px)")
@@ -283,27 +206,55 @@ class CropGeometry:
         return 2 + self.local_crops_number
 
 
-class MultiCropAugmentation(CropGeometry):
-    """Frame -> list of normalised crop tensors ``[global_1, global_2, local_1, ..., local_N]`` (each (3,s,s)).
-
-    ``MultiCropAugmentation(...)`` returns the backend named by ``backend`` ("fast" default, or "official");
-    sizes, scales and the number of local crops come from the config (``dino.crops``); defaults are the recipe's.
-    ``uint8_output=True`` returns uint8 crops (0..255, not normalised): a quarter of the bytes through worker
-    queues, pinned memory and the host-to-device copy; the training module normalises them on the device
-    (:func:`surgenet_ssl.data.gpu_augment.normalize_uint8`).
-    """
+class FrameTransform(ABC):
+    """What the loader runs on every frame in its workers: ``decode(bytes)`` (encoded frame -> RGB, see
+    :mod:`surgenet_ssl.data.decode`), then ``__call__`` (-> what the batch carries under ``batch_key``), and
+    ``consume_events()``. Subclasses: the multi-crop backends (:class:`MultiCropAugmentation`) and, for
+    ``data.augment_on=gpu``, :class:`FrameResize`; :func:`surgenet_ssl.datamodule.build_augmentation` picks one."""
 
     backend = "base"
     batch_key = "crops"
 
-    def __new__(cls, *args: Any, backend: str = "fast", **kwargs: Any) -> Self:
-        target = cls
-        if cls is MultiCropAugmentation:
-            backends = {"fast": FastMultiCrop, "official": OfficialMultiCrop}
-            if backend not in backends:
-                raise ValueError(f"unknown augmentation backend {backend!r}; choose one of {sorted(backends)}")
-            target = backends[backend]
-        return object.__new__(target)
+    def __init__(self) -> None:
+        self._events: Counter[str] = Counter()
+
+    @abstractmethod
+    def __call__(self, image: Any) -> Any:
+        """A PIL image, an HxWx3 uint8 RGB array or encoded image bytes -> the sample's ``batch_key`` entry."""
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Encoded frame -> HxWx3 uint8 RGB (what the loader calls before ``__call__``); counts conversions."""
+        arr, converted = decode_frame(data)
+        self._count_converted(converted)
+        return arr
+
+    def consume_events(self) -> dict[str, int]:
+        """Counts since the last call (``converted_images``, ``upscaled_images``); the loader adds them to stats."""
+        events, self._events = dict(self._events), Counter()
+        return events
+
+    def _count_converted(self, converted: bool) -> None:
+        if converted:
+            self._events["converted_images"] += 1
+
+    def _as_array(self, image: Any) -> np.ndarray:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return self.decode(bytes(image))
+        arr, converted = as_rgb_array(image)
+        self._count_converted(converted)
+        return arr
+
+
+class MultiCropAugmentation(FrameTransform, CropGeometry):
+    """Frame -> list of normalised crop tensors ``[global_1, global_2, local_1, ..., local_N]`` (each (3,s,s)).
+
+    The common signature of the backends, :class:`FastMultiCrop` ("fast", the default) and
+    :class:`OfficialMultiCrop` ("official"); build one by name with ``multi_crop_class(backend)(...)`` (or from the
+    config with :func:`surgenet_ssl.datamodule.build_augmentation`). Sizes, scales and the number of local crops
+    come from the config (``dino.crops``); defaults are the recipe's. ``uint8_output=True`` returns uint8 crops
+    (0..255, not normalised): a quarter of the bytes through worker queues, pinned memory and the host-to-device
+    copy; the training module normalises them on the device (:func:`surgenet_ssl.data.gpu_augment.normalize_uint8`).
+    """
 
     def __init__(
         self,
@@ -314,46 +265,15 @@ class MultiCropAugmentation(CropGeometry):
         local_crops_number: int = 8,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        backend: str | None = None,
         uint8_output: bool = False,
         probabilities: dict[str, Any] | None = None,
     ) -> None:
-        self._init_geometry(global_crops_size, local_crops_size, global_crops_scale, local_crops_scale,
-                            local_crops_number, mean, std)  # fmt: skip
+        super().__init__()
+        self._init_geometry(
+            global_crops_size, local_crops_size, global_crops_scale, local_crops_scale, local_crops_number, mean, std
+        )
         self.uint8_output = bool(uint8_output)
         self.p = recipe_probabilities(probabilities)  # strengths and probabilities (recipe_from_crops(dino.crops))
-        self._events: Counter[str] = Counter()
-
-    def decode(self, data: bytes) -> np.ndarray:
-        """Encoded frame -> HxWx3 uint8 RGB (what the loader calls before ``__call__``); counts conversions."""
-        arr, converted = decode_frame(data)
-        if converted:
-            self._events["converted_images"] += 1
-        return arr
-
-    def consume_events(self) -> dict[str, int]:
-        """Counts since the last call (``converted_images``, ``upscaled_images``); the loader adds them to stats."""
-        events, self._events = dict(self._events), Counter()
-        return events
-
-    def _as_array(self, image: Any) -> np.ndarray:
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            return self.decode(bytes(image))
-        if isinstance(image, Image.Image):
-            image, converted = _pil_to_rgb(image)
-            if converted:
-                self._events["converted_images"] += 1
-            return np.asarray(image)
-        arr = np.asarray(image)
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-            self._events["converted_images"] += 1
-        elif arr.ndim == 3 and arr.shape[2] == 4:
-            arr = np.ascontiguousarray(arr[:, :, :3])
-            self._events["converted_images"] += 1
-        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-            raise TypeError(f"expected an HxWx3 uint8 RGB array, PIL image or image bytes; got {arr.dtype}{arr.shape}")
-        return arr
 
     def _check_size(self, height: int, width: int) -> None:
         if min(height, width) < self.global_crops_size:
@@ -417,9 +337,14 @@ class OfficialMultiCrop(MultiCropAugmentation):
             ]
         )
         self.global_2 = T.Compose(
-            [crop(g, self.global_crops_scale), flip_and_jitter, RandomGaussianBlur(p["blur"][1], *sigma),
-             RandomSolarize(p["solarize"], p["solarize_threshold"]), normalize]
-        )  # fmt: skip
+            [
+                crop(g, self.global_crops_scale),
+                flip_and_jitter,
+                RandomGaussianBlur(p["blur"][1], *sigma),
+                RandomSolarize(p["solarize"], p["solarize_threshold"]),
+                normalize,
+            ]
+        )
         self.local = T.Compose(
             [
                 crop(loc, self.local_crops_scale),
@@ -430,20 +355,17 @@ class OfficialMultiCrop(MultiCropAugmentation):
         )
 
     def decode(self, data: bytes) -> Image.Image:  # type: ignore[override]
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        img, converted = _pil_to_rgb(img)
-        if converted:
-            self._events["converted_images"] += 1
+        """Encoded frame -> RGB PIL image, decoded by PIL like the official code; counts conversions."""
+        img, converted = open_rgb(data)
+        self._count_converted(converted)
         return img
 
     def __call__(self, image: Any) -> list[torch.Tensor]:
         if isinstance(image, (bytes, bytearray, memoryview)):
             image = self.decode(bytes(image))
         elif isinstance(image, Image.Image):
-            image, converted = _pil_to_rgb(image)
-            if converted:
-                self._events["converted_images"] += 1
+            image, converted = to_rgb(image)
+            self._count_converted(converted)
         else:
             image = Image.fromarray(self._as_array(image))
         self._check_size(image.height, image.width)
@@ -454,7 +376,6 @@ class OfficialMultiCrop(MultiCropAugmentation):
 
 # ------------------------------------------------------------------------------------------------ fast (OpenCV)
 _IDENTITY = np.arange(256, dtype=np.float32)
-_N_UNIFORMS = 32  # per crop: 22 crop, flip, jitter-apply, 4 factors, gray, blur-apply, sigma, solarize (+ order)
 
 
 def _lut(values: np.ndarray) -> np.ndarray:
@@ -526,6 +447,37 @@ def resize_crop(img: np.ndarray, top: int, left: int, h: int, w: int, size: int)
 
 
 _JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+_BOX_UNIFORMS = 22  # random_resized_crop_params: 10 attempts x (area, log-aspect), then (top, left)
+_N_UNIFORMS = _BOX_UNIFORMS + 10  # then flip, jitter, 4 jitter factors, gray, blur, sigma, solarize
+
+
+class CropDraws(NamedTuple):
+    """The random draws of one crop of the fast backend, named after the recipe step that uses each.
+
+    Made by :meth:`draw`, which consumes the generator in a fixed order (the same seed gives the same crops): one
+    row of 32 uniforms per crop (the fields below up to ``solarize``, in order), then per crop the jitter order.
+    Every probability test is ``draw < p``, so ``p=0`` never and ``p=1`` always applies the step.
+    """
+
+    box: tuple[float, ...]  # 22 uniforms -> random_resized_crop_params: (top, left, h, w)
+    flip: float  # horizontal flip if < p["flip"]
+    jitter: float  # colour jitter if < p["jitter"]
+    brightness: float  # factor 1 - b + 2 b * draw  (b: jitter_strength[0])
+    contrast: float  # factor 1 - c + 2 c * draw
+    saturation: float  # factor 1 - s + 2 s * draw
+    hue: float  # shift -h + 2 h * draw
+    gray: float  # grayscale if < p["gray"]
+    blur: float  # Gaussian blur if < p["blur"][crop position]
+    sigma: float  # blur sigma lo + (hi - lo) * draw
+    solarize: float  # solarize (global crop 2 only) if < p["solarize"]
+    jitter_order: list[int]  # permutation of the 4 jitter ops (argsort of 4 uniforms)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, n: int) -> list[CropDraws]:
+        """The draws of ``n`` crops, in the order the generator has always been consumed."""
+        uniforms = rng.random((n, _N_UNIFORMS)).tolist()
+        orders = np.argsort(rng.random((n, 4)), axis=1).tolist()  # a uniform random permutation per crop
+        return [cls(tuple(u[:_BOX_UNIFORMS]), *u[_BOX_UNIFORMS:], order) for u, order in zip(uniforms, orders)]
 
 
 class FastMultiCrop(MultiCropAugmentation):
@@ -576,70 +528,80 @@ class FastMultiCrop(MultiCropAugmentation):
 
     def decode(self, data: bytes) -> np.ndarray:
         arr, converted = decode_frame(data, self.decode_min_short)
-        if converted:
-            self._events["converted_images"] += 1
+        self._count_converted(converted)
         return arr
 
-    def _crop(
-        self,
-        img: np.ndarray,
-        index: int,
-        u: list[float],
-        order: list[int],
-        params: list | None,
-    ) -> torch.Tensor:
+    def _crop(self, img: np.ndarray, index: int, d: CropDraws, params: list | None) -> torch.Tensor:
         is_global = index < 2
         size = self.global_crops_size if is_global else self.local_crops_size
         scale = self.global_crops_scale if is_global else self.local_crops_scale
-        top, left, h, w = random_resized_crop_params(img.shape[0], img.shape[1], scale, RATIO, u)
+        top, left, h, w = random_resized_crop_params(img.shape[0], img.shape[1], scale, RATIO, d.box)
         out = resize_crop(img, top, left, h, w, size)
         p = self.p
-        flip = u[22] < p["flip"]
+        flip = d.flip < p["flip"]
         if flip:
             out = cv2.flip(out, 1)
         jitter = None
-        if u[23] < p["jitter"]:
+        if d.jitter < p["jitter"]:
             b, c, s, hue = p["jitter_strength"]
             jitter = {
-                "brightness": 1 - b + 2 * b * u[24],
-                "contrast": 1 - c + 2 * c * u[25],
-                "saturation": 1 - s + 2 * s * u[26],
-                "hue": -hue + 2 * hue * u[27],
-                "order": [JITTER_OPS[k] for k in order],
+                "brightness": 1 - b + 2 * b * d.brightness,
+                "contrast": 1 - c + 2 * c * d.contrast,
+                "saturation": 1 - s + 2 * s * d.saturation,
+                "hue": -hue + 2 * hue * d.hue,
+                "order": [JITTER_OPS[k] for k in d.jitter_order],
             }
-            for k in order:
+            for k in d.jitter_order:
                 out = _JITTER_FNS[k](out, jitter[JITTER_OPS[k]])
-        gray = u[28] < p["gray"]
+        gray = d.gray < p["gray"]
         if gray:
             out = to_grayscale(out)
         blur_p = p["blur"][min(index, 2)]
         lo, hi = p["blur_sigma"]
-        sigma = lo + u[30] * (hi - lo) if u[29] < blur_p else None
+        sigma = lo + d.sigma * (hi - lo) if d.blur < blur_p else None
         if sigma is not None:
             out = gaussian_blur(out, sigma)
-        sol = index == 1 and u[31] < p["solarize"]
+        sol = index == 1 and d.solarize < p["solarize"]
         if sol:
             out = solarize(out, p["solarize_threshold"])
         if params is not None:
-            params.append({"box": (top, left, h, w), "flip": flip, "jitter": jitter, "gray": gray, "sigma": sigma,
-                           "solarize": sol, "size": size, "frame": img.shape[:2]})  # fmt: skip
+            params.append(
+                {
+                    "box": (top, left, h, w),
+                    "flip": flip,
+                    "jitter": jitter,
+                    "gray": gray,
+                    "sigma": sigma,
+                    "solarize": sol,
+                    "size": size,
+                    "frame": img.shape[:2],
+                }
+            )
         t = torch.from_numpy(out).permute(2, 0, 1).contiguous()
         return t if self.uint8_output else t.float().mul_(self._scale).add_(self._shift)
 
     def __call__(self, image: Any, return_params: bool = False) -> Any:
         img = self._as_array(image)
         self._check_size(img.shape[0], img.shape[1])
-        rng = self.rng()
-        n = self.n_crops
-        uniforms = rng.random((n, _N_UNIFORMS)).tolist()
-        orders = np.argsort(rng.random((n, 4)), axis=1).tolist()  # a uniform random permutation per crop
+        draws = CropDraws.draw(self.rng(), self.n_crops)
         params: list | None = [] if return_params else None
-        crops = [self._crop(img, i, uniforms[i], orders[i], params) for i in range(n)]
+        crops = [self._crop(img, i, d, params) for i, d in enumerate(draws)]
         return (crops, params) if return_params else crops
 
 
+MULTI_CROP_BACKENDS: dict[str, type[MultiCropAugmentation]] = {"fast": FastMultiCrop, "official": OfficialMultiCrop}
+
+
+def multi_crop_class(backend: str) -> type[MultiCropAugmentation]:
+    """The multi-crop class of a ``data.augment_backend`` name ("fast" or "official"); anything else is a
+    ValueError naming the choices."""
+    if backend not in MULTI_CROP_BACKENDS:
+        raise ValueError(f"unknown augmentation backend {backend!r}; choose one of {sorted(MULTI_CROP_BACKENDS)}")
+    return MULTI_CROP_BACKENDS[backend]
+
+
 # ------------------------------------------------------------------------------------------ GPU-mode worker side
-class FrameResize(MultiCropAugmentation):
+class FrameResize(FrameTransform):
     """Worker transform of ``data.augment_on=gpu``: decode -> fit into a fixed ``(H, W)`` canvas keeping the aspect
     ratio -> ``(uint8 frame (3, H, W), int32 valid (h, w))``. The loader batches them as ``batch["frames"]`` and
     ``batch["frame_hw"]``; the crops are made on the device, each within its frame's valid region
@@ -657,14 +619,12 @@ class FrameResize(MultiCropAugmentation):
     batch_key = "frames"
     batch_keys = ("frames", "frame_hw")
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        return object.__new__(cls)
-
     def __init__(self, frame_size: Sequence[int] = (320, 568), global_crops_size: int = 224) -> None:
-        super().__init__(global_crops_size=global_crops_size)
+        super().__init__()
         if len(frame_size) != 2 or min(frame_size) < 1:
             raise ValueError(f"frame_size must be (height, width) > 0, got {frame_size}")
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
+        self.global_crops_size = int(global_crops_size)  # informative: the crops are made on the device
 
     def fitted_size(self, h: int, w: int) -> tuple[int, int]:
         """The ``(h, w)`` a frame of that size gets in the canvas: aspect kept, only ever downscaled."""
@@ -678,8 +638,7 @@ class FrameResize(MultiCropAugmentation):
         if info is not None:  # reduce while decoding as long as the frame keeps at least its fitted size
             min_short = min(self.fitted_size(info[0], info[1]))
         arr, converted = decode_frame(data, min_short)
-        if converted:
-            self._events["converted_images"] += 1
+        self._count_converted(converted)
         return arr
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from surgenet_ssl.cluster import ignore_preemption_signals_in_worker
 from surgenet_ssl.data import location as L
+from surgenet_ssl.data.decode import decode_rgb_image
 from surgenet_ssl.data.mixture import ResolvedMixture, SourceSpec, resolve_mixture
 from surgenet_ssl.data.shards import iter_shard, keep_frame
-from surgenet_ssl.data.video import decode_rgb_image
 from surgenet_ssl.resources import limit_worker_threads, single_threaded_opencv_fork
 
 __all__ = ["MixtureStream", "build_train_loader", "STAT_NAMES"]
@@ -364,7 +364,9 @@ def sample_stream(readers: list[_SourceReader], weights: list[float], rng: np.ra
 
 
 def shuffle_buffer(stream: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Shuffle an endless stream through a buffer of ``size`` items (raw bytes: decoding happens after it)."""
+    """Shuffle a stream through a buffer of ``size`` items (raw bytes: decoding happens after it). Each item comes
+    out once; output ``k`` is one of the first ``k + size`` inputs. The training stream is endless; a finite one
+    is drained at its end, so it comes out as a permutation of itself. ``size <= 1``: passed through unchanged."""
     if size <= 1:
         yield from stream
         return
@@ -376,6 +378,8 @@ def shuffle_buffer(stream: Iterator[Any], size: int, rng: np.random.Generator) -
         j = int(rng.integers(len(buf)))
         buf[j], item = item, buf[j]
         yield item
+    while buf:  # a finite stream ended: what is left, in random order
+        yield buf.pop(int(rng.integers(len(buf))))
 
 
 class WorkerPlan(NamedTuple):

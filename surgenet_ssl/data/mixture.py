@@ -13,6 +13,7 @@ Config schema (configs/dataset/*.yaml)::
     generate: null               # "demo": build the embedded demo data under `root` on first use
 
 ``sources: null`` means "every prepared source found under ``path``/``root``" (used by custom and demo).
+A key outside this schema (top level or in a source's mapping) is an error naming the closest valid key.
 Start-up cost is one JSON file per source, independent of the number of frames.
 
 ``root``, ``path`` and per-source ``path`` may be URLs (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgenet_ssl.config_checks import check_keys
 from surgenet_ssl.data import location as L
 from surgenet_ssl.data import shards as S
 from surgenet_ssl.data.sources import SOURCES, canonical_source_name
@@ -37,6 +39,7 @@ __all__ = ["SourceSpec", "MissingSource", "ResolvedMixture", "MissingSourcesErro
 log = logging.getLogger(__name__)
 
 _KNOWN_KEYS = {"name", "sources", "fraction", "allow_missing", "root", "path", "generate", "description"}
+_SOURCE_KEYS = {"weight", "path"}  # dataset.sources.<name>: a weight, null, or {weight: 2.0, path: DIR}
 
 
 class MissingSourcesError(FileNotFoundError):
@@ -171,9 +174,7 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
     cfg = _plain(dataset_cfg)
     if not isinstance(cfg, Mapping):
         raise TypeError(f"dataset config must be a mapping, got {type(cfg).__name__}")
-    unknown = set(cfg) - _KNOWN_KEYS
-    if unknown:
-        log.warning("dataset config: ignoring unknown key(s) %s (known: %s)", sorted(unknown), sorted(_KNOWN_KEYS))
+    check_keys(cfg, _KNOWN_KEYS, "dataset")  # a misspelt key fails, naming the closest valid one
     name = str(cfg.get("name") or "custom")
     fraction = float(cfg.get("fraction", 1.0) if cfg.get("fraction") is not None else 1.0)
     if not 0.0 < fraction <= 1.0:
@@ -208,6 +209,8 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
             entries = {str(n): None for n in entries}
         dirs = {}
         for n, entry in entries.items():
+            if isinstance(entry, Mapping):
+                check_keys(entry, _SOURCE_KEYS, f"dataset.sources.{n}")
             path = entry.get("path") if isinstance(entry, Mapping) else None
             dirs[n] = L.as_location(str(path)) if path else L.join(base, n)
 

@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from surgenet_ssl.data import shards as S
+from surgenet_ssl.data.decode import load_rgb_image
 from surgenet_ssl.data.video import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     DecodeReport,
     VideoDecodeError,
     iter_video_frames,
-    load_rgb_image,
     resize_short_side,
 )
 

@@ -1,10 +1,10 @@
-"""Decode sampled frames from videos (decord, PyAV fallback) and read image files, as RGB uint8 arrays.
+"""Decode sampled frames from videos (decord, PyAV fallback) as RGB uint8 arrays; resize frames for storage.
 
 Sampling follows the published extraction (SURGENET.md section 7): at ``fps=1`` keep the frames whose index is a
 multiple of ``round(video_fps / fps)``; the frame index and its timestamp become the frame's stable key.
 decord is fast at sparse access but has wheels for x86-64 only and fails on some containers; PyAV decodes
 everything sequentially (slower, but robust) and takes over when decord is missing, cannot open a file or breaks
-mid-way.
+mid-way. Image files and encoded frames are decoded by :mod:`surgenet_ssl.data.decode`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -31,8 +31,6 @@ __all__ = [
     "DecodeReport",
     "sampling_step",
     "iter_video_frames",
-    "load_rgb_image",
-    "decode_rgb_image",
     "resize_short_side",
     "decord_available",
 ]
@@ -239,29 +237,6 @@ def iter_video_frames(
             return
         msg = f"{e} (PyAV)" if decord_reason is None else f"{e} (PyAV); decord: {decord_reason}"
         raise VideoDecodeError(msg) from e
-
-
-def decode_rgb_image(data: bytes | Path | str) -> Image.Image:
-    """Open an image (bytes or path) as an RGB PIL image: grayscale, palette, RGBA, CMYK, 16-bit all become RGB."""
-    import io
-
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    img.load()
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: map 0..65535 to 0..255 instead of clipping
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.rint(arr / 257.0).clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def load_rgb_image(path: str | Path) -> np.ndarray:
-    """Image file -> HxWx3 uint8 RGB, EXIF orientation applied. Raises on corrupt files."""
-    img = decode_rgb_image(Path(path))
-    img = ImageOps.exif_transpose(img) or img
-    return np.asarray(img.convert("RGB"))
 
 
 def resize_short_side(image: np.ndarray, short: int | None) -> Image.Image:

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from surgenet_ssl.io_utils import atomic_path, sha256_file
+from surgenet_ssl.io_utils import atomic_path, save_torch, sha256_file
 
 from .classification_data import CHOLEC80_PHASES, ClassificationDataset, ClsSample, load_classification_split
 from .fractions import select_fraction
@@ -440,8 +440,6 @@ def _train_one(cfg: DictConfig, data: PreparedData, variant: str, weights: str |
                                    int(cfg.data.ignore_index), _autocast_dtype(cfg.trainer.precision, device),
                                    keep=overlay_indices(len(data.val), overlay_count))  # fmt: skip
     if cfg.get("save_weights"):
-        from surgenet_ssl.export import save_torch
-
         with atomic_path(run_dir / "model.pth") as tmp:
             save_torch({k: v.detach().cpu() for k, v in module.model.state_dict().items()}, tmp)
     return {"seed": seed, "metrics": metrics, "weights_loaded": loaded, "train_seconds": round(seconds, 2),

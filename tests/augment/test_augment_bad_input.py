@@ -11,17 +11,12 @@ import torch
 from augment.helpers import jpeg_bytes, smooth_image
 from PIL import Image
 
-from surgenet_ssl.data.augment import (
-    FastMultiCrop,
-    FrameResize,
-    MultiCropAugmentation,
-    decode_frame,
-)
+from surgenet_ssl.data.augment import FastMultiCrop, FrameResize, multi_crop_class
+from surgenet_ssl.data.decode import decode_frame
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.datamodule import build_augmentation
 
-CROPS = {"global_size": 32, "local_size": 16, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4],
-         "local_number": 2}  # fmt: skip
+CROPS = {"global_size": 32, "local_size": 16, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4], "local_number": 2}
 
 
 def frames() -> dict[str, bytes]:
@@ -49,16 +44,23 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w = ShardWriter(root, "shards/bad", "bad", 100)
     for name, data in frames().items():
         w.write(f"bad/{name}", {"jpg": data})
-    write_json_atomic(root / "manifest.json", {
-        "format": "surgenet-ssl/source-shards", "version": 1, "source": "bad", "complete": True,
-        "frames": len(frames()), "shards": [s.to_dict() for s in w.close()],
-    })  # fmt: skip
+    write_json_atomic(
+        root / "manifest.json",
+        {
+            "format": "surgenet-ssl/source-shards",
+            "version": 1,
+            "source": "bad",
+            "complete": True,
+            "frames": len(frames()),
+            "shards": [s.to_dict() for s in w.close()],
+        },
+    )
     return root
 
 
 @pytest.mark.parametrize("backend", ["fast", "official"])
 def test_decode_converts_and_counts(backend: str) -> None:
-    aug = MultiCropAugmentation(32, 16, local_crops_number=1, backend=backend)
+    aug = multi_crop_class(backend)(32, 16, local_crops_number=1)
     for name, data in frames().items():
         if name in ("corrupt", "truncated"):
             with pytest.raises(Exception):  # noqa: B017 - the loader counts any decoding error as corrupt
@@ -75,8 +77,15 @@ def test_decode_converts_and_counts(backend: str) -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_counts_conversions_upscales_and_corrupt_frames(source: Path, num_workers: int) -> None:
-    loader = build_train_loader({"name": "custom", "path": str(source)}, "/unused", build_augmentation(CROPS),
-                                batch_size=4, num_workers=num_workers, steps_per_epoch=6, shuffle_buffer=0)  # fmt: skip
+    loader = build_train_loader(
+        {"name": "custom", "path": str(source)},
+        "/unused",
+        build_augmentation(CROPS),
+        batch_size=4,
+        num_workers=num_workers,
+        steps_per_epoch=6,
+        shuffle_buffer=0,
+    )
     batches = list(loader)
     assert len(batches) == 6 and all(len(b["crops"]) == 4 for b in batches)
     stats = loader.dataset.stats
@@ -92,8 +101,15 @@ def test_loader_counts_conversions_upscales_and_corrupt_frames(source: Path, num
 def test_gpu_mode_workers_batch_fixed_size_uint8_frames(source: Path) -> None:
     transform = build_augmentation(CROPS, augment_on="gpu", frame_size=(24, 40))
     assert isinstance(transform, FrameResize)
-    loader = build_train_loader({"name": "custom", "path": str(source)}, "/unused", transform, batch_size=4,
-                                num_workers=0, steps_per_epoch=4, shuffle_buffer=0)  # fmt: skip
+    loader = build_train_loader(
+        {"name": "custom", "path": str(source)},
+        "/unused",
+        transform,
+        batch_size=4,
+        num_workers=0,
+        steps_per_epoch=4,
+        shuffle_buffer=0,
+    )
     batches = list(loader)
     assert all(b["frames"].shape == (4, 3, 24, 40) and b["frames"].dtype == torch.uint8 for b in batches)
     assert "crops" not in batches[0]

@@ -15,7 +15,9 @@ from surgenet_ssl.data.augment import (
     FastMultiCrop,
     MultiCropAugmentation,
     OfficialMultiCrop,
+    multi_crop_class,
 )
+from surgenet_ssl.datamodule import build_augmentation
 
 H, W, SAMPLES = 120, 160, 250
 
@@ -81,16 +83,22 @@ def test_seeded_runs_repeat_and_differ_between_seeds() -> None:
     assert not all((x == y).all() for x, y in zip(ca, cc))
 
 
-def test_backend_dispatch_keeps_the_historical_api() -> None:
-    assert isinstance(MultiCropAugmentation(32, 16, local_crops_number=3), FastMultiCrop)
-    off = MultiCropAugmentation(
-        global_crops_size=32,
-        local_crops_size=16,
-        local_crops_number=3,
-        backend="official",
-    )
+def test_backend_is_chosen_by_name() -> None:
+    assert isinstance(multi_crop_class("fast")(32, 16, local_crops_number=3), FastMultiCrop)
+    off = multi_crop_class("official")(global_crops_size=32, local_crops_size=16, local_crops_number=3)
     assert isinstance(off, OfficialMultiCrop) and off.n_crops == 5
     with pytest.raises(ValueError, match="unknown augmentation backend 'pil'"):
-        MultiCropAugmentation(backend="pil")
+        multi_crop_class("pil")
+    crops = {
+        "global_size": 32,
+        "local_size": 16,
+        "global_scale": [0.4, 1.0],
+        "local_scale": [0.05, 0.4],
+        "local_number": 3,
+    }
+    with pytest.raises(ValueError, match=r"unknown augmentation backend 'pil'; choose one of \['fast', 'official'\]"):
+        build_augmentation(crops, backend="pil")
     with pytest.raises(ValueError, match="global_crops_scale"):
-        MultiCropAugmentation(global_crops_scale=(0.5, 0.1))
+        FastMultiCrop(global_crops_scale=(0.5, 0.1))
+    with pytest.raises(TypeError):  # the common base is no backend of its own
+        MultiCropAugmentation(32, 16)

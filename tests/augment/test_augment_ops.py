@@ -10,6 +10,7 @@ from augment.helpers import smooth_image
 from PIL import Image, ImageFilter
 
 from surgenet_ssl.data import augment as A
+from surgenet_ssl.data import decode as D
 
 IMG = smooth_image(64, 80, seed=3)
 PIL_IMG = Image.fromarray(IMG)
@@ -80,8 +81,15 @@ def denorm(t: torch.Tensor) -> np.ndarray:
 
 def full_frame_aug(**p: float) -> A.FastMultiCrop:
     # scale (1, 1) on a square frame: every crop is the whole frame, so crops can be compared pixel by pixel.
-    return A.FastMultiCrop(32, 16, global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), local_crops_number=2,
-                           seed=0, probabilities={**OFF, **p})  # fmt: skip
+    return A.FastMultiCrop(
+        32,
+        16,
+        global_crops_scale=(1.0, 1.0),
+        local_crops_scale=(1.0, 1.0),
+        local_crops_number=2,
+        seed=0,
+        probabilities={**OFF, **p},
+    )
 
 
 def test_pipeline_normalises_and_applies_each_op_to_the_pixels() -> None:
@@ -106,8 +114,9 @@ def test_pipeline_normalises_and_applies_each_op_to_the_pixels() -> None:
         np.abs(np.diff(denorm(blurred[0]).astype(float), axis=1)).mean()
         < np.abs(np.diff(ref.astype(float), axis=1)).mean()
     )
-    bright = A.FastMultiCrop(32, 16, global_crops_scale=(1.0, 1.0), local_crops_number=0, seed=0,
-                             probabilities={**OFF, "jitter": 1.0})  # fmt: skip
+    bright = A.FastMultiCrop(
+        32, 16, global_crops_scale=(1.0, 1.0), local_crops_number=0, seed=0, probabilities={**OFF, "jitter": 1.0}
+    )
     crops, params = bright(np.full((40, 40, 3), 100, np.uint8), return_params=True)
     j = params[0]["jitter"]  # a gray frame: only brightness changes its value (contrast keeps the mean, sat/hue none)
     assert abs(float(denorm(crops[0]).mean()) - 100 * j["brightness"]) <= 1.5
@@ -117,10 +126,10 @@ def test_reduced_jpeg_decoding_only_for_large_frames() -> None:
     from augment.helpers import jpeg_bytes
 
     big = jpeg_bytes(smooth_image(720, 1280))
-    assert A.jpeg_info(big) == (720, 1280, 3)
-    arr, converted = A.decode_frame(big, min_short=300)
+    assert D.jpeg_info(big) == (720, 1280, 3)
+    arr, converted = D.decode_frame(big, min_short=300)
     assert arr.shape == (360, 640, 3) and not converted  # halved: still >= 300 px
-    assert A.decode_frame(big, min_short=0)[0].shape == (720, 1280, 3)
+    assert D.decode_frame(big, min_short=0)[0].shape == (720, 1280, 3)
     aug = A.FastMultiCrop()  # auto: the smallest global crop (0.4 of the frame) must not be upscaled -> 355 px
     assert aug.decode_min_short == 355
     assert aug.decode(big).shape == (360, 640, 3)

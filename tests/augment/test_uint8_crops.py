@@ -9,13 +9,12 @@ import torch
 from augment.helpers import smooth_image
 from PIL import Image
 
-from surgenet_ssl.data.augment import IMAGENET_STD, FastMultiCrop, MultiCropAugmentation
+from surgenet_ssl.data.augment import IMAGENET_STD, FastMultiCrop, OfficialMultiCrop
 from surgenet_ssl.data.gpu_augment import normalize_uint8
 from surgenet_ssl.datamodule import build_augmentation
 from surgenet_ssl.module import DINOModule
 
-CROPS = {"global_size": 32, "local_size": 16, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4],
-         "local_number": 3}  # fmt: skip
+CROPS = {"global_size": 32, "local_size": 16, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4], "local_number": 3}
 TOL = 1.0 / 255.0 / max(IMAGENET_STD)  # one uint8 level, normalised
 
 
@@ -35,9 +34,9 @@ def test_fast_backend_uint8_then_device_normalisation_equals_float_crops() -> No
 def test_official_backend_uint8_then_device_normalisation_equals_float_crops() -> None:
     img = Image.fromarray(smooth_image(120, 160))
     torch.manual_seed(0)
-    floats = MultiCropAugmentation(32, 16, local_crops_number=3, backend="official")(img)
+    floats = OfficialMultiCrop(32, 16, local_crops_number=3)(img)
     torch.manual_seed(0)
-    raw = MultiCropAugmentation(32, 16, local_crops_number=3, backend="official", uint8_output=True)(img)
+    raw = OfficialMultiCrop(32, 16, local_crops_number=3, uint8_output=True)(img)
     assert all(c.dtype == torch.uint8 and c.shape == f.shape for c, f in zip(raw, floats))
     for f, u in zip(floats, raw):
         torch.testing.assert_close(normalize_uint8(u[None])[0], f, atol=1e-5, rtol=0)

@@ -14,7 +14,7 @@ from torchvision.transforms.functional import to_tensor
 from surgenet_ssl.data.demo import DEMO_PROCEDURES, demo_is_complete, ensure_demo_dataset
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.data.shards import iter_shard
-from surgenet_ssl.data.video import decode_rgb_image
+from surgenet_ssl.data.decode import decode_rgb_image
 
 
 def test_demo_is_generated_once_and_streams(demo_cache: Path) -> None:

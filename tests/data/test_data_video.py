@@ -1,19 +1,16 @@
-"""Video decoding (decord and PyAV) over several containers/codecs, frame sampling, image modes -> RGB."""
+"""Video decoding (decord and PyAV) over several containers/codecs, frame sampling, storage resizing."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 from data.data_media import VIDEO_KINDS, index_of, write_video
-from PIL import Image
 
 from surgenet_ssl.data.video import (
     DecodeReport,
     VideoDecodeError,
-    decode_rgb_image,
     iter_video_frames,
     resize_short_side,
     sampling_step,
@@ -69,20 +66,6 @@ def test_truncated_stream_keeps_decodable_frames(tmp_path: Path) -> None:
     assert 5 < len(frames) < 40
     assert [f.index for f in frames] == list(range(len(frames)))
     assert all(index_of(f.image) == f.index for f in frames[:-1])  # the last one may be cut in the middle
-
-
-@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "LA"])
-def test_any_image_mode_becomes_rgb(mode: str) -> None:
-    if mode == "I;16":
-        img = Image.fromarray(np.full((6, 8), 40000, dtype=np.uint16))
-    else:
-        img = Image.new("RGB", (8, 6), (200, 100, 50)).convert(mode)
-    buf = io.BytesIO()
-    img.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
-    out = decode_rgb_image(buf.getvalue())
-    assert out.mode == "RGB" and out.size == (8, 6)
-    if mode == "I;16":
-        assert np.asarray(out).max() == 156  # 40000 / 65535 * 255: scaled, not clipped to white
 
 
 def test_resize_short_side_downscales_only() -> None:

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from surgenet_ssl.data.augment import MultiCropAugmentation
+from surgenet_ssl.data.augment import FastMultiCrop
 from surgenet_ssl.dino import (
     DINOHead,
     MultiCropWrapper,
@@ -88,7 +88,7 @@ def test_last_layer_gradients_cancelled_only_during_freeze():
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
 def test_multicrop_augmentation_crops_and_sizes(mode):
-    aug = MultiCropAugmentation(global_crops_size=32, local_crops_size=16, local_crops_number=3)
+    aug = FastMultiCrop(global_crops_size=32, local_crops_size=16, local_crops_number=3)
     img = Image.new(mode, (40, 30), color=128 if mode == "L" else None)
     crops = aug(img)
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3

@@ -50,7 +50,7 @@ def fake_pretraining_run(run_dir: Path, dataset: str = "small", fraction: float 
     from omegaconf import OmegaConf
 
     from surgenet_ssl.backbones import build_backbone
-    from surgenet_ssl.export import export_checkpoint
+    from surgenet_ssl.teacher_export import export_checkpoint
 
     torch.manual_seed(seed)
     backbone = build_backbone("timm", timm_name=timm_name).state_dict()

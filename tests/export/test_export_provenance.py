@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from support.tiny_training import crop_batches, tiny_dino
 from surgenet_ssl import export as export_mod
+from surgenet_ssl import provenance, teacher_export
 from surgenet_ssl.callbacks import TeacherExport
 from surgenet_ssl.callbacks.knn_monitor import KNNMonitor
 from surgenet_ssl.module import DINOModule
@@ -70,7 +71,7 @@ def test_safetensors_metadata_is_sorted_and_file_loads(tmp_path):
     tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.float16)}
     meta = {"naming": "timm", "epoch": "3", "backbone": "x", "zeta": "ü"}
     path = tmp_path / "w.safetensors"
-    export_mod.save_safetensors(tensors, path, meta)
+    teacher_export.save_safetensors(tensors, path, meta)
     size = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8:8 + size])
     assert list(header["__metadata__"]) == sorted(meta)
@@ -83,7 +84,7 @@ def test_safetensors_metadata_is_sorted_and_file_loads(tmp_path):
 def test_model_card_records_command_overrides_commit_and_final_knn(run, tmp_path):
     ckpt, auto = run
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    knn = export_mod.final_knn(checkpoint)
+    knn = teacher_export.final_knn(checkpoint)
     assert knn is not None and 0.0 <= knn["knn/top1"] <= 1.0 and knn["epoch"] == 1
     assert export_mod.main([f"ckpt={ckpt}", f"output={tmp_path}"]) == 0
     for card in (auto / "README.md", tmp_path / "README.md"):  # at the end of training and from the CLI
@@ -100,7 +101,7 @@ def test_card_of_an_old_checkpoint_says_unknown(run, tmp_path):
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     checkpoint.pop("run_provenance")
     checkpoint.pop("callbacks", None)
-    export_mod.export_checkpoint(checkpoint, tmp_path)
+    teacher_export.export_checkpoint(checkpoint, tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert "# unknown" in text and "overrides: unknown" in text and "git commit unknown" in text
     assert "final online k-NN: not measured" in text
@@ -108,9 +109,9 @@ def test_card_of_an_old_checkpoint_says_unknown(run, tmp_path):
 
 def test_run_provenance_from_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(REPO / "surgenet_ssl" / "train.py"), "dataset=cholec", "seed=1 2"])
-    prov = export_mod.run_provenance()
+    prov = provenance.run_provenance()
     assert prov["command"] == "python -m surgenet_ssl.train dataset=cholec 'seed=1 2'"
-    assert prov["git_commit"] == export_mod.git_commit()
+    assert prov["git_commit"] == provenance.git_commit()
 
 
 def test_run_provenance_under_hydra_lists_task_overrides(monkeypatch):
@@ -122,7 +123,7 @@ def test_run_provenance_under_hydra_lists_task_overrides(monkeypatch):
         cfg = compose("train", overrides=["dataset=cholec", "seed=3"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     try:
-        prov = export_mod.run_provenance()
+        prov = provenance.run_provenance()
     finally:
         HydraConfig.instance().cfg = None
     assert prov["overrides"] == ["dataset=cholec", "seed=3"]
@@ -132,10 +133,10 @@ def test_run_provenance_under_hydra_lists_task_overrides(monkeypatch):
 def test_git_commit_of_this_checkout_or_unknown(tmp_path, monkeypatch):
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0 and (REPO / ".git").exists():
-        assert export_mod.git_commit().split(" ")[0] == head.stdout.strip()
-    assert export_mod.git_commit(tmp_path) == "unknown"  # not a git checkout
+        assert provenance.git_commit().split(" ")[0] == head.stdout.strip()
+    assert provenance.git_commit(tmp_path) == "unknown"  # not a git checkout
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "__init__.py").write_text("")
-    assert export_mod.git_commit(tmp_path) == "unknown"  # in a repository, but not tracked there
+    assert provenance.git_commit(tmp_path) == "unknown"  # in a repository, but not tracked there
     monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
-    assert export_mod.git_commit() == "unknown"  # git missing: never fails
+    assert provenance.git_commit() == "unknown"  # git missing: never fails

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from surgenet_ssl.backbones import timm_to_surgenet
-from surgenet_ssl.export import export_checkpoint
+from surgenet_ssl.teacher_export import export_checkpoint
 from surgenet_ssl.init_weights import dino_head_and_center, initialize_dino
 from surgenet_ssl.module import DINOModule
 

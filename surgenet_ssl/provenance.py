@@ -1,0 +1,73 @@
+"""How a run was started, for the model card and the run's checkpoints: the command to rerun it, Hydra's task
+overrides, the package version and the git commit of the code (best effort: never raises)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["git_commit", "run_provenance"]
+
+
+def git_commit(where: str | Path | None = None) -> str:
+    """The git commit of the code (the checkout this package is imported from), ``+ " (with uncommitted changes)"``
+    when tracked files differ from it; "unknown" when the package is not in a git checkout or git is missing.
+    Never raises: a model card must not fail over provenance."""
+    package = Path(where) if where is not None else Path(__file__).resolve().parent
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=20, env=env)
+
+    try:
+        # tracked here, not merely inside some other repository (e.g. a venv in a project checkout)
+        if git("ls-files", "--error-unmatch", "--", "__init__.py").returncode != 0:
+            return "unknown"
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return "unknown"
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def _module_of(script: str) -> str | None:
+    """``.../surgenet_ssl/train.py`` -> ``surgenet_ssl.train`` (what ``python -m`` was given)."""
+    try:
+        path = Path(script).resolve()
+        rel = path.relative_to(Path(__file__).resolve().parent.parent)
+    except (ValueError, OSError):
+        return None
+    return ".".join(rel.with_suffix("").parts) if path.suffix == ".py" else None
+
+
+def run_provenance() -> dict[str, Any]:
+    """How this run was started, for the model card: a copy-pasteable ``command``, Hydra's task ``overrides`` and
+    the ``git_commit`` of the code. In a Hydra multirun job the command is the job's own (its overrides)."""
+    overrides: list[str] = []
+    multirun = False
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            hydra_cfg = HydraConfig.get()
+            overrides = [str(o) for o in hydra_cfg.overrides.task]
+            multirun = str(hydra_cfg.mode).endswith("MULTIRUN")
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        pass
+    module = _module_of(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    program = ["python", "-m", module] if module else ["python", *sys.argv[:1]]
+    args = overrides if multirun else sys.argv[1:]
+    try:
+        from importlib.metadata import version
+
+        package_version = version("surgenet-ssl")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        package_version = "unknown"
+    return {"command": shlex.join(program + list(args)), "overrides": overrides, "git_commit": git_commit(),
+            "version": package_version}  # fmt: skip
