@@ -35,8 +35,9 @@ def synthetic_frames(directory: Path, n: int, width: int, height: int, seed: int
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     for i in range(n):
-        low = cv2.resize(rng.uniform(0, 255, (6, 10, 3)).astype(np.float32), (width, height),
-                         interpolation=cv2.INTER_CUBIC)  # fmt: skip
+        low = cv2.resize(
+            rng.uniform(0, 255, (6, 10, 3)).astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC
+        )
         texture = cv2.GaussianBlur(rng.normal(0, 30, (height, width, 3)).astype(np.float32), (0, 0), 1.2)
         r = np.hypot((x - width / 2) / (width / 2), (y - height / 2) / (height / 2))
         img = (low * 0.8 + texture) * np.clip(1.3 - r, 0, 1)[..., None]
@@ -96,8 +97,8 @@ def _resize_then_crop(img: np.ndarray, top: int, left: int, h: int, w: int, size
     """Resize the whole frame to the crop's scale first, then cut the crop (what crop-before-resize avoids)."""
     sx, sy = size / w, size / h
     big = cv2.resize(img, None, fx=sx, fy=sy, interpolation=cv2.INTER_CUBIC)
-    t, l = int(top * sy), int(left * sx)
-    out = big[t : t + size, l : l + size]
+    t, lft = int(top * sy), int(left * sx)
+    out = big[t : t + size, lft : lft + size]
     return out if out.shape[:2] == (size, size) else cv2.resize(out, (size, size))
 
 
@@ -172,10 +173,15 @@ def main() -> None:
             frames_dir = args.frames
         frames = load_frames(frames_dir, args.n)
     shape = D.decode_frame(frames[0])[0].shape
-    kw = {"global_crops_size": args.global_size, "local_crops_size": args.local_size,
-          "local_crops_number": args.local_number}  # fmt: skip
-    print(f"{len(frames)} frames of {shape[1]}x{shape[0]} ({'synthetic' if args.frames is None else frames_dir}); "
-          f"crops 2x{args.global_size} + {args.local_number}x{args.local_size}; 1 thread")  # fmt: skip
+    kw = {
+        "global_crops_size": args.global_size,
+        "local_crops_size": args.local_size,
+        "local_crops_number": args.local_number,
+    }
+    print(
+        f"{len(frames)} frames of {shape[1]}x{shape[0]} ({'synthetic' if args.frames is None else frames_dir}); "
+        f"crops 2x{args.global_size} + {args.local_number}x{args.local_size}; 1 thread"
+    )
 
     results: dict[str, float] = {}
     decode_only = throughput(lambda b: D.decode_frame(b), frames, args.seconds / 2)

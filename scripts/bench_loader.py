@@ -60,8 +60,13 @@ def main() -> None:
         dataset = {"name": "custom", "path": args.dataset_path}
     else:
         dataset = {"name": "demo", "generate": "demo", "root": args.cache}
-    crops = {"global_size": 224, "local_size": 96, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4],
-             "local_number": args.local_number}  # fmt: skip
+    crops = {
+        "global_size": 224,
+        "local_size": 96,
+        "global_scale": [0.4, 1.0],
+        "local_scale": [0.05, 0.4],
+        "local_number": args.local_number,
+    }
     frame_size = tuple(int(v) for v in args.frame_size.lower().split("x"))
     if args.augment_on == "gpu":
         transform = build_augmentation(crops, augment_on="gpu", frame_size=frame_size)
@@ -78,15 +83,24 @@ def main() -> None:
         print(f"{dtype} crops: {nbytes / frames / 1e6:.3f} MB/sample, {frames / elapsed:.1f} samples/s")
     (b8, s8), (b32, s32) = result["uint8"], result["float32"]
     print(f"uint8 crops: {b32 / b8:.1f}x fewer bytes per sample, {s8 / s32:.2f}x the samples/s of float32 crops")
-    print(f"bytes_per_sample_uint8={b8:.0f} bytes_per_sample_float32={b32:.0f} samples_per_s_uint8={s8:.1f} "
-          f"samples_per_s_float32={s32:.1f}")
+    print(
+        f"bytes_per_sample_uint8={b8:.0f} bytes_per_sample_float32={b32:.0f} samples_per_s_uint8={s8:.1f} "
+        f"samples_per_s_float32={s32:.1f}"
+    )
 
 
 def run(args: argparse.Namespace, dataset: dict, transform) -> tuple[int, float, int]:
     """Time ``args.batches`` batches after ``args.warmup``: (frames, seconds, bytes of the batch tensors)."""
     total = args.batches + args.warmup
-    loader = build_train_loader(dataset, args.cache, transform, batch_size=args.batch_size,
-                                num_workers=args.workers, steps_per_epoch=total, shuffle_buffer=256)  # fmt: skip
+    loader = build_train_loader(
+        dataset,
+        args.cache,
+        transform,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        steps_per_epoch=total,
+        shuffle_buffer=256,
+    )
     if args.workers > 0:
         loader.worker_init_fn = _one_thread
     else:
@@ -100,8 +114,10 @@ def run(args: argparse.Namespace, dataset: dict, transform) -> tuple[int, float,
         frames += len(batch["key"])
         nbytes += sum(t.nbytes for key in ("crops", "frames", "frame_hw") for t in _tensors(batch.get(key)))
     elapsed = time.perf_counter() - start
-    print(f"{args.augment_on}/{args.backend}: {frames} frames in {elapsed:.2f} s with {args.workers} workers; "
-          f"stats {loader.dataset.stats}")  # fmt: skip
+    print(
+        f"{args.augment_on}/{args.backend}: {frames} frames in {elapsed:.2f} s with {args.workers} workers; "
+        f"stats {loader.dataset.stats}"
+    )
     return frames, elapsed, nbytes
 
 

@@ -65,8 +65,10 @@ def main() -> None:
     videos = work / "videos"
     t0 = time.time()
     make_videos(videos, args.videos, args.seconds, args.width, args.height, args.video_fps)
-    print(f"generated {args.videos} videos of {args.seconds} s at {args.width}x{args.height}@{args.video_fps} fps "
-          f"in {time.time() - t0:.1f} s ({work})")  # fmt: skip
+    print(
+        f"generated {args.videos} videos of {args.seconds} s at {args.width}x{args.height}@{args.video_fps} fps "
+        f"in {time.time() - t0:.1f} s ({work})"
+    )
     settings = PrepareSettings(source="bench", fps=args.fps, resize_short=args.resize_short, backend=args.backend)
     results = []
     print(f"{'workers':>8} {'seconds':>8} {'frames':>7} {'frames/s':>9} {'video-s/s':>10}")
@@ -78,14 +80,18 @@ def main() -> None:
         dt = time.time() - t
         fps = summary.frames_written_now / dt
         results.append((fps, workers))
-        print(f"{workers:>8} {dt:>8.2f} {summary.frames_written_now:>7} {fps:>9.1f} "
-              f"{args.videos * args.seconds / dt:>10.1f}")  # fmt: skip
+        print(
+            f"{workers:>8} {dt:>8.2f} {summary.frames_written_now:>7} {fps:>9.1f} "
+            f"{args.videos * args.seconds / dt:>10.1f}"
+        )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     best, workers = max(results)
-    print(f"bench_prepare: {best:.1f} frames/s with {workers} workers "
-          f"({args.width}x{args.height}@{args.video_fps} fps H.264 sampled at {args.fps:g} fps, "
-          f"{results[0][0]:.1f} frames/s with 1 worker)")  # fmt: skip
+    print(
+        f"bench_prepare: {best:.1f} frames/s with {workers} workers "
+        f"({args.width}x{args.height}@{args.video_fps} fps H.264 sampled at {args.fps:g} fps, "
+        f"{results[0][0]:.1f} frames/s with 1 worker)"
+    )
 
 
 if __name__ == "__main__":

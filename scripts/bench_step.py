@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 import warnings
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -42,11 +43,17 @@ from surgenet_ssl.recipe import dino_recipe
 
 def dino_cfg(args: argparse.Namespace) -> dict:
     """configs/dino/default.yaml with this run's sizes."""
-    return dino_recipe(**{
-        "out_dim": args.out_dim, "head.hidden_dim": 2048, "crops.global_size": args.global_size,
-        "crops.local_size": args.local_size, "crops.local_number": args.local_number,
-        "optimizer.warmup_epochs": 1, "optimizer.freeze_last_layer": 1,
-    })  # fmt: skip
+    return dino_recipe(
+        **{
+            "out_dim": args.out_dim,
+            "head.hidden_dim": 2048,
+            "crops.global_size": args.global_size,
+            "crops.local_size": args.local_size,
+            "crops.local_number": args.local_number,
+            "optimizer.warmup_epochs": 1,
+            "optimizer.freeze_last_layer": 1,
+        }
+    )
 
 
 def backbone_cfg(name: str) -> dict:
@@ -60,10 +67,13 @@ def batches(args: argparse.Namespace) -> list[dict]:
     out = []
     for _ in range(4):  # cycled
         crops = [torch.randn(args.batch_size, 3, args.global_size, args.global_size, generator=g) for _ in range(2)]
-        crops += [torch.randn(args.batch_size, 3, args.local_size, args.local_size, generator=g)
-                  for _ in range(args.local_number)]  # fmt: skip
-        out.append({"crops": crops, "source": torch.zeros(args.batch_size, dtype=torch.long),
-                    "key": [""] * args.batch_size})  # fmt: skip
+        crops += [
+            torch.randn(args.batch_size, 3, args.local_size, args.local_size, generator=g)
+            for _ in range(args.local_number)
+        ]
+        out.append(
+            {"crops": crops, "source": torch.zeros(args.batch_size, dtype=torch.long), "key": [""] * args.batch_size}
+        )
     return out
 
 
@@ -81,16 +91,24 @@ class _StepTimer(pl.Callback):
 
     @property
     def times(self) -> list[float]:
-        return [b - a for a, b in zip(self.starts, self.starts[1:])]
+        return [b - a for a, b in pairwise(self.starts)]
 
 
 def run_lightning(module: DINOModule, data: list[dict], steps: int) -> list[float]:
     timer = _StepTimer()
     loader = DataLoader([data[i % len(data)] for i in range(steps)], batch_size=None, shuffle=False)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], log_every_n_steps=50,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        log_every_n_steps=50,
+    )
     trainer.fit(module, loader)
     return timer.times
 
@@ -160,12 +178,15 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     torch.manual_seed(0)
-    template = DINOModule(backbone_cfg(args.backbone), dino_cfg(args), batch_size=args.batch_size,
-                          diagnostics_every_n_steps=0)  # fmt: skip
+    template = DINOModule(
+        backbone_cfg(args.backbone), dino_cfg(args), batch_size=args.batch_size, diagnostics_every_n_steps=0
+    )
     data = batches(args)
-    print(f"backbone {args.backbone}, batch {args.batch_size}, crops 2x{args.global_size} + "
-          f"{args.local_number}x{args.local_size}, {torch.get_num_threads()} threads, {args.steps} steps "
-          f"({args.warmup} warm-up) x {args.repeats} repeats")  # fmt: skip
+    print(
+        f"backbone {args.backbone}, batch {args.batch_size}, crops 2x{args.global_size} + "
+        f"{args.local_number}x{args.local_size}, {torch.get_num_threads()} threads, {args.steps} steps "
+        f"({args.warmup} warm-up) x {args.repeats} repeats"
+    )
     plain, light = [], []
     for r in range(args.repeats):
         p = statistics.median(run_plain(copy.deepcopy(template), data, args.steps)[args.warmup :])

@@ -25,21 +25,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgenet_ssl.evaluation.diagnostics import UNIFORM_RATIO, CollapseTracker  # noqa: E402
 
-COMMON = ["logger=csv", "trainer.enable_progress_bar=false", "monitor.diagnostics_every_n_steps=2",
-          "callbacks.knn_monitor.embedding_map=false", "export.enabled=false", "data.steps_per_epoch=12"]  # fmt: skip
+COMMON = [
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "monitor.diagnostics_every_n_steps=2",
+    "callbacks.knn_monitor.embedding_map=false",
+    "export.enabled=false",
+    "data.steps_per_epoch=12",
+]
 # name -> (what it shows, overrides). The demo schedule (schedule/demo.yaml) is the base.
 SMALL = ["dino.crops.global_size=64", "dino.crops.local_size=32"]
 RUNS: dict[str, tuple[str, list[str]]] = {
     "learning": ("the demo recipe (112/48 px, 4 local crops)", []),
     "nolocals": ("64-px global crops, no local crops", ["dino.crops.global_size=64", "dino.crops.local_number=0"]),
     "locals32": ("64-px global + 4 x 32-px local crops", SMALL),
-    "uniform": ("64/32 px, no sharpening (teacher temp 0.1 = student temp): uniform collapse",
-                [*SMALL, "dino.loss.teacher_temp=0.1", "dino.loss.warmup_teacher_temp=0.1"]),
-    "onehot": ("64/32 px, no centering (center momentum 1.0): one-hot collapse",
-               [*SMALL, "dino.loss.center_momentum=1.0"]),
+    "uniform": (
+        "64/32 px, no sharpening (teacher temp 0.1 = student temp): uniform collapse",
+        [*SMALL, "dino.loss.teacher_temp=0.1", "dino.loss.warmup_teacher_temp=0.1"],
+    ),
+    "onehot": (
+        "64/32 px, no centering (center momentum 1.0): one-hot collapse",
+        [*SMALL, "dino.loss.center_momentum=1.0"],
+    ),
     # the same small-image runs with the lr of batch 256 (5e-4) instead of 5e-4 x 16 / 256
-    "nolocals_lr": ("as nolocals, peak lr 5e-4", ["dino.crops.global_size=64", "dino.crops.local_number=0",
-                                                 "dino.optimizer.reference_batch=16"]),
+    "nolocals_lr": (
+        "as nolocals, peak lr 5e-4",
+        ["dino.crops.global_size=64", "dino.crops.local_number=0", "dino.optimizer.reference_batch=16"],
+    ),
     "locals32_lr": ("as locals32, peak lr 5e-4", [*SMALL, "dino.optimizer.reference_batch=16"]),
 }
 
@@ -47,8 +59,16 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 def run(name: str, out: Path, epochs: int, extra: list[str]) -> Path:
     run_dir = out / name
     if not (run_dir / "csv" / "metrics.csv").is_file():
-        cmd = [sys.executable, "-m", "surgenet_ssl.train", f"hydra.run.dir={run_dir}", f"trainer.max_epochs={epochs}",
-               *COMMON, *RUNS[name][1], *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "surgenet_ssl.train",
+            f"hydra.run.dir={run_dir}",
+            f"trainer.max_epochs={epochs}",
+            *COMMON,
+            *RUNS[name][1],
+            *extra,
+        ]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "WANDB_MODE": "offline"}, stdout=subprocess.DEVNULL)
     return run_dir / "csv" / "metrics.csv"
@@ -57,23 +77,39 @@ def run(name: str, out: Path, epochs: int, extra: list[str]) -> Path:
 def summarise(metrics_csv: Path, out_dim: int) -> dict:
     rows = list(csv.DictReader(open(metrics_csv)))
     log_k = math.log(out_dim)
-    diag = [(int(r["step"]), float(r["diag/teacher_entropy"]), float(r["diag/teacher_mean_entropy"]),
-             float(r["diag/kl_teacher_student"])) for r in rows if r.get("diag/teacher_entropy")]  # fmt: skip
+    diag = [
+        (
+            int(r["step"]),
+            float(r["diag/teacher_entropy"]),
+            float(r["diag/teacher_mean_entropy"]),
+            float(r["diag/kl_teacher_student"]),
+        )
+        for r in rows
+        if r.get("diag/teacher_entropy")
+    ]
     knn = [(int(r["step"]), float(r["knn/top1"])) for r in rows if r.get("knn/top1")]
     loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     tracker, new_warnings = CollapseTracker(out_dim), 0
     for _, h, hm, kl in diag:
-        new_warnings += tracker.update({"teacher_entropy": h, "teacher_mean_entropy": hm,
-                                        "kl_teacher_student": kl}) is not None  # fmt: skip
+        new_warnings += (
+            tracker.update({"teacher_entropy": h, "teacher_mean_entropy": hm, "kl_teacher_student": kl}) is not None
+        )
     old_warnings = sum(h >= UNIFORM_RATIO * log_k for _, h, _, _ in diag)
 
     def at(i: int) -> dict:
         s, h, hm, kl = diag[i]
         return {"step": s, "H/logK": round(h / log_k, 4), "Hmean/logK": round(hm / log_k, 4), "KL": round(kl, 4)}
 
-    return {"first": at(0), "last": at(-1), "min_H/logK": round(min(d[1] for d in diag) / log_k, 4),
-            "knn": knn, "loss_first_last": [round(loss[0], 3), round(loss[-1], 3)] if loss else None,
-            "old_rule_warnings": old_warnings, "new_rule_warnings": new_warnings, "diagnostics": len(diag)}  # fmt: skip
+    return {
+        "first": at(0),
+        "last": at(-1),
+        "min_H/logK": round(min(d[1] for d in diag) / log_k, 4),
+        "knn": knn,
+        "loss_first_last": [round(loss[0], 3), round(loss[-1], 3)] if loss else None,
+        "old_rule_warnings": old_warnings,
+        "new_rule_warnings": new_warnings,
+        "diagnostics": len(diag),
+    }
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ import os
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,17 @@ OVER_BUDGET = "skipped (time budget)"
 
 def dino_cfg(args: argparse.Namespace) -> dict:
     """configs/dino/default.yaml with this run's sizes."""
-    return dino_recipe(**{
-        "out_dim": args.out_dim, "head.hidden_dim": args.hidden_dim, "crops.global_size": args.global_size,
-        "crops.local_size": args.local_size, "crops.local_number": args.local_number,
-        "optimizer.warmup_epochs": 1, "optimizer.freeze_last_layer": 0,
-    })  # fmt: skip
+    return dino_recipe(
+        **{
+            "out_dim": args.out_dim,
+            "head.hidden_dim": args.hidden_dim,
+            "crops.global_size": args.global_size,
+            "crops.local_size": args.local_size,
+            "crops.local_number": args.local_number,
+            "optimizer.warmup_epochs": 1,
+            "optimizer.freeze_last_layer": 0,
+        }
+    )
 
 
 def backbone_cfg(name: str) -> dict:
@@ -88,8 +95,9 @@ def backbone_cfg(name: str) -> dict:
     return {"name": "timm", "timm_name": name, "drop_path_rate": 0.1}
 
 
-def synthetic_batches(args: argparse.Namespace, uint8: bool, batch_size: int | None = None, n: int = 2,
-                      frames: bool = False) -> list[dict]:  # fmt: skip
+def synthetic_batches(
+    args: argparse.Namespace, uint8: bool, batch_size: int | None = None, n: int = 2, frames: bool = False
+) -> list[dict]:
     """``n`` fixed batches: uint8 crops as the loader ships them, the same crops normalised to float32, or
     (``frames``) uint8 canvases + valid sizes as the loader ships them with ``data.augment_on=gpu``."""
     b = batch_size or args.batch_size
@@ -102,8 +110,13 @@ def synthetic_batches(args: argparse.Namespace, uint8: bool, batch_size: int | N
         if frames:
             ch, cw = args.canvas
             hw = torch.tensor([[round(h * ch / 320), min(cw, round(w * ch / 320))] for h, w in ASPECTS] * b)[:b]
-            out.append({"frames": torch.randint(0, 256, (b, 3, ch, cw), generator=g, dtype=torch.uint8),
-                        "frame_hw": hw, **extra})  # fmt: skip
+            out.append(
+                {
+                    "frames": torch.randint(0, 256, (b, 3, ch, cw), generator=g, dtype=torch.uint8),
+                    "frame_hw": hw,
+                    **extra,
+                }
+            )
             continue
         crops = [torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8) for s in sizes]
         if not uint8:
@@ -209,15 +222,34 @@ class _WaitTimer(pl.Callback):
 
 def _trainer(device: torch.device, precision: str, steps: int, callbacks: list) -> pl.Trainer:
     return pl.Trainer(
-        accelerator=device.type, devices=1, precision=precision, max_epochs=1, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-        log_every_n_steps=10, num_sanity_val_steps=0,
-    )  # fmt: skip
+        accelerator=device.type,
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+    )
 
 
-def run_steps(args: argparse.Namespace, device: torch.device, backbone: str, precision: str, perf: dict,
-              uint8: bool = True, batch_size: int | None = None, warmup: int | None = None, steps: int | None = None,
-              frames: bool = False, extra_callbacks: list | None = None) -> dict[str, Any]:  # fmt: skip
+def run_steps(
+    args: argparse.Namespace,
+    device: torch.device,
+    backbone: str,
+    precision: str,
+    perf: dict,
+    uint8: bool = True,
+    batch_size: int | None = None,
+    warmup: int | None = None,
+    steps: int | None = None,
+    frames: bool = False,
+    extra_callbacks: list | None = None,
+) -> dict[str, Any]:
     """The Lightning DINO step on fixed synthetic batches: ms/step, samples/s, peak device memory."""
     b = batch_size or args.batch_size
     warmup = args.warmup if warmup is None else warmup
@@ -225,8 +257,9 @@ def run_steps(args: argparse.Namespace, device: torch.device, backbone: str, pre
     torch.backends.cudnn.benchmark = False  # the options set it again when they ask for it
     torch.manual_seed(0)
     _free(device)
-    module = DINOModule(backbone_cfg(backbone), dino_cfg(args), batch_size=b, diagnostics_every_n_steps=0,
-                        performance=perf)  # fmt: skip
+    module = DINOModule(
+        backbone_cfg(backbone), dino_cfg(args), batch_size=b, diagnostics_every_n_steps=0, performance=perf
+    )
     data = synthetic_batches(args, uint8, b, n=1 if b > args.batch_size else 2, frames=frames)
     total = warmup + steps
     pin = (uint8 or frames) and device.type == "cuda"  # the baseline is the old path: float32, never pinned
@@ -248,8 +281,13 @@ def run_steps(args: argparse.Namespace, device: torch.device, backbone: str, pre
 def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     uint8, perf = VARIANTS[name]
     r = run_steps(args, device, args.backbone, args.precision, perf, uint8=uint8)
-    return {"variant": name, "uint8_crops": uint8, **{f"performance.{k}": v for k, v in perf.items()},
-            **r, "images_per_s": r["samples_per_s"]}  # fmt: skip
+    return {
+        "variant": name,
+        "uint8_crops": uint8,
+        **{f"performance.{k}": v for k, v in perf.items()},
+        **r,
+        "images_per_s": r["samples_per_s"],
+    }
 
 
 class Budget:
@@ -265,8 +303,9 @@ class Budget:
         return self.left() <= 0
 
 
-def matrix_cell(args: argparse.Namespace, device: torch.device, backbone: str, precision: str,
-                compiled: bool) -> dict[str, Any]:  # fmt: skip
+def matrix_cell(
+    args: argparse.Namespace, device: torch.device, backbone: str, precision: str, compiled: bool
+) -> dict[str, Any]:
     """One cell of the matrix; compile needs more warm-up steps (one compilation per crop size)."""
     cell: dict[str, Any] = {"backbone": backbone, "precision": precision, "compile": compiled}
     if device.type != "cuda" and (compiled or precision == "16-mixed"):
@@ -321,11 +360,23 @@ def host_syncs(args: argparse.Namespace, device: torch.device, backbone: str, fr
     if device.type != "cuda":
         return {**out, "note": NA_CPU}
     counter = _SyncCounter(args.sync_warmup)
-    run_steps(args, device, backbone, "bf16-mixed", TRAIN_PERF, warmup=args.sync_warmup, steps=args.sync_steps,
-              frames=frames, extra_callbacks=[counter])  # fmt: skip
+    run_steps(
+        args,
+        device,
+        backbone,
+        "bf16-mixed",
+        TRAIN_PERF,
+        warmup=args.sync_warmup,
+        steps=args.sync_steps,
+        frames=frames,
+        extra_callbacks=[counter],
+    )
     n = max(1, counter.steps)
-    return {**out, "syncs_per_step": round(counter.in_step / n, 2),
-            "loop_syncs_per_step": round(counter.in_loop / n, 2)}  # fmt: skip
+    return {
+        **out,
+        "syncs_per_step": round(counter.in_step / n, 2),
+        "loop_syncs_per_step": round(counter.in_loop / n, 2),
+    }
 
 
 def data_wait(args: argparse.Namespace, device: torch.device, augment_on: str) -> dict[str, Any]:
@@ -339,27 +390,48 @@ def data_wait(args: argparse.Namespace, device: torch.device, augment_on: str) -
     cache = Path(args.cache_dir).expanduser()
     ensure_demo_dataset(cache)
     total = args.data_warmup + args.data_steps + 1  # +1: the first wait includes the worker start-up, never counted
-    dataset = {"name": "demo", "generate": "demo", "root": str(cache), "sources": None, "fraction": 1.0,
-               "allow_missing": False, "path": None}  # fmt: skip
-    data = {"batch_size": args.batch_size, "num_workers": args.workers, "augment_on": augment_on,
-            "augment_backend": "fast", "gpu_frame_size": list(args.canvas), "uint8_crops": True, "pin_memory": "auto",
-            "persistent_workers": True, "prefetch_factor": 4, "steps_per_epoch": total,
-            "shuffle_buffer": 200}  # fmt: skip
+    dataset = {
+        "name": "demo",
+        "generate": "demo",
+        "root": str(cache),
+        "sources": None,
+        "fraction": 1.0,
+        "allow_missing": False,
+        "path": None,
+    }
+    data = {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "augment_on": augment_on,
+        "augment_backend": "fast",
+        "gpu_frame_size": list(args.canvas),
+        "uint8_crops": True,
+        "pin_memory": "auto",
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+        "steps_per_epoch": total,
+        "shuffle_buffer": 200,
+    }
     cfg = dino_cfg(args)
     dm = StreamingDataModule(dataset, data, cfg["crops"], str(cache), seed=0)
     torch.manual_seed(0)
     _free(device)
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
-    module = DINOModule(backbone_cfg(backbone), cfg, batch_size=args.batch_size, diagnostics_every_n_steps=0,
-                        performance=TRAIN_PERF)  # fmt: skip
+    module = DINOModule(
+        backbone_cfg(backbone), cfg, batch_size=args.batch_size, diagnostics_every_n_steps=0, performance=TRAIN_PERF
+    )
     timer = _WaitTimer(args.data_warmup)
     _trainer(device, precision, total, [timer]).fit(module, datamodule=dm)
     del module
     _free(device)
     if not timer.steps or timer.total <= 0:
         return {**out, "note": "no timed steps"}
-    return {**out, "data_wait_fraction": timer.wait / timer.total, "ms_per_step": timer.total / timer.steps * 1e3,
-            "samples_per_s": timer.images / timer.total}  # fmt: skip
+    return {
+        **out,
+        "data_wait_fraction": timer.wait / timer.total,
+        "ms_per_step": timer.total / timer.steps * 1e3,
+        "samples_per_s": timer.images / timer.total,
+    }
 
 
 def augment_report(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -384,8 +456,10 @@ def augment_report(args: argparse.Namespace, device: torch.device) -> dict[str, 
         model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).to(device)
         for p in model.parameters():
             p.grad = torch.randn_like(p)
-        for what, fn in (("gpu_augment", lambda: aug(frames, g, sizes=sizes)),
-                         ("clip_gradients", lambda: clip_gradients_per_parameter(model, 3.0))):  # fmt: skip
+        for what, fn in (
+            ("gpu_augment", lambda: aug(frames, g, sizes=sizes)),
+            ("clip_gradients", lambda: clip_gradients_per_parameter(model, 3.0)),
+        ):
             torch.cuda.synchronize(device)
             torch.cuda.set_sync_debug_mode("error")
             try:
@@ -415,32 +489,73 @@ def render(report: dict[str, Any]) -> list[str]:
     out: list[str] = []
     if report.get("matrix"):
         out += ["", "### Training step (recipe crops, synthetic uint8 batches, per GPU)", ""]
-        out += table(["backbone", "precision", "compile", "batch", "samples/s", "ms/step", "peak memory (GiB)", "note"],
-                     [[c["backbone"], c["precision"], "on" if c["compile"] else "off", report["batch_size"],
-                       c.get("samples_per_s"), c.get("ms_per_step"), _fmt(c.get("peak_memory_gb"), ".2f"),
-                       c.get("note", "" if c.get("compiled", True) else "compile fell back to eager")]
-                      for c in report["matrix"]])  # fmt: skip
+        out += table(
+            ["backbone", "precision", "compile", "batch", "samples/s", "ms/step", "peak memory (GiB)", "note"],
+            [
+                [
+                    c["backbone"],
+                    c["precision"],
+                    "on" if c["compile"] else "off",
+                    report["batch_size"],
+                    c.get("samples_per_s"),
+                    c.get("ms_per_step"),
+                    _fmt(c.get("peak_memory_gb"), ".2f"),
+                    c.get("note", "" if c.get("compiled", True) else "compile fell back to eager"),
+                ]
+                for c in report["matrix"]
+            ],
+        )
     if report.get("max_batch"):
         out += ["", "### Largest batch per GPU (bf16-mixed)", ""]
-        out += table(["backbone", "max batch", "note"],
-                     [[r["backbone"], r.get("max_batch"), r.get("note", "")] for r in report["max_batch"]])
+        out += table(
+            ["backbone", "max batch", "note"],
+            [[r["backbone"], r.get("max_batch"), r.get("note", "")] for r in report["max_batch"]],
+        )
     if report.get("syncs"):
-        out += ["", "### Host syncs per training step (bf16-mixed; target 0 in the step)", "",
-                "Counted with `torch.cuda.set_sync_debug_mode(\"warn\")`. The module's one pipelined flag read per "
-                "step (an event wait on the previous step's flags, designed not to block) is not such a sync.", ""]
-        out += table(["backbone", "augment_on", "in the step", "whole loop iteration", "note"],
-                     [[r["backbone"], r["augment_on"], r.get("syncs_per_step"), r.get("loop_syncs_per_step"),
-                       r.get("note", "")] for r in report["syncs"]])  # fmt: skip
+        out += [
+            "",
+            "### Host syncs per training step (bf16-mixed; target 0 in the step)",
+            "",
+            'Counted with `torch.cuda.set_sync_debug_mode("warn")`. The module\'s one pipelined flag read per '
+            "step (an event wait on the previous step's flags, designed not to block) is not such a sync.",
+            "",
+        ]
+        out += table(
+            ["backbone", "augment_on", "in the step", "whole loop iteration", "note"],
+            [
+                [
+                    r["backbone"],
+                    r["augment_on"],
+                    r.get("syncs_per_step"),
+                    r.get("loop_syncs_per_step"),
+                    r.get("note", ""),
+                ]
+                for r in report["syncs"]
+            ],
+        )
     if report.get("data_wait"):
         out += ["", "### Data wait: the real loader (demo dataset) feeding the step", ""]
-        out += table(["backbone", "augment_on", "workers", "data-wait fraction", "ms/step", "samples/s", "note"],
-                     [[r["backbone"], r["augment_on"], r["workers"], _fmt(r.get("data_wait_fraction"), ".3f"),
-                       r.get("ms_per_step"), r.get("samples_per_s"), r.get("note", "")]
-                      for r in report["data_wait"]])  # fmt: skip
+        out += table(
+            ["backbone", "augment_on", "workers", "data-wait fraction", "ms/step", "samples/s", "note"],
+            [
+                [
+                    r["backbone"],
+                    r["augment_on"],
+                    r["workers"],
+                    _fmt(r.get("data_wait_fraction"), ".3f"),
+                    r.get("ms_per_step"),
+                    r.get("samples_per_s"),
+                    r.get("note", ""),
+                ]
+                for r in report["data_wait"]
+            ],
+        )
     if report.get("steps"):
         out += ["", f"### Hot-path variants ({report['backbone']}, {report['precision']})", ""]
-        out += table(["variant", "ms/step", "images/s"],
-                     [[r["variant"], r["ms_per_step"], r["images_per_s"]] for r in report["steps"]])
+        out += table(
+            ["variant", "ms/step", "images/s"],
+            [[r["variant"], r["ms_per_step"], r["images_per_s"]] for r in report["steps"]],
+        )
     aug = {k: v for k, v in report.items() if k.startswith(("gpu_augment", "clip_gradients"))}
     if aug:
         out += ["", "### GPU augmentation", ""]
@@ -451,15 +566,24 @@ def render(report: dict[str, Any]) -> list[str]:
 def summary_line(report: dict[str, Any]) -> str:
     """The machine-readable last line: the fastest measured cell (or variant) and the host syncs in the step."""
     cells = [c for c in report.get("matrix", []) if "samples_per_s" in c]
-    cells += [{"samples_per_s": r["samples_per_s"], "backbone": report["backbone"], "precision": report["precision"],
-               "compile": bool(r.get("performance.compile"))} for r in report.get("steps", [])]  # fmt: skip
+    cells += [
+        {
+            "samples_per_s": r["samples_per_s"],
+            "backbone": report["backbone"],
+            "precision": report["precision"],
+            "compile": bool(r.get("performance.compile")),
+        }
+        for r in report.get("steps", [])
+    ]
     best = max(cells, key=lambda c: c["samples_per_s"], default=None)
     syncs = [r["syncs_per_step"] for r in report.get("syncs", []) if "syncs_per_step" in r]
     sync = str(round(max(syncs))) if syncs else "na"
     if best is None:
         return f"best_samples_per_s=nan backbone=na precision=na compile=na host_syncs_per_step={sync}"
-    return (f"best_samples_per_s={best['samples_per_s']:.1f} backbone={best['backbone']} "
-            f"precision={best['precision']} compile={best['compile']} host_syncs_per_step={sync}")
+    return (
+        f"best_samples_per_s={best['samples_per_s']:.1f} backbone={best['backbone']} "
+        f"precision={best['precision']} compile={best['compile']} host_syncs_per_step={sync}"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -486,10 +610,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workers", type=int, default=16, help="loader workers of the data-wait part")
     ap.add_argument("--data-steps", type=int, default=40, help="timed steps of the data-wait part")
     ap.add_argument("--data-warmup", type=int, default=16, help="untimed steps: the workers start and fill up")
-    ap.add_argument("--cache-dir", default=os.environ.get("SURGENET_SSL_CACHE", "~/.cache/surgenet_ssl"),
-                    help="where the demo dataset is (generated there on first use)")
-    ap.add_argument("--time-budget", type=float, default=540.0,
-                    help="seconds; cells and parts not started by then are skipped with a note")
+    ap.add_argument(
+        "--cache-dir",
+        default=os.environ.get("SURGENET_SSL_CACHE", "~/.cache/surgenet_ssl"),
+        help="where the demo dataset is (generated there on first use)",
+    )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=540.0,
+        help="seconds; cells and parts not started by then are skipped with a note",
+    )
     ap.add_argument("--aug-iters", type=int, default=10)
     ap.add_argument("--variants", default=None, help=f"comma-separated, of {','.join(VARIANTS)}: adds that table")
     ap.add_argument("--out", help="write the report as JSON here")
@@ -521,12 +652,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = Budget(args.time_budget)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, backbones {','.join(args.backbones)}, batch {args.batch_size}, crops 2x{args.global_size} "
-          f"+ {args.local_number}x{args.local_size}, {args.steps} timed steps ({args.warmup} warm-up), "
-          f"time budget {args.time_budget:.0f} s", flush=True)
-    report: dict[str, Any] = {"device": name, "backbone": args.backbone, "backbones": args.backbones,
-                              "batch_size": args.batch_size, "precision": args.precision, "tiny": args.tiny,
-                              "matrix": [], "max_batch": [], "syncs": [], "data_wait": [], "steps": []}  # fmt: skip
+    print(
+        f"device {name}, backbones {','.join(args.backbones)}, batch {args.batch_size}, crops 2x{args.global_size} "
+        f"+ {args.local_number}x{args.local_size}, {args.steps} timed steps ({args.warmup} warm-up), "
+        f"time budget {args.time_budget:.0f} s",
+        flush=True,
+    )
+    report: dict[str, Any] = {
+        "device": name,
+        "backbone": args.backbone,
+        "backbones": args.backbones,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "tiny": args.tiny,
+        "matrix": [],
+        "max_batch": [],
+        "syncs": [],
+        "data_wait": [],
+        "steps": [],
+    }
 
     longest: dict[str, float] = {"compile": 60.0}  # seconds a cell of that kind took (a guess before the first)
 
@@ -551,27 +695,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[tuple, dict] = {}
     if "matrix" in parts:
         for b, p, c in [x for x in cells if not x[2]]:
-            results[(b, p, c)] = guarded(lambda: matrix_cell(args, device, b, p, c),
-                                         {"backbone": b, "precision": p, "compile": c})
+            results[(b, p, c)] = guarded(
+                partial(matrix_cell, args, device, b, p, c), {"backbone": b, "precision": p, "compile": c}
+            )
     if "syncs" in parts:
         for frames in (False, True):
-            report["syncs"].append(guarded(lambda: host_syncs(args, device, args.backbones[0], frames),
-                                           {"backbone": args.backbones[0], "augment_on": "gpu" if frames else "cpu"}))
+            report["syncs"].append(
+                guarded(
+                    partial(host_syncs, args, device, args.backbones[0], frames),
+                    {"backbone": args.backbones[0], "augment_on": "gpu" if frames else "cpu"},
+                )
+            )
     if "data_wait" in parts:
         for on in ("cpu", "gpu"):
-            report["data_wait"].append(guarded(lambda: data_wait(args, device, on),
-                                               {"backbone": args.backbones[0], "augment_on": on,
-                                                "workers": args.workers}))  # fmt: skip
+            report["data_wait"].append(
+                guarded(
+                    partial(data_wait, args, device, on),
+                    {"backbone": args.backbones[0], "augment_on": on, "workers": args.workers},
+                )
+            )
     if "max_batch" in parts:
         for b in args.backbones:
-            report["max_batch"].append(guarded(lambda: max_batch(args, device, b, budget), {"backbone": b}))
+            report["max_batch"].append(guarded(partial(max_batch, args, device, b, budget), {"backbone": b}))
     if "matrix" in parts:
         for b, p, c in [x for x in cells if x[2]]:
-            results[(b, p, c)] = guarded(lambda: matrix_cell(args, device, b, p, c),
-                                         {"backbone": b, "precision": p, "compile": c}, kind="compile")
+            results[(b, p, c)] = guarded(
+                partial(matrix_cell, args, device, b, p, c),
+                {"backbone": b, "precision": p, "compile": c},
+                kind="compile",
+            )
         report["matrix"] = [results[x] for x in cells]
     for v in variants:
-        report["steps"].append(guarded(lambda: run_variant(v, args, device), {"variant": v}))
+        report["steps"].append(guarded(partial(run_variant, v, args, device), {"variant": v}))
     report["steps"] = [r for r in report["steps"] if "images_per_s" in r]
     if "augment" in parts and not budget.over():
         report.update(augment_report(args, device))

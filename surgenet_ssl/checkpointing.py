@@ -106,8 +106,9 @@ def find_resume_checkpoint(run_dir: Path, set_aside: bool = False) -> Path | Non
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        log.warning("checkpoint %s cannot be resumed from: %s. Resuming from the previous checkpoint instead.",
-                    path, problem)  # fmt: skip
+        log.warning(
+            "checkpoint %s cannot be resumed from: %s. Resuming from the previous checkpoint instead.", path, problem
+        )
         if set_aside and not path.is_symlink():
             try:
                 os.replace(path, path.with_name(path.name + ".corrupt"))

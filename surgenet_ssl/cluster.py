@@ -150,8 +150,12 @@ class RunDirLock:
 
     @staticmethod
     def _describe_self() -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": slurm_job_id(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job": slurm_job_id(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
 
     def _holder(self) -> dict[str, Any]:
         try:

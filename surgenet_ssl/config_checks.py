@@ -28,7 +28,7 @@ __all__ = [
     "in_range",
     "increasing_pair",
     "option",
-]  # fmt: skip
+]
 
 T = TypeVar("T")
 Check = Callable[[Any], "str | None"]  # the value -> why it is wrong, or None
@@ -103,8 +103,12 @@ def increasing_pair(lo: float, hi: float | None = None, lo_open: bool = False) -
     return check
 
 
-_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
-          str: ("a string", "strings")}
+_NAMES = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    bool: ("true or false", "booleans"),
+    str: ("a string", "strings"),
+}
 
 
 def _type_name(tp: Any) -> str:
@@ -128,7 +132,7 @@ class _WrongType(Exception):
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """``value`` as type ``tp`` (int -> float allowed, nothing else converted), or :class:`_WrongType`."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if value is not None and not isinstance(value, Mapping):
             raise _WrongType
         return build_section(tp, value or {}, path)
@@ -143,7 +147,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(kinds) != len(value):
             raise _WrongType
-        return tuple(_convert(v, k, f"{path}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
+        return tuple(_convert(v, k, f"{path}[{i}]") for i, (v, k) in enumerate(zip(value, kinds, strict=True)))
     if tp is bool:
         if not isinstance(value, bool):
             raise _WrongType

@@ -32,10 +32,13 @@ def _status(name: str, root: Path, cache: dict[str, Any]) -> dict[str, Any]:
         manifest, problem = check_source_dir(name, root / name)
         if manifest is not None:
             cache[name] = {
-                "ok": True, "frames": int(manifest["frames"]), "shards": len(manifest["shards"]),
-                "bytes": sum(int(s.get("bytes", 0)) for s in manifest["shards"]), "manifest": manifest,
+                "ok": True,
+                "frames": int(manifest["frames"]),
+                "shards": len(manifest["shards"]),
+                "bytes": sum(int(s.get("bytes", 0)) for s in manifest["shards"]),
+                "manifest": manifest,
                 "skipped": len(manifest.get("skipped", {}).get("inputs", [])),
-            }  # fmt: skip
+            }
         else:
             assert problem is not None
             cache[name] = {"ok": False, "problem": problem.problem, "hint": problem.hint}
@@ -144,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in lines:
         print(line)
     # verify=true exits 1 when any shard is damaged, so scripts and CI can act on it
-    return 1 if verify and any(line.startswith("verify: ") and not line.startswith("verify: 0 ") for line in lines) else 0
+    return (
+        1 if verify and any(line.startswith("verify: ") and not line.startswith("verify: 0 ") for line in lines) else 0
+    )
 
 
 if __name__ == "__main__":

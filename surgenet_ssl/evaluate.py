@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import torch
@@ -44,10 +44,12 @@ def backbone_options(backbone_cfg: DictConfig | dict) -> dict[str, Any]:
     (DINOModule: every key but ``name``; ``drop_path_rate`` is the student's only), so a model trained with e.g.
     ``+backbone.reg_tokens=4`` is rebuilt with the same architecture."""
     if isinstance(backbone_cfg, DictConfig):
-        backbone_cfg = OmegaConf.to_container(backbone_cfg, resolve=True)
+        given = cast("dict[str, Any]", OmegaConf.to_container(backbone_cfg, resolve=True))
+    else:
+        given = backbone_cfg
     from surgenet_ssl.init_weights import INIT_KEYS  # training options (continued pretraining), not architecture
 
-    options = {k: v for k, v in backbone_cfg.items() if k not in ("name", "drop_path_rate", *INIT_KEYS)}
+    options = {k: v for k, v in given.items() if k not in ("name", "drop_path_rate", *INIT_KEYS)}
     if not options.get("timm_name"):
         options.pop("timm_name", None)
     return options
@@ -69,8 +71,13 @@ def build_model(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
     # build_classifier reads the file once, infers the CaFormer variant when pretrained_variant is null and loads
     # through load_backbone_weights, which raises (never silently loads nothing) on a mismatch.
     try:
-        model = build_classifier(name, num_classes=0, pretrained=cfg.get("pretrained_variant") or trained_variant,
-                                 pretrained_weights=str(cfg.weights), **timm_kwargs)
+        model = build_classifier(
+            name,
+            num_classes=0,
+            pretrained=cfg.get("pretrained_variant") or trained_variant,
+            pretrained_weights=str(cfg.weights),
+            **timm_kwargs,
+        )
     except ValueError as err:
         shown = cfg.backbone.get("timm_name") or name
         raise ValueError(
@@ -151,10 +158,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     # datasets first: bad folders fail before the (slow) model build
     train_set = ImageFolderDataset(cfg.data.train, cfg.data.image_size, cfg.data.get("resize_size"), min_classes=2)
-    val_set = ImageFolderDataset(cfg.data.val, cfg.data.image_size, cfg.data.get("resize_size"),
-                                 classes=train_set.classes, min_classes=1)
-    log.info("train: %d images in %d classes (%s); val: %d images", len(train_set), len(train_set.classes),
-             ", ".join(train_set.classes), len(val_set))
+    val_set = ImageFolderDataset(
+        cfg.data.val, cfg.data.image_size, cfg.data.get("resize_size"), classes=train_set.classes, min_classes=1
+    )
+    log.info(
+        "train: %d images in %d classes (%s); val: %d images",
+        len(train_set),
+        len(train_set.classes),
+        ", ".join(train_set.classes),
+        len(val_set),
+    )
 
     check_writable(output)  # before the slow part, not after it
     baseline = baseline_mode(cfg)
@@ -164,7 +177,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     workers = cfg.data.num_workers
     if workers is None:
         workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    loader_kw = dict(batch_size=int(cfg.data.batch_size), num_workers=int(workers), device=device)
+    loader_kw: dict[str, Any] = dict(batch_size=int(cfg.data.batch_size), num_workers=int(workers), device=device)
     train = extract_features(model, train_set, **loader_kw)
     val = extract_features(model, val_set, **loader_kw)
     extract_s = time.perf_counter() - start
@@ -175,21 +188,51 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
 
     num_classes = len(train.classes)
-    top1, top5 = knn_accuracy(train.features, train.labels, val.features, val.labels, num_classes,
-                              k=int(cfg.knn.k), temperature=float(cfg.knn.temperature))
-    probe = linear_probe_accuracy(train.features, train.labels, val.features, val.labels,
-                                  C=float(cfg.linear_probe.C), max_iter=int(cfg.linear_probe.max_iter))
-    reference = None
+    top1, top5 = knn_accuracy(
+        train.features,
+        train.labels,
+        val.features,
+        val.labels,
+        num_classes,
+        k=int(cfg.knn.k),
+        temperature=float(cfg.knn.temperature),
+    )
+    probe = linear_probe_accuracy(
+        train.features,
+        train.labels,
+        val.features,
+        val.labels,
+        C=float(cfg.linear_probe.C),
+        max_iter=int(cfg.linear_probe.max_iter),
+    )
+    reference: dict[str, Any] | None = None
     if baseline == "random" and cfg.weights is not None:  # weights=null is the random baseline itself
         random_model = build_random_model(cfg, like=model)
         r_train = extract_features(random_model, train_set, **loader_kw)
         r_val = extract_features(random_model, val_set, **loader_kw)
-        r_top1, r_top5 = knn_accuracy(r_train.features, r_train.labels, r_val.features, r_val.labels, num_classes,
-                                      k=int(cfg.knn.k), temperature=float(cfg.knn.temperature))
-        r_probe = linear_probe_accuracy(r_train.features, r_train.labels, r_val.features, r_val.labels,
-                                        C=float(cfg.linear_probe.C), max_iter=int(cfg.linear_probe.max_iter))
-        reference = {"weights": f"random initialisation (seed {int(cfg.seed)})", "knn_top1": r_top1,
-                     "knn_top5": r_top5, "linear_probe_accuracy": r_probe}
+        r_top1, r_top5 = knn_accuracy(
+            r_train.features,
+            r_train.labels,
+            r_val.features,
+            r_val.labels,
+            num_classes,
+            k=int(cfg.knn.k),
+            temperature=float(cfg.knn.temperature),
+        )
+        r_probe = linear_probe_accuracy(
+            r_train.features,
+            r_train.labels,
+            r_val.features,
+            r_val.labels,
+            C=float(cfg.linear_probe.C),
+            max_iter=int(cfg.linear_probe.max_iter),
+        )
+        reference = {
+            "weights": f"random initialisation (seed {int(cfg.seed)})",
+            "knn_top1": r_top1,
+            "knn_top5": r_top5,
+            "linear_probe_accuracy": r_probe,
+        }
         log.info("random-init baseline: k-NN top-1 %.4f, linear probe %.4f", r_top1, r_probe)
     output.mkdir(parents=True, exist_ok=True)
     png = save_embedding_map(
@@ -206,14 +249,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "knn_top1": top1,
         "knn_top5": top5,
         "linear_probe_accuracy": probe,
-        "knn": {"k": int(cfg.knn.k), "k_used": min(int(cfg.knn.k), len(train.labels)),
-                "temperature": float(cfg.knn.temperature)},
+        "knn": {
+            "k": int(cfg.knn.k),
+            "k_used": min(int(cfg.knn.k), len(train.labels)),
+            "temperature": float(cfg.knn.temperature),
+        },
         "backbone": cfg.backbone.name,
         "timm_name": cfg.backbone.get("timm_name"),
         "weights": None if cfg.weights is None else str(cfg.weights),
         "weights_loaded": load_summary,
         "baseline": reference,
-        "gain": None if reference is None else {
+        "gain": None
+        if reference is None
+        else {
             key: (top1, top5, probe)[i] - reference[key]
             for i, key in enumerate(("knn_top1", "knn_top5", "linear_probe_accuracy"))
         },
@@ -245,14 +293,16 @@ def main(cfg: DictConfig) -> None:
     print(f"linear_probe_accuracy={results['linear_probe_accuracy']:.4f}")
     print(f"knn_top5={results['knn_top5']:.4f}")
     base, gain = results.get("baseline"), results.get("gain")
-    if base is not None:
+    if base is not None and gain is not None:  # (both, or neither)
         print(f"random_init_linear_probe_accuracy={base['linear_probe_accuracy']:.4f}")
         print(f"random_init_knn_top1={base['knn_top1']:.4f}")
         print(f"linear_probe_gain={gain['linear_probe_accuracy']:+.4f}")
         print(f"knn_top1_gain={gain['knn_top1']:+.4f}")
-        print(f"k-NN top-1: {base['knn_top1']:.4f} at random init -> {results['knn_top1']:.4f} with {cfg.weights} "
-              f"(gain {gain['knn_top1']:+.4f}); linear probe {base['linear_probe_accuracy']:.4f} -> "
-              f"{results['linear_probe_accuracy']:.4f}")
+        print(
+            f"k-NN top-1: {base['knn_top1']:.4f} at random init -> {results['knn_top1']:.4f} with {cfg.weights} "
+            f"(gain {gain['knn_top1']:+.4f}); linear probe {base['linear_probe_accuracy']:.4f} -> "
+            f"{results['linear_probe_accuracy']:.4f}"
+        )
     print(f"knn_top1={results['knn_top1']:.4f}", flush=True)
 
 

@@ -1,8 +1,8 @@
 """Downstream fine-tuning: ``python -m surgenet_ssl.finetune``.
 
     python -m surgenet_ssl.finetune task=segmentation weights=PATH|null backbone=NAME data.train=DIR data.val=DIR
-    python -m surgenet_ssl.finetune task=classification task.mode=linear weights=PATH data.train=train.csv data.val=val.csv
-    python -m surgenet_ssl.finetune task=segmentation          # the demo: labelled demo cases, demo teacher vs random init
+    python -m surgenet_ssl.finetune task=classification task.mode=linear weights=PATH data.train=CSV data.val=CSV
+    python -m surgenet_ssl.finetune task=segmentation  # the demo: labelled demo cases, demo teacher vs random init
 
 Thin Hydra entry point around :func:`surgenet_ssl.downstream.runner.run_finetune` (``configs/finetune.yaml``):
 fine-tunes an FPN (segmentation) or a classifier for every weights variant and seed, writes ``results.json`` (mean

@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -51,18 +51,20 @@ class InitReport:
     def __str__(self) -> str:
         head = f"{self.head_tensors} DINO head tensors" if self.head_tensors else f"fresh DINO head{self.head_note}"
         center = "center loaded" if self.center else "fresh center"
-        return (f"init_weights: student and teacher start from {self.source}: {self.backbone.loaded} backbone "
-                f"tensors ({self.backbone.format}), {head}, {center}.")  # fmt: skip
+        return (
+            f"init_weights: student and teacher start from {self.source}: {self.backbone.loaded} backbone "
+            f"tensors ({self.backbone.format}), {head}, {center}."
+        )
 
 
 def _strip(sd: Mapping[str, Any], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and isinstance(v, Tensor)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix) and isinstance(v, Tensor)}
 
 
 def _unwrap_module(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop a DDP ``module.`` prefix carried by every key (the official DINO student is saved from DDP)."""
     if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
+        return {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -91,8 +93,11 @@ def _check_head(head: dict[str, Tensor], target: nn.Module, source: str) -> None
     own = target.state_dict()
     missing = sorted(set(own) - set(head))
     unexpected = sorted(set(head) - set(own))
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-             for k, v in head.items() if k in own and v.shape != own[k].shape]  # fmt: skip
+    wrong = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in head.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         raise ValueError(
             f"the DINO head in {source} does not match this run's head (dino.out_dim / dino.head.*): "
@@ -102,10 +107,17 @@ def _check_head(head: dict[str, Tensor], target: nn.Module, source: str) -> None
         )
 
 
+class BackboneAndHead(Protocol):
+    """What :func:`initialize_dino` needs of the student and of the teacher (a ``MultiCropWrapper``)."""
+
+    backbone: nn.Module
+    head: nn.Module
+
+
 @torch.no_grad()
 def initialize_dino(
-    student: nn.Module,
-    teacher: nn.Module,
+    student: BackboneAndHead,
+    teacher: BackboneAndHead,
     source: WeightSource,
     backbone: str,
     center: Tensor | None = None,
@@ -135,8 +147,10 @@ def initialize_dino(
         result.head_note = f" (the file holds {kind} only)"
     if saved_center is not None and center is not None and head is not None:
         if saved_center.numel() != center.numel():
-            raise ValueError(f"the DINO center in {name} has {saved_center.numel()} entries but dino.out_dim is "
-                             f"{center.numel()}; set backbone.init_head=false to start fresh.")  # fmt: skip
+            raise ValueError(
+                f"the DINO center in {name} has {saved_center.numel()} entries but dino.out_dim is "
+                f"{center.numel()}; set backbone.init_head=false to start fresh."
+            )
         center.copy_(saved_center.reshape(center.shape).to(center))
         result.center = True
     return _logged(result)

@@ -7,6 +7,7 @@ every run that stops at start-up, e.g. a refused resume) would lose the log of w
 from __future__ import annotations
 
 import csv
+from typing import cast
 
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
@@ -34,7 +35,7 @@ class ResumableCSVLogger(CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
-        return self._experiment
+        return cast(AppendingExperimentWriter, self._experiment)  # only set here
 
 
 class WandbLogger(_LightningWandbLogger):

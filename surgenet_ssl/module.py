@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
 
-from surgenet_ssl.backbones import build_backbone
+from surgenet_ssl.backbones import backbone_num_features, build_backbone
 from surgenet_ssl.cluster import PREEMPTION
 from surgenet_ssl.config_checks import build_section
-from surgenet_ssl.distributed import gather_from_ranks
-from surgenet_ssl.step_agreement import Agreement, StepAgreement
 from surgenet_ssl.dino import (
     DINOHead,
     DINOLoss,
@@ -30,13 +28,15 @@ from surgenet_ssl.dino import (
     teacher_temp_schedule,
     update_teacher,
 )
-from surgenet_ssl.dino.schedules import scaled_lr
-from surgenet_ssl.dino.freeze import cancel_backbone_gradients
 from surgenet_ssl.dino.dinov2 import IBOTPatchLoss, backbone_features, block_masks, is_vit, koleo_loss, vit_tokens
+from surgenet_ssl.dino.freeze import cancel_backbone_gradients
 from surgenet_ssl.dino.recipe import CropsRecipe, DinoRecipe, LossRecipe
+from surgenet_ssl.dino.schedules import scaled_lr
+from surgenet_ssl.distributed import gather_from_ranks
 from surgenet_ssl.evaluation.diagnostics import CollapseTracker, collapse_diagnostics
-from surgenet_ssl.performance import compile_with_fallback, performance_options, to_channels_last, use_fused_adamw
 from surgenet_ssl.init_weights import INIT_KEYS, initialize_dino
+from surgenet_ssl.performance import compile_with_fallback, performance_options, to_channels_last, use_fused_adamw
+from surgenet_ssl.step_agreement import Agreement, StepAgreement
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,13 @@ class DINOModule(pl.LightningModule):
     """
 
     def __init__(
-        self, backbone: dict, dino: dict | DinoRecipe, batch_size: int, diagnostics_every_n_steps: int = 50,
+        self,
+        backbone: dict,
+        dino: dict | DinoRecipe,
+        batch_size: int,
+        diagnostics_every_n_steps: int = 50,
         performance: dict | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         if isinstance(dino, DinoRecipe):
             dino = dino.to_dict()  # before save_hyperparameters (it reads the arguments' current values): a plain dict
@@ -103,15 +107,16 @@ class DINOModule(pl.LightningModule):
             name, drop_path_rate=self.backbone_cfg.get("drop_path_rate", 0.0), timm_name=timm_name, **kwargs
         )
         teacher_backbone = build_backbone(name, drop_path_rate=0.0, timm_name=timm_name, **kwargs)
-        embed_dim = student_backbone.num_features
+        embed_dim = backbone_num_features(student_backbone)
         recipe = self.recipe
-        check_crop_sizes(teacher_backbone, name if name != "timm" else timm_name, recipe.crops)
+        shown = str(timm_name) if name == "timm" else str(name)  # the backbone's name in messages
+        check_crop_sizes(teacher_backbone, shown, recipe.crops)
         head_cfg = dataclasses.asdict(recipe.head)
         out_dim = recipe.out_dim
         self.student = MultiCropWrapper(student_backbone, DINOHead(embed_dim, out_dim, **head_cfg))
         self.teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, out_dim, **head_cfg))
         loss = recipe.loss
-        self._init_dinov2_options(loss, name if name != "timm" else timm_name, embed_dim, out_dim)
+        self._init_dinov2_options(loss, shown, embed_dim, out_dim)
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -146,12 +151,17 @@ class DINOModule(pl.LightningModule):
         self.ibot_weight = loss.ibot_weight
         self.ibot_loss: IBOTPatchLoss | None = None
         if self.ibot_weight and not is_vit(self.student.backbone):
-            log.warning("dino.loss.ibot_weight=%g ignored: the iBOT masked-patch loss needs a ViT backbone "
-                        "(backbone=vit_small); %s has no patch tokens", self.ibot_weight, shown)  # fmt: skip
+            log.warning(
+                "dino.loss.ibot_weight=%g ignored: the iBOT masked-patch loss needs a ViT backbone "
+                "(backbone=vit_small); %s has no patch tokens",
+                self.ibot_weight,
+                shown,
+            )
             self.ibot_weight = 0.0
         if self.ibot_weight:
-            self.ibot_loss = IBOTPatchLoss(out_dim, loss.student_temp, loss.center_momentum, loss.centering,
-                                           loss.sinkhorn_iterations)  # fmt: skip
+            self.ibot_loss = IBOTPatchLoss(
+                out_dim, loss.student_temp, loss.center_momentum, loss.centering, loss.sinkhorn_iterations
+            )
             self.student.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim))
             self.teacher.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim))
         self._dinov2_step = bool(self.koleo_weight or self.ibot_loss is not None)
@@ -162,7 +172,11 @@ class DINOModule(pl.LightningModule):
             torch.backends.cudnn.benchmark = True
         if self.performance["compile"] and not self._compiled:
             mode = self.performance["compile_mode"]
-            kwargs = {"dynamic": False, "backend": self.performance["compile_backend"], **({"mode": mode} if mode else {})}
+            kwargs = {
+                "dynamic": False,
+                "backend": self.performance["compile_backend"],
+                **({"mode": mode} if mode else {}),
+            }
             compile_with_fallback(self.student.backbone, "student backbone", **kwargs)
             compile_with_fallback(self.teacher.backbone, "teacher backbone", **kwargs)
             self._compiled = True
@@ -178,16 +192,23 @@ class DINOModule(pl.LightningModule):
             log.info("init_weights %s not applied: resuming from %s", source, self.trainer.ckpt_path)
             return
         name = self.backbone_cfg["name"]
-        initialize_dino(self.student, self.teacher, str(source), name, center=self.dino_loss.center,
-                        load_head=bool(self.backbone_cfg.get("init_head", True)))  # fmt: skip
+        initialize_dino(
+            self.student,
+            self.teacher,
+            str(source),
+            name,
+            center=self.dino_loss.center,
+            load_head=bool(self.backbone_cfg.get("init_head", True)),
+        )
 
     # ----------------------------------------------------------------------------------------------------- setup
     def _steps_per_epoch(self) -> int:
         """Optimizer steps per epoch (epoch-based warmups are converted to steps with it)."""
         total = int(self.trainer.estimated_stepping_batches)  # also loads the train dataloader
         try:
-            return max(1, len(self.trainer.train_dataloader) // self.trainer.accumulate_grad_batches)
-        except TypeError:  # no length known
+            loader = self.trainer.train_dataloader
+            return max(1, len(loader) // self.trainer.accumulate_grad_batches)  # type: ignore[arg-type]  # None: TypeError
+        except TypeError:  # no length known (no loader, or an iterable one)
             epochs = int(self.trainer.max_epochs or 0)
             return max(1, total // epochs) if epochs > 0 else total
 
@@ -222,9 +243,13 @@ class DINOModule(pl.LightningModule):
         self.build_schedules(max(1, int(trainer.estimated_stepping_batches)), self._steps_per_epoch(), global_batch)
         log.info(
             "global batch %d (= %d per device x %d devices x %d accumulation); peak lr %.3g; %d optimizer steps",
-            global_batch, self.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
-            self.peak_lr, len(self.schedules["lr"]),
-        )  # fmt: skip
+            global_batch,
+            self.batch_size,
+            trainer.world_size,
+            trainer.accumulate_grad_batches,
+            self.peak_lr,
+            len(self.schedules["lr"]),
+        )
         betas = self.recipe.optimizer.betas
         fused = use_fused_adamw(self.performance["fused_adamw"], self.device, trainer.precision)
         extra = {"fused": True} if fused else {}
@@ -253,9 +278,14 @@ class DINOModule(pl.LightningModule):
 
                 # The dino.crops dict, as the CPU path gets it (datamodule): recipe_from_crops reads its knobs.
                 c = self.dino_cfg["crops"]
-                self._gpu_augment = GpuMultiCrop(c["global_size"], c["local_size"], c["global_scale"],
-                                                 c["local_scale"], c["local_number"],
-                                                 probabilities=recipe_from_crops(c))  # fmt: skip
+                self._gpu_augment = GpuMultiCrop(
+                    c["global_size"],
+                    c["local_size"],
+                    c["global_scale"],
+                    c["local_scale"],
+                    c["local_number"],
+                    probabilities=recipe_from_crops(c),
+                )
                 self._gpu_generator = torch.Generator(device=batch["frames"].device)  # different per rank
                 self._gpu_generator.manual_seed(torch.initial_seed() + 1_000_003 * (self.global_rank + 1))
                 saved = (getattr(self, "_rng_to_restore", None) or {}).get("gpu_augment")
@@ -267,7 +297,9 @@ class DINOModule(pl.LightningModule):
             batch["crops"] = [to_channels_last(c) for c in crops] if channels_last else crops
         return batch
 
-    def _dinov2_forward(self, crops: list[torch.Tensor], teacher_temp: float) -> tuple[torch.Tensor, ...]:
+    def _dinov2_forward(
+        self, crops: list[torch.Tensor], teacher_temp: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The step with KoLeo and/or iBOT: backbone and head called separately, because KoLeo needs the student's
         pooled features and iBOT the patch tokens of masked student / unmasked teacher global crops. Returns the
         total loss, the teacher and student head outputs (as ``self.teacher/student(crops)``) and the loss parts."""
@@ -277,7 +309,8 @@ class DINOModule(pl.LightningModule):
         if self.ibot_loss is not None:
             import random
 
-            patch = self.student.backbone.patch_embed.patch_size
+            vit: Any = self.student.backbone  # a timm ViT (iBOT needs one): patch_size is (height, width)
+            patch = vit.patch_embed.patch_size
             grid = (global_crops.shape[-2] // patch[0], global_crops.shape[-1] // patch[1])
             c = self.recipe.loss
             seed = int(torch.randint(0, 2**62, (1,)))  # the CPU RNG (restored on resume): no device sync
@@ -293,7 +326,9 @@ class DINOModule(pl.LightningModule):
         if masks is None:
             s_pooled, s_masked = self.student.backbone(global_crops), []
         else:
-            s_pooled, s_patch = vit_tokens(self.student.backbone, global_crops, masks.masks, self.student.mask_token)
+            s_pooled, s_patch = vit_tokens(
+                self.student.backbone, global_crops, masks.masks, self.student.get_parameter("mask_token")
+            )
             s_masked = [s_patch.flatten(0, 1).index_select(0, masks.index)]
         features = [s_pooled, *backbone_features(self.student.backbone, crops[2:])]
         n_rows = sum(f.shape[0] for f in features)
@@ -302,10 +337,11 @@ class DINOModule(pl.LightningModule):
         loss = self.dino_loss(student_out, teacher_out, teacher_temp)
         parts = {"dino_loss": loss.detach()}
         if self.koleo_weight:
-            koleo = sum(koleo_loss(x) for x in s_pooled.chunk(2))  # per global crop, never two crops of one image
+            first, second = (koleo_loss(x) for x in s_pooled.chunk(2))  # per global crop, never two of one image
+            koleo = first + second
             loss = loss + self.koleo_weight * koleo
             parts["koleo_loss"] = koleo.detach()
-        if masks is not None:
+        if masks is not None and self.ibot_loss is not None:  # (masks only with the iBOT loss)
             ibot = self.ibot_loss(s_all[n_rows:], t_patch_out, masks.weights, masks.n_images, teacher_temp)
             loss = loss + self.ibot_weight * ibot
             parts["ibot_loss"] = ibot.detach()
@@ -337,9 +373,12 @@ class DINOModule(pl.LightningModule):
     def _log_diagnostics(self, teacher_out: torch.Tensor, student_out: torch.Tensor, temp: float, bs: int) -> None:
         """Collapse diagnostics on this batch; warns (after the first epoch's warmup) when they look collapsed."""
         metrics = collapse_diagnostics(
-            teacher_out.float(), student_out[: teacher_out.shape[0]].float(), center=self.dino_loss.center,
-            teacher_temp=temp, student_temp=self.dino_loss.student_temp,
-        )  # fmt: skip
+            teacher_out.float(),
+            student_out[: teacher_out.shape[0]].float(),
+            center=self.dino_loss.center,
+            teacher_temp=temp,
+            student_temp=self.dino_loss.student_temp,
+        )
         # Straight to the loggers (not self.log): a sparse metric must not be re-emitted with stale values.
         if self.trainer.is_global_zero:
             for logger in self.loggers:
@@ -372,7 +411,7 @@ class DINOModule(pl.LightningModule):
         clip = self.recipe.optimizer.clip_grad
         if clip:
             total_norm = clip_gradients_per_parameter(self.student, clip)  # a device tensor: no host sync here
-            every = self.trainer.log_every_n_steps
+            every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
             if every and (self.global_step + 1) % every == 0:  # the steps whose metrics Lightning writes out
                 self.log("train/grad_norm", total_norm, batch_size=self.batch_size)
         cancel_last_layer_gradients(self.student, self.current_epoch, self.recipe.optimizer.freeze_last_layer)
@@ -392,15 +431,20 @@ class DINOModule(pl.LightningModule):
         if self.ibot_loss is not None:
             self.ibot_loss.update_center()
         self.log_dict(
-            {"train/lr": lr, "train/weight_decay": wd, "train/teacher_momentum": momentum,
-             "train/global_batch": float(self.global_batch), "train/batch_per_device": float(self.batch_size)},
+            {
+                "train/lr": lr,
+                "train/weight_decay": wd,
+                "train/teacher_momentum": momentum,
+                "train/global_batch": float(self.global_batch),
+                "train/batch_per_device": float(self.batch_size),
+            },
             batch_size=self.batch_size,
-        )  # fmt: skip
+        )
 
     def on_train_epoch_start(self) -> None:
         loader = self.trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
+        if dataset is not None and hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
@@ -410,10 +454,15 @@ class DINOModule(pl.LightningModule):
 
         import numpy as np
 
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # the global RandomState is an MT19937: its legacy state is a tuple
+        legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+        name, keys, pos, has_gauss, gauss = legacy
         # Tensors and plain values only: Lightning loads checkpoints with weights_only=True.
-        state: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate(),
-                                 "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "random": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        }
         if torch.cuda.is_available() and self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         generator = getattr(self, "_gpu_generator", None)
@@ -451,20 +500,27 @@ class DINOModule(pl.LightningModule):
         if len(states) == world:
             self._rng_to_restore = states[rank]
         elif states:
-            log.warning("checkpoint written by %d ranks, resumed on %d: random streams restart (data order and weights "
-                        "are restored)", len(states), world)  # fmt: skip
+            log.warning(
+                "checkpoint written by %d ranks, resumed on %d: random streams restart (data order and weights "
+                "are restored)",
+                len(states),
+                world,
+            )
         saved = checkpoint.get("hyper_parameters", {})
         current = {"backbone": self.backbone_cfg, "dino": self.dino_cfg}
         for key in RESUME_MUST_MATCH:
             old, new = _lookup(saved, key), _lookup(current, key)
             if old is not None and old != new:
                 raise ValueError(
-                    f"Cannot resume: the checkpoint was trained with {key}={old!r} but this run asks for {key}={new!r}. "
-                    "Use a new run dir (hydra.run.dir=...) for a different backbone or recipe, or restore the old value."
+                    f"Cannot resume: the checkpoint was trained with {key}={old!r} but this run asks for "
+                    f"{key}={new!r}. Use a new run dir (hydra.run.dir=...) for a different backbone or recipe, or "
+                    "restore the old value."
                 )
 
     def teacher_backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The teacher backbone's weights in timm naming, detached on CPU (what the exporters write)."""
         # contiguous: with performance.channels_last the weights are NHWC, which safetensors cannot write
-        return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-                for k, v in self.teacher.backbone.state_dict().items()}  # fmt: skip
+        return {
+            k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in self.teacher.backbone.state_dict().items()
+        }

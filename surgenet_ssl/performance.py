@@ -65,8 +65,12 @@ def compile_with_fallback(module: nn.Module, name: str, **kwargs: Any) -> bool:
 
 def _warn_eager(name: str, err: BaseException) -> None:
     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-    log.warning("performance.compile: torch.compile of the %s is not supported here (%s: %s); it runs eagerly",
-                name, type(err).__name__, first)  # fmt: skip
+    log.warning(
+        "performance.compile: torch.compile of the %s is not supported here (%s: %s); it runs eagerly",
+        name,
+        type(err).__name__,
+        first,
+    )
 
 
 def use_fused_adamw(enabled: bool, device: torch.device, precision: str) -> bool:

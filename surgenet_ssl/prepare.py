@@ -52,20 +52,28 @@ def run(cfg: DictConfig) -> int:
     output = Path(str(cfg.output)).expanduser()
     workers = int(cfg.workers) if cfg.workers is not None else available_cpus()
     settings = PrepareSettings(
-        source=source, procedure=str(procedure), fps=None if cfg.fps in (None, 0) else float(cfg.fps),
+        source=source,
+        procedure=str(procedure),
+        fps=None if cfg.fps in (None, 0) else float(cfg.fps),
         resize_short=None if cfg.resize_short in (None, 0) else int(cfg.resize_short),
-        jpeg_quality=int(cfg.jpeg_quality), shard_max_frames=int(cfg.shard_max_frames),
-        image_stride=int(cfg.image_stride), backend=str(cfg.backend),
-    )  # fmt: skip
+        jpeg_quality=int(cfg.jpeg_quality),
+        shard_max_frames=int(cfg.shard_max_frames),
+        image_stride=int(cfg.image_stride),
+        backend=str(cfg.backend),
+    )
     output.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(output / "prepare.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
         summary = prepare_source(
-            Path(str(cfg.input)).expanduser(), output, settings, workers=workers, progress=bool(cfg.progress),
+            Path(str(cfg.input)).expanduser(),
+            output,
+            settings,
+            workers=workers,
+            progress=bool(cfg.progress),
             overwrite=bool(cfg.overwrite),
-        )  # fmt: skip
+        )
     except PrepareError as e:
         _fail(str(e))
         raise  # unreachable
@@ -83,7 +91,9 @@ def run(cfg: DictConfig) -> int:
 def main(cfg: DictConfig) -> None:
     if run(cfg) == 0:
         # Every input was unreadable or empty: say so with a failing exit code (a 0-frame source cannot train).
-        log.error("no frame could be prepared from %s: check the warnings above (unreadable or empty inputs)", cfg.input)
+        log.error(
+            "no frame could be prepared from %s: check the warnings above (unreadable or empty inputs)", cfg.input
+        )
         sys.exit(1)
 
 

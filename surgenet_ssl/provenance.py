@@ -69,5 +69,9 @@ def run_provenance() -> dict[str, Any]:
         package_version = version("surgenet-ssl")
     except Exception:  # noqa: BLE001 - not installed as a distribution
         package_version = "unknown"
-    return {"command": shlex.join(program + list(args)), "overrides": overrides, "git_commit": git_commit(),
-            "version": package_version}  # fmt: skip
+    return {
+        "command": shlex.join(program + list(args)),
+        "overrides": overrides,
+        "git_commit": git_commit(),
+        "version": package_version,
+    }

@@ -39,11 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"{summary['runs']} pretraining run(s), {summary['results']} results.json file(s), "
-          f"{len(summary['columns'])} metric column(s)")  # fmt: skip
+    print(
+        f"{summary['runs']} pretraining run(s), {summary['results']} results.json file(s), "
+        f"{len(summary['columns'])} metric column(s)"
+    )
     for note in summary["notes"]:
         print(f"note: {note}")
-    for name, path in summary["files"].items():
+    for path in summary["files"].values():
         print(path)
     print(f"report={output / 'report.md'}", flush=True)
     return 0

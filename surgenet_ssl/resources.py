@@ -94,12 +94,13 @@ def auto_torch_threads(num_workers: int, trainer_cfg: Mapping | None = None) -> 
     return max(1, cpus_per_process(trainer_cfg) - max(0, int(num_workers)))
 
 
-def apply_torch_threads(requested: int | None, num_workers: int, trainer_cfg: Mapping | None = None,
-                        announce: bool = True) -> int:  # fmt: skip
+def apply_torch_threads(
+    requested: int | None, num_workers: int, trainer_cfg: Mapping | None = None, announce: bool = True
+) -> int:
     """Set torch's intra-op threads of this process (``requested``, or ``auto_torch_threads`` when None) and log
     the choice (``announce``: on one rank only). Returns the thread count."""
     auto = requested is None
-    threads = auto_torch_threads(num_workers, trainer_cfg) if auto else int(requested)
+    threads = auto_torch_threads(num_workers, trainer_cfg) if requested is None else int(requested)
     if threads < 1:
         raise ValueError(f"data.torch_threads must be >= 1 or null (auto), got {requested}")
     torch.set_num_threads(threads)
@@ -108,8 +109,12 @@ def apply_torch_threads(requested: int | None, num_workers: int, trainer_cfg: Ma
         log.info(
             "CPU budget: %d usable cores, %d training process(es) on this node, %d loader worker(s) and %d torch "
             "thread(s) per process (%s; data.num_workers / data.torch_threads override)",
-            usable_cpus(), processes, num_workers, threads, "auto" if auto else "data.torch_threads",
-        )  # fmt: skip
+            usable_cpus(),
+            processes,
+            num_workers,
+            threads,
+            "auto" if auto else "data.torch_threads",
+        )
     return threads
 
 

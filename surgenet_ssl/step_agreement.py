@@ -63,7 +63,7 @@ class StepAgreement:
     def record_loss(self, loss: torch.Tensor, where: tuple[int, int, int]) -> None:
         """A micro-batch's loss (no host sync); ``where`` of the step's first micro-batch is kept for the message."""
         bad = ~torch.isfinite(loss.detach())
-        if self._local_bad is None or self._local_bad.device != bad.device:
+        if self._local_bad is None or self._bad_loss is None or self._local_bad.device != bad.device:  # (set together)
             self._local_bad, self._bad_loss = bad.clone(), loss.detach().clone()
         else:
             self._bad_loss = torch.where(self._local_bad, self._bad_loss, loss.detach())  # keep the first bad value

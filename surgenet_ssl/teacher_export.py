@@ -36,7 +36,7 @@ __all__ = [
     "save_safetensors",
     "to_surgenet_naming",
     "write_model_card",
-]  # fmt: skip
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def final_knn(checkpoint: dict) -> dict[str, Any] | None:
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v.detach().cpu().contiguous().clone() for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.detach().cpu().contiguous().clone() for k, v in state.items() if k.startswith(prefix)}
 
 
 def completed_epochs(checkpoint: dict) -> int:
@@ -135,7 +135,9 @@ def export_checkpoint(
     naming = "surgenet" if name in SURGENET_NAMED else "timm"
 
     def dino_branch(prefix: str) -> dict[str, torch.Tensor]:
-        branch = {f"backbone.{k}": v for k, v in to_surgenet_naming(_sub_state(state, f"{prefix}.backbone."), name).items()}
+        branch = {
+            f"backbone.{k}": v for k, v in to_surgenet_naming(_sub_state(state, f"{prefix}.backbone."), name).items()
+        }
         branch.update({f"head.{k}": v for k, v in _sub_state(state, f"{prefix}.head.").items()})
         return branch
 
@@ -170,7 +172,14 @@ def export_checkpoint(
 
 
 def write_model_card(
-    out: Path, stem: str, backbone: str, dataset: str, epoch: int, run_config: dict, paths: dict, checkpoint: dict,
+    out: Path,
+    stem: str,
+    backbone: str,
+    dataset: str,
+    epoch: int,
+    run_config: dict,
+    paths: dict,
+    checkpoint: dict,
     naming: str,
 ) -> Path:
     """README.md beside the weights: what was trained, how, and how to load it (with checksums)."""
@@ -271,7 +280,8 @@ def export_dino_checkpoint(
 
     args = checkpoint.get("args")
     args = vars(args) if hasattr(args, "__dict__") and not isinstance(args, dict) else (args or {})
-    recorded = args.get("backbone") if isinstance(args.get("backbone"), dict) else {}
+    given = args.get("backbone")
+    recorded = given if isinstance(given, dict) else {}
     name = backbone or recorded.get("name") or args.get("arch")
     if name == "timm":
         name = recorded.get("timm_name") or name
@@ -288,8 +298,11 @@ def export_dino_checkpoint(
         raw = checkpoint.get("teacher")
         if not isinstance(raw, dict):
             raise ValueError("this DINO checkpoint has no 'teacher' state dict")
-        teacher = {k.removeprefix("module.").removeprefix("backbone."): v.detach().cpu().contiguous().clone()
-                   for k, v in raw.items() if k.removeprefix("module.").startswith("backbone.")}  # fmt: skip
+        teacher = {
+            k.removeprefix("module.").removeprefix("backbone."): v.detach().cpu().contiguous().clone()
+            for k, v in raw.items()
+            if k.removeprefix("module.").startswith("backbone.")
+        }
         if not teacher:
             raise ValueError("the DINO checkpoint's 'teacher' holds no 'backbone.*' tensors")
         surgenet, detected = teacher, "full DINO checkpoint, timm naming"

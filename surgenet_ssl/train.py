@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
 import hydra
 import pytorch_lightning as pl
@@ -23,8 +24,8 @@ from surgenet_ssl.callbacks import PreemptionCheckpoint, TeacherExport
 from surgenet_ssl.callbacks.preemption import TrainingPreempted
 from surgenet_ssl.checkpointing import AtomicCheckpointIO, checkpoint_step, find_resume_checkpoint
 from surgenet_ssl.cluster import PREEMPTION, RunDirInUseError, RunDirLock, is_global_rank_zero
-from surgenet_ssl.io_utils import write_text_atomic
 from surgenet_ssl.datamodule import StreamingDataModule
+from surgenet_ssl.io_utils import write_text_atomic
 from surgenet_ssl.module import DINOModule
 from surgenet_ssl.resources import apply_torch_threads, auto_workers, usable_cpus
 
@@ -79,7 +80,8 @@ def silence_benign_warnings() -> None:
 
 
 def _container(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    """A config group (a DictConfig node) as a plain dict."""
+    return cast(dict, OmegaConf.to_container(node, resolve=True)) if node is not None else {}
 
 
 REQUIRED_HINTS = {
@@ -115,17 +117,19 @@ def trainer_kwargs(trainer_cfg: DictConfig) -> dict:
     import inspect
 
     accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
-    kwargs = {k: v for k, v in trainer_cfg.items() if k != "_target_"}
+    kwargs = {str(k): v for k, v in trainer_cfg.items() if k != "_target_"}  # (config keys are strings)
     for key in list(kwargs):
         if key in _TRAINER_BUILT_ELSEWHERE:
-            raise ValueError(f"trainer.{key} cannot be set: it is built from the `{key}` config group "
-                             f"(e.g. {key}.<name>.*=...).")  # fmt: skip
+            raise ValueError(
+                f"trainer.{key} cannot be set: it is built from the `{key}` config group (e.g. {key}.<name>.*=...)."
+            )
         if key not in accepted:
             if kwargs[key] is None:
                 del kwargs[key]
                 continue
             raise ValueError(
-                f"trainer.{key} is not a pytorch_lightning.Trainer argument (Lightning {pl.__version__}).{_closest(key, accepted)} "
+                f"trainer.{key} is not a pytorch_lightning.Trainer argument (Lightning {pl.__version__})."
+                f"{_closest(key, accepted)} "
                 "Every Trainer argument can be set as trainer.<argument>=value; see `python -m surgenet_ssl.train "
                 "--cfg job` for the declared ones."
             )

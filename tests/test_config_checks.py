@@ -19,8 +19,9 @@ def test_check_keys_names_path_closest_and_all_valid_keys():
     check_keys({"a": 1, "alpha": 2}, {"a", "alpha", "beta"}, "x")  # all valid: nothing
     with pytest.raises(ConfigError) as err:
         check_keys({"alhpa": 1, "zzz": 2}, {"a", "alpha", "beta"}, "x.y")
-    assert str(err.value) == ("unknown config key x.y.alhpa (did you mean x.y.alpha?); also unknown: zzz. "
-                              "Valid keys of x.y: a, alpha, beta")  # fmt: skip
+    assert str(err.value) == (
+        "unknown config key x.y.alhpa (did you mean x.y.alpha?); also unknown: zzz. Valid keys of x.y: a, alpha, beta"
+    )
     with pytest.raises(ConfigError, match=r"^unknown config key fracton \(did you mean fraction\?\)"):
         check_keys({"fracton": 1}, {"fraction"})  # no path: the key alone
 
@@ -48,14 +49,16 @@ def test_build_section_types_defaults_and_nesting():
 
 @pytest.mark.parametrize(
     "cfg, message",
-    [({}, "o.rate is required (a number)"),
-     ({"rate": 1, "inner": {"sise": 2}}, "unknown config key o.inner.sise (did you mean o.inner.size?)"),
-     ({"rate": 1, "inner": {"size": 11}}, "o.inner.size=11: must be in [1, 10]"),
-     ({"rate": 1, "many": [1, 2.5]}, "o.many must be a list of integers, got [1, 2.5]"),
-     ({"rate": 1, "pair": "ab"}, "o.pair must be a list of 2 numbers, got 'ab'"),
-     ({"rate": 1, "mode": "c"}, "o.mode must be 'a' or 'b', got 'c'"),
-     ({"rate": False}, "o.rate must be a number, got False")],
-)  # fmt: skip
+    [
+        ({}, "o.rate is required (a number)"),
+        ({"rate": 1, "inner": {"sise": 2}}, "unknown config key o.inner.sise (did you mean o.inner.size?)"),
+        ({"rate": 1, "inner": {"size": 11}}, "o.inner.size=11: must be in [1, 10]"),
+        ({"rate": 1, "many": [1, 2.5]}, "o.many must be a list of integers, got [1, 2.5]"),
+        ({"rate": 1, "pair": "ab"}, "o.pair must be a list of 2 numbers, got 'ab'"),
+        ({"rate": 1, "mode": "c"}, "o.mode must be 'a' or 'b', got 'c'"),
+        ({"rate": False}, "o.rate must be a number, got False"),
+    ],
+)
 def test_build_section_errors_name_the_key(cfg, message):
     with pytest.raises(ConfigError) as err:
         build_section(Outer, cfg, "o")

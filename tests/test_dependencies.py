@@ -82,6 +82,7 @@ def test_every_imported_third_party_module_is_a_declared_dependency():
         # not installed here (e.g. decord on aarch64): the distribution is expected to carry the module's name
         candidates = {_normalise(d) for d in distributions.get(module, [module])}
         if not candidates & declared:
-            undeclared.append(f"{module} (distribution {', '.join(sorted(candidates))}; imported by "
-                              f"{', '.join(sorted(files)[:3])})")  # fmt: skip
+            undeclared.append(
+                f"{module} (distribution {', '.join(sorted(candidates))}; imported by {', '.join(sorted(files)[:3])})"
+            )
     assert not undeclared, "imported but not in pyproject.toml [project.dependencies]: " + "; ".join(undeclared)

@@ -71,6 +71,8 @@ def _prev(m: re.Match, group: str = "s") -> int:
 
 _DROP = None  # readability in the tables below
 
+# fmt: off
+# (rename tables: one rule per entry, pattern then target, kept as written)
 # ---------------------------------------------------------------------------------------------- caformer_s18
 _CAFORMER_TO_TIMM = [
     _r(r"^downsample_layers\.0\.conv\.(?P<p>weight|bias)$", lambda m: f"stem.conv.{m['p']}"),
@@ -158,6 +160,7 @@ _PVT_TO_SURGENET = [
     _r(r"^stages\.(?P<s>\d+)\.norm\.(?P<p>weight|bias)$", lambda m: f"norm{int(m['s']) + 1}.{m['p']}"),
     _r(r"^head\.", _DROP),
 ]
+# fmt: on
 
 _RULES: dict[str, dict[Naming, list[_Rule]]] = {
     # key: the naming the rules convert FROM
@@ -255,4 +258,3 @@ def detect_naming(state_dict: Mapping[str, Tensor], backbone: str) -> Naming:
         f"(SurgeNet: {misfits['surgenet'][:3]}, timm: {misfits['timm'][:3]}). Check the backbone name, and strip "
         "wrappers/prefixes first (surgenet_ssl.models.weights.extract_backbone_state_dict does that)."
     )
-

@@ -38,7 +38,7 @@ def _check_timm_name(timm_name: str | None) -> str:
     if not timm_name:
         raise ValueError(
             "backbone 'timm' needs timm_name (any model name known to timm), e.g. "
-            "backbone=timm backbone.timm_name=resnet50. List them with `python -c \"import timm; "
+            'backbone=timm backbone.timm_name=resnet50. List them with `python -c "import timm; '
             "print(timm.list_models('*resnet*'))\"`."
         )
     if not timm.is_model(timm_name):
@@ -74,9 +74,7 @@ def build_backbone(
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone '{name}'. Valid choices: {', '.join(BACKBONES)}.")
     if pretrained_variant not in VARIANTS:
-        raise ValueError(
-            f"Unknown pretrained_variant '{pretrained_variant}'. Valid choices: {', '.join(VARIANTS)}."
-        )
+        raise ValueError(f"Unknown pretrained_variant '{pretrained_variant}'. Valid choices: {', '.join(VARIANTS)}.")
     if timm_kwargs.pop("pretrained", False):
         raise ValueError(
             "build_backbone never downloads weights (pretrained=True is not supported); build the model, "
@@ -97,7 +95,7 @@ def build_backbone(
 def backbone_num_features(model: torch.nn.Module) -> int:
     """Width of the pooled feature vector (for ``features_only`` models: channels of the last stage)."""
     feature_info = getattr(model, "feature_info", None)
-    if hasattr(feature_info, "channels"):  # timm FeatureListNet / FeatureGetterNet
+    if feature_info is not None and hasattr(feature_info, "channels"):  # timm FeatureListNet / FeatureGetterNet
         return int(feature_info.channels()[-1])
     num_features = getattr(model, "num_features", None)
     if num_features is None:

@@ -7,5 +7,13 @@ from surgenet_ssl.callbacks.knn_monitor import KNNMonitor
 from surgenet_ssl.callbacks.preemption import PreemptionCheckpoint, TrainingPreempted
 from surgenet_ssl.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["ArchiveCheckpoint", "BatchTrace", "KNNMonitor", "PreemptionCheckpoint", "RollingCheckpoint", "TeacherExport", "ThroughputMonitor",
-           "TrainingPreempted"]
+__all__ = [
+    "ArchiveCheckpoint",
+    "BatchTrace",
+    "KNNMonitor",
+    "PreemptionCheckpoint",
+    "RollingCheckpoint",
+    "TeacherExport",
+    "ThroughputMonitor",
+    "TrainingPreempted",
+]

@@ -23,7 +23,9 @@ class BatchTrace(pl.Callback):
         self.output_dir, self.enabled = Path(output_dir), enabled
         self._file: Any = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not self.enabled or not isinstance(batch, dict):
             return
         if self._file is None:
@@ -32,8 +34,13 @@ class BatchTrace(pl.Callback):
         digest = hashlib.sha1()
         for crop in batch.get("crops", []):
             digest.update(crop.detach().float().cpu().contiguous().numpy().tobytes())
-        row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "batch": batch_idx,
-               "keys": list(batch.get("key", [])), "crops_sha1": digest.hexdigest()}  # fmt: skip
+        row = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "batch": batch_idx,
+            "keys": list(batch.get("key", [])),
+            "crops_sha1": digest.hexdigest(),
+        }
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 

@@ -34,7 +34,9 @@ class RollingCheckpoint(ModelCheckpoint):
         if not resumed or self.save_top_k != 1 or not self.best_model_path or not trainer.is_global_zero:
             return
         resumed_path, current = Path(resumed).resolve(), Path(self.best_model_path).resolve()
-        if current == resumed_path or not current.is_file() or resumed_path.parent != Path(self.dirpath).resolve():
+        if current == resumed_path or not current.is_file() or self.dirpath is None:
+            return
+        if resumed_path.parent != Path(self.dirpath).resolve():
             return
         if resumed_path.is_file():
             resumed_path.unlink()

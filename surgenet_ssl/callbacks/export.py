@@ -17,8 +17,14 @@ log = logging.getLogger(__name__)
 class TeacherExport(pl.Callback):
     """Writes the SurgeNet ``.pth``, timm ``.safetensors`` and full DINO checkpoint from the live training state."""
 
-    def __init__(self, output_dir: str | Path, dataset: str, run_config: dict, every_n_epochs: int = 0,
-                 provenance: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        output_dir: str | Path,
+        dataset: str,
+        run_config: dict,
+        every_n_epochs: int = 0,
+        provenance: dict | None = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.dataset = dataset
         self.run_config = run_config
@@ -29,13 +35,14 @@ class TeacherExport(pl.Callback):
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, completed_epochs: int) -> dict[str, Any]:
         """What the exporters read, from the live training state through Lightning's public API."""
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
         checkpoint: dict[str, Any] = {
             "state_dict": pl_module.state_dict(),
             "epoch": completed_epochs,
             "global_step": trainer.global_step,
             "hyper_parameters": dict(pl_module.hparams),
             "optimizer_states": [opt.state_dict() for opt in trainer.optimizers],
-            "callbacks": {type(cb).__qualname__: cb.state_dict() for cb in trainer.callbacks if cb.state_dict()},
+            "callbacks": {type(cb).__qualname__: cb.state_dict() for cb in callbacks if cb.state_dict()},
             "global_batch": getattr(pl_module, "global_batch", None),
             "run_config": self.run_config,
             "run_provenance": self.provenance,

@@ -50,6 +50,7 @@ def frames_by_source(sources: list, max_per_class: int, transform) -> tuple[Labe
         for shard in source.shards:
             by_video.setdefault(str(shard.get("video", shard["file"])), []).append(shard)
         videos = sorted(by_video)
+        splits: list[tuple[LabelledImages, list[str], int | None]]  # (set, its videos, frame parity or all)
         if len(videos) > 1:
             splits = [(memory, videos[:-1], None), (query, videos[-1:], None)]
         else:  # one video: alternate its frames between the two sets
@@ -142,14 +143,20 @@ class KNNMonitor(pl.Callback):
                 transform = eval_transform(self.image_size)
                 self._sets = frames_by_source(mixture.sources, self.max_per_class, transform)
             memory, query, classes = self._sets
-            log.info("k-NN monitor: %d memory / %d query images, %d classes", len(memory.labels),
-                     len(query.labels), len(classes))  # fmt: skip
+            log.info(
+                "k-NN monitor: %d memory / %d query images, %d classes",
+                len(memory.labels),
+                len(query.labels),
+                len(classes),
+            )
         return self._sets
 
     @torch.no_grad()
     def _features(self, backbone: torch.nn.Module, images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        out = [backbone(torch.stack(images[i:i + self.batch_size]).to(device)).float().cpu()
-               for i in range(0, len(images), self.batch_size)]  # fmt: skip
+        out = [
+            backbone(torch.stack(images[i : i + self.batch_size]).to(device)).float().cpu()
+            for i in range(0, len(images), self.batch_size)
+        ]
         return torch.cat(out)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -163,8 +170,12 @@ class KNNMonitor(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.baseline_result and self.last_result:
-            log.info("k-NN top-1: %.4f at init -> %.4f after %d steps", self.baseline_result["knn/top1"],
-                     self.last_result["knn/top1"], trainer.global_step)  # fmt: skip
+            log.info(
+                "k-NN top-1: %.4f at init -> %.4f after %d steps",
+                self.baseline_result["knn/top1"],
+                self.last_result["knn/top1"],
+                trainer.global_step,
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
@@ -179,7 +190,7 @@ class KNNMonitor(pl.Callback):
         if sets is None or not sets[0].labels or not sets[1].labels:
             return
         memory, query, classes = sets
-        backbone = pl_module.teacher.backbone
+        backbone = pl_module.get_submodule("teacher.backbone")
         was_training = backbone.training
         backbone.eval()
         try:
@@ -188,8 +199,9 @@ class KNNMonitor(pl.Callback):
         finally:
             backbone.train(was_training)
         mem_y, qry_y = torch.tensor(memory.labels), torch.tensor(query.labels)
-        top1, top5 = knn_accuracy(mem_f, mem_y, qry_f, qry_y, num_classes=len(classes), k=self.k,
-                                  temperature=self.temperature)  # fmt: skip
+        top1, top5 = knn_accuracy(
+            mem_f, mem_y, qry_f, qry_y, num_classes=len(classes), k=self.k, temperature=self.temperature
+        )
         self.last_result, self.last_epoch = {"knn/top1": top1, "knn/top5": top5}, epoch
         for logger in trainer.loggers:
             logger.log_metrics({**self.last_result, "epoch": epoch}, step=trainer.global_step)
@@ -198,9 +210,12 @@ class KNNMonitor(pl.Callback):
         if self.embedding_map:
             out_dir = Path(self.output_dir or trainer.default_root_dir) / "embeddings"
             path = save_embedding_map(
-                torch.cat([mem_f, qry_f]).numpy(), torch.cat([mem_y, qry_y]).numpy(), out_dir / f"epoch{epoch:04d}.png",
-                label_names=classes, title=f"teacher embeddings, epoch {epoch}",
-            )  # fmt: skip
+                torch.cat([mem_f, qry_f]).numpy(),
+                torch.cat([mem_y, qry_y]).numpy(),
+                out_dir / f"epoch{epoch:04d}.png",
+                label_names=classes,
+                title=f"teacher embeddings, epoch {epoch}",
+            )
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="embedding_map", images=[str(path)], step=trainer.global_step)

@@ -52,7 +52,8 @@ class ThroughputMonitor(pl.Callback):
         images = batch["crops"][0].shape[0] if isinstance(batch, dict) else 0
         self._window["images"] += images
         self._images_total += images
-        if (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
+        if (batch_idx + 1) % max(1, every) == 0:
             self._log(trainer, pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

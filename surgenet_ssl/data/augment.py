@@ -92,7 +92,7 @@ def random_resized_crop_params(
     area = height * width
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     top_u, left_u = u[20], u[21]
-    for area_u, aspect_u in zip(u[0:20:2], u[1:20:2]):  # 10 attempts
+    for area_u, aspect_u in zip(u[0:20:2], u[1:20:2], strict=True):  # 10 attempts
         target = area * (scale[0] + area_u * (scale[1] - scale[0]))
         aspect = math.exp(lo + aspect_u * (hi - lo))
         w = round(math.sqrt(target * aspect))
@@ -477,7 +477,10 @@ class CropDraws(NamedTuple):
         """The draws of ``n`` crops, in the order the generator has always been consumed."""
         uniforms = rng.random((n, _N_UNIFORMS)).tolist()
         orders = np.argsort(rng.random((n, 4)), axis=1).tolist()  # a uniform random permutation per crop
-        return [cls(tuple(u[:_BOX_UNIFORMS]), *u[_BOX_UNIFORMS:], order) for u, order in zip(uniforms, orders)]
+        return [
+            cls(*(tuple(u[:_BOX_UNIFORMS]), *u[_BOX_UNIFORMS:], order))  # the fields in order
+            for u, order in zip(uniforms, orders, strict=True)
+        ]
 
 
 class FastMultiCrop(MultiCropAugmentation):
@@ -502,7 +505,8 @@ class FastMultiCrop(MultiCropAugmentation):
         probabilities: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, probabilities=probabilities, **kwargs)
+        kwargs["probabilities"] = probabilities  # a keyword of the base class (not positional here)
+        super().__init__(*args, **kwargs)
         if decode_min_short is None:
             decode_min_short = math.ceil(self.global_crops_size / math.sqrt(self.global_crops_scale[0]))
         self.decode_min_short = int(decode_min_short)

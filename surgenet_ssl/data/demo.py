@@ -11,6 +11,13 @@ source label is the procedure label for k-NN monitoring) x 3 videos x 10 s at 32
   black-shafted wristed instruments, console overlay bar.
 - ``gastric_bypass``: pale pink/orange bowel folds, wide offset vignette, a green-tipped stapler, drifting haze.
 
+Each video is recorded in four segments with a different "camera look" each (white balance, exposure, saturation,
+hue: as when the camera head is re-balanced or the light source changes, and as between hospitals). The look is the
+nuisance that makes the demo a real test of learning: an untrained network groups frames by their look (its online
+k-NN on the procedure labels is ~0.7, close to what colour statistics give), while DINO, trained with colour-jitter
+and grayscale views, learns features that ignore it and group frames by procedure (the k-NN rises to ~0.85 in the
+demo schedule; see the README).
+
 Generation is deterministic (fixed seeds), about 3 MB, and takes a few seconds on 2 cores. Concurrent callers
 (DDP ranks, parallel test runs) are safe: one builds under a file lock into a temporary directory that is renamed
 into place when complete; the others wait and reuse it.
@@ -34,7 +41,10 @@ __all__ = ["ensure_demo_dataset", "DEMO_PROCEDURES", "DEMO_VERSION", "demo_is_co
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 1  # bump when the generator changes: cached copies are rebuilt
+DEMO_VERSION = 2  # bump when the generator changes: cached copies are rebuilt (2: camera looks)
+_CONTENT_SEED = 1  # seeds the rendered scenes (unchanged since version 1); the looks have their own seed
+_LOOK_SEED = 7
+LOOK_SEGMENTS = 4  # camera looks per video
 DEMO_DIRNAME = "demo"
 WIDTH, HEIGHT = 320, 240
 VIDEO_FPS = 8
@@ -122,8 +132,12 @@ def _instrument(
     n = np.array([-d[1], d[0]])
     width = {"grasper": 9, "robotic": 12, "stapler": 16}[kind]
     shaft = {"grasper": (150, 155, 160), "robotic": (25, 25, 28), "stapler": (60, 60, 65)}[kind]
-    quad = [tuple(np.array(base) + n * width), tuple(np.array(tip) + n * width * 0.8),
-            tuple(np.array(tip) - n * width * 0.8), tuple(np.array(base) - n * width)]  # fmt: skip
+    quad = [
+        tuple(np.array(base) + n * width),
+        tuple(np.array(tip) + n * width * 0.8),
+        tuple(np.array(tip) - n * width * 0.8),
+        tuple(np.array(base) - n * width),
+    ]
     draw.polygon(quad, fill=shaft)
     glint = [tuple(np.array(base) + n * width * 0.3), tuple(np.array(tip) + n * width * 0.3)]
     draw.line(glint, fill=(220, 220, 225), width=2)
@@ -141,7 +155,7 @@ def _instrument(
 
 
 def _render_video(name: str, style: _Style, index: int) -> list[np.ndarray]:
-    seed = [DEMO_VERSION, list(DEMO_PROCEDURES).index(name), index]
+    seed = [_CONTENT_SEED, list(DEMO_PROCEDURES).index(name), index]
     rng = np.random.default_rng(seed)
     big = _tissue(style, rng, HEIGHT * 2, WIDTH * 2)
     vignette = _vignette(style.vignette, rng)[..., None]
@@ -157,8 +171,10 @@ def _render_video(name: str, style: _Style, index: int) -> list[np.ndarray]:
         bottom, top = [(-10, HEIGHT + 10), (WIDTH + 10, HEIGHT + 10)], [(-10, -10), (WIDTH + 10, -10)]
         bases = top if style.instrument == "robotic" else bottom
         for k, b in enumerate(bases[: 1 if style.instrument == "stapler" else 2]):
-            tip = (WIDTH * (0.35 + 0.3 * k) + 40 * np.sin(0.9 * t + phase[2 + k]),
-                   HEIGHT * 0.5 + 35 * np.cos(0.7 * t + phase[4 + k]))  # fmt: skip
+            tip = (
+                WIDTH * (0.35 + 0.3 * k) + 40 * np.sin(0.9 * t + phase[2 + k]),
+                HEIGHT * 0.5 + 35 * np.cos(0.7 * t + phase[4 + k]),
+            )
             _instrument(draw, style.instrument, b, tip, t + k)
         if style.overlay:
             draw.rectangle((0, HEIGHT - 14, WIDTH, HEIGHT), fill=(15, 15, 20))
@@ -167,7 +183,41 @@ def _render_video(name: str, style: _Style, index: int) -> list[np.ndarray]:
         if style.haze:
             img = img * 0.8 + 255 * 0.2 * (0.5 + 0.5 * np.sin(0.5 * t + phase[5]))
         frames.append((img * vignette).clip(0, 255).astype(np.uint8))
+    look_rng = np.random.default_rng([_LOOK_SEED, list(DEMO_PROCEDURES).index(name), index])
+    per_look = n // LOOK_SEGMENTS
+    for k in range(LOOK_SEGMENTS):
+        look = _CameraLook.draw(look_rng)
+        frames[k * per_look : (k + 1) * per_look] = [look.apply(f) for f in frames[k * per_look : (k + 1) * per_look]]
     return frames
+
+
+@dataclass(frozen=True)
+class _CameraLook:
+    """White balance (per-channel gains), exposure, saturation and hue shift of one recording segment."""
+
+    gains: tuple[float, float, float]
+    exposure: float
+    saturation: float
+    hue: float  # OpenCV hue units (0..180 = 0..360 degrees)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> _CameraLook:
+        gains = rng.uniform(0.65, 1.35, 3)
+        return cls(
+            (float(gains[0]), float(gains[1]), float(gains[2])),
+            float(rng.uniform(0.65, 1.25)),
+            float(rng.uniform(0.5, 1.3)),
+            float(rng.uniform(-12, 12)),
+        )
+
+    def apply(self, frame: np.ndarray) -> np.ndarray:
+        import cv2
+
+        balanced = frame.astype(np.float32) * np.asarray(self.gains) * self.exposure
+        hsv = cv2.cvtColor(balanced.clip(0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.float32)
+        hsv[..., 0] = (hsv[..., 0] + self.hue) % 180
+        hsv[..., 1] = (hsv[..., 1] * self.saturation).clip(0, 255)
+        return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
 
 
 def write_demo_video(path: Path, frames: list[np.ndarray], fps: int = VIDEO_FPS) -> None:
@@ -221,11 +271,15 @@ def _build(tmp: Path) -> None:
     S.write_json_atomic(
         tmp / S.MANIFEST_NAME,
         {
-            "format": S.COLLECTION_FORMAT, "version": S.MANIFEST_VERSION, "demo_version": DEMO_VERSION,
-            "complete": True, "sources": sources, "frames": total,
+            "format": S.COLLECTION_FORMAT,
+            "version": S.MANIFEST_VERSION,
+            "demo_version": DEMO_VERSION,
+            "complete": True,
+            "sources": sources,
+            "frames": total,
             "description": "surgenet-ssl embedded demo: synthetic surgical-style videos, one source per procedure",
         },
-    )  # fmt: skip
+    )
 
 
 def ensure_demo_dataset(root: str | Path, timeout_s: float = 600.0) -> Path:

@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -114,15 +115,18 @@ def render_labelled_case(procedure: str, case: int, seconds: int = SECONDS):
             bottom, top = [(-10, h + 10), (w + 10, h + 10)], [(-10, -10), (w + 10, -10)]
             bases = top if style.instrument == "robotic" else bottom
             for k, b in enumerate(bases[: 1 if style.instrument == "stapler" else 2]):
-                tip = (w * (0.35 + 0.3 * k) + 40 * np.sin(0.9 * t + offsets[2 + k]),
-                       h * 0.5 + 35 * np.cos(0.7 * t + offsets[4 + k]))  # fmt: skip
+                tip = (
+                    w * (0.35 + 0.3 * k) + 40 * np.sin(0.9 * t + offsets[2 + k]),
+                    h * 0.5 + 35 * np.cos(0.7 * t + offsets[4 + k]),
+                )
                 D._instrument(draw, style.instrument, b, tip, t + k)
-                D._instrument(mask_draw, style.instrument, b, tip, t + k)
+                # demo._instrument is typed for ImageDraw; _MaskDraw draws the same shapes (duck-typed)
+                D._instrument(cast(ImageDraw.ImageDraw, mask_draw), style.instrument, b, tip, t + k)
         if style.overlay:
             draw.rectangle((0, h - 14, w, h), fill=(15, 15, 20))
             draw.rectangle((8, h - 10, 8 + 40 + (f % 30), h - 4), fill=(40, 120, 200))
             ImageDraw.Draw(mask).rectangle((0, h - 14, w, h), fill=0)
-        img = np.asarray(view, dtype=np.float32)
+        img: np.ndarray = np.asarray(view, dtype=np.float32)
         if style.haze:
             img = img * 0.8 + 255 * 0.2 * (0.5 + 0.5 * np.sin(0.5 * t + offsets[5]))
         if phases[f] == "coagulation":  # drifting surgical smoke
@@ -145,8 +149,11 @@ def demo_labels_complete(directory: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     # a new pretraining demo (its textures, instruments) means new labelled cases too
-    return (info.get("version") == LABELS_VERSION and info.get("demo_version") == D.DEMO_VERSION
-            and info.get("complete") is True)  # fmt: skip
+    return (
+        info.get("version") == LABELS_VERSION
+        and info.get("demo_version") == D.DEMO_VERSION
+        and info.get("complete") is True
+    )
 
 
 def _build(tmp: Path) -> dict:
@@ -177,11 +184,16 @@ def _build(tmp: Path) -> dict:
     for split, lines in rows.items():
         (phases_dir / f"{split}.csv").write_text("path,label,video\n" + "\n".join(lines) + "\n")
     info = {
-        "version": LABELS_VERSION, "demo_version": D.DEMO_VERSION, "complete": True,
-        "classes": list(SEGMENTATION_CLASSES), "phases": list(PHASES),
-        "frames": counts, "frames_fps": FRAMES_FPS, "annotation_fps": D.VIDEO_FPS,
+        "version": LABELS_VERSION,
+        "demo_version": D.DEMO_VERSION,
+        "complete": True,
+        "classes": list(SEGMENTATION_CLASSES),
+        "phases": list(PHASES),
+        "frames": counts,
+        "frames_fps": FRAMES_FPS,
+        "annotation_fps": D.VIDEO_FPS,
         "description": "surgenet-ssl demo: labelled synthetic cases (masks, phases) for downstream fine-tuning",
-    }  # fmt: skip
+    }
     (tmp / "manifest.json").write_text(json.dumps(info, indent=2))
     return info
 

@@ -47,8 +47,11 @@ _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _constants(
-    device: torch.device, mean: Sequence[float], std: Sequence[float], uint8: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    device: torch.device,
+    mean: Sequence[float],
+    std: Sequence[float],
+    uint8: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-device cached (1,3,1,1) float32 constants, created once instead of one host copy per crop:
     ``(1/(255 std), -mean/std)`` for uint8 input, ``(mean, std)`` for [0, 1] floats."""
     key = (str(device), tuple(mean), tuple(std), uint8)
@@ -60,9 +63,11 @@ def _constants(
 
 
 def normalize_uint8(
-    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+    x: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """uint8 crops ``(B,3,h,w)`` (0..255) -> ``(x/255 - mean)/std`` in ``dtype``, on ``x``'s device.
 
     The same arithmetic as the fast CPU backend's float output (``x * 1/(255 std) - mean/std``), so uint8 crops
@@ -107,8 +112,10 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
     h6, vs = h * 6.0, maxc * s
     # HSV -> RGB without branches: channel = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1
-    out = [maxc - vs * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-           for k in (torch.remainder(n + h6, 6.0) for n in (5.0, 3.0, 1.0))]  # fmt: skip
+    out = [
+        maxc - vs * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+        for k in (torch.remainder(n + h6, 6.0) for n in (5.0, 3.0, 1.0))
+    ]
     return torch.stack(out, 1).clamp_(0.0, 1.0)
 
 
@@ -123,9 +130,14 @@ def _per_sample(v: int | torch.Tensor, n: int, device: torch.device | str) -> to
 
 
 def random_resized_boxes(
-    n: int, height: int | torch.Tensor, width: int | torch.Tensor, scale: Sequence[float], ratio: Sequence[float],
-    generator: torch.Generator, device: torch.device | str,
-) -> torch.Tensor:  # fmt: skip
+    n: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    generator: torch.Generator,
+    device: torch.device | str,
+) -> torch.Tensor:
     """Per-sample torchvision RandomResizedCrop boxes ``(n, 4)`` as ``(top, left, h, w)`` (long), all at once.
 
     ``height``/``width``: the frame size, one int for all samples or an (n,) tensor of per-sample valid sizes.
@@ -241,13 +253,18 @@ class GpuMultiCrop(CropGeometry):
         probabilities: dict[str, Any] | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self._init_geometry(global_crops_size, local_crops_size, global_crops_scale, local_crops_scale,
-                            local_crops_number, mean, std)  # fmt: skip
+        self._init_geometry(
+            global_crops_size, local_crops_size, global_crops_scale, local_crops_scale, local_crops_number, mean, std
+        )
         self.p, self.dtype = recipe_probabilities(probabilities), dtype
 
     def _crop(
-        self, x: torch.Tensor, index: int, g: torch.Generator, sizes: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        self,
+        x: torch.Tensor,
+        index: int,
+        g: torch.Generator,
+        sizes: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b, _, height, width = x.shape
         dev = x.device
         is_global = index < 2
@@ -266,9 +283,14 @@ class GpuMultiCrop(CropGeometry):
         jitter = u[:, 1] < self.p["jitter"]
         bri, con, sat, hue = self.p["jitter_strength"]  # dino.crops.color_jitter (recipe: JITTER)
         factors = torch.stack(
-            [1 - bri + 2 * bri * u[:, 2], 1 - con + 2 * con * u[:, 3], 1 - sat + 2 * sat * u[:, 4],
-             -hue + 2 * hue * u[:, 5]], 1,
-        )  # fmt: skip
+            [
+                1 - bri + 2 * bri * u[:, 2],
+                1 - con + 2 * con * u[:, 3],
+                1 - sat + 2 * sat * u[:, 4],
+                -hue + 2 * hue * u[:, 5],
+            ],
+            1,
+        )
         order = torch.argsort(torch.rand(b, 4, generator=g, device=dev), dim=1)  # random permutation per sample
         if self.p["jitter"] > 0:
             out = color_jitter(out, jitter, factors, order)
@@ -288,8 +310,17 @@ class GpuMultiCrop(CropGeometry):
             out = torch.where(sol.view(-1, 1, 1, 1) & (out >= threshold), 1.0 - out, out)
         mean, std = _constants(dev, self.mean, self.std, uint8=False)
         out = ((out - mean) / std).to(self.dtype)
-        params = {"box": boxes, "flip": flip, "jitter": jitter, "factors": factors, "order": order, "gray": gray,
-                  "blur": blur, "sigma": sigma, "solarize": sol}  # fmt: skip
+        params = {
+            "box": boxes,
+            "flip": flip,
+            "jitter": jitter,
+            "factors": factors,
+            "order": order,
+            "gray": gray,
+            "blur": blur,
+            "sigma": sigma,
+            "solarize": sol,
+        }
         if sizes is not None:
             params["frame_hw"] = sizes
         return out, params

@@ -72,16 +72,22 @@ class _Counters:
 
     def totals(self) -> dict[str, int]:
         sums = self.table.sum(dim=0).tolist()
-        return {n: int(v) for n, v in zip(STAT_NAMES, sums)}
+        return {n: int(v) for n, v in zip(STAT_NAMES, sums, strict=True)}
 
 
 class _SourceReader:
     """Endless stream of raw samples of one source: ``in_flight`` random shards read interleaved."""
 
     def __init__(
-        self, spec: SourceSpec, fraction: float, rng: np.random.Generator, counters: _Counters, where: str,
-        in_flight: int = 4, cache_dir: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        spec: SourceSpec,
+        fraction: float,
+        rng: np.random.Generator,
+        counters: _Counters,
+        where: str,
+        in_flight: int = 4,
+        cache_dir: str | None = None,
+    ) -> None:
         self.spec, self.fraction, self.rng, self.counters, self.where = spec, fraction, rng, counters, where
         self.cache_dir = cache_dir
         self.frames = np.array([max(0, int(s.get("frames", 0))) for s in spec.shards], dtype=np.float64)
@@ -101,9 +107,13 @@ class _SourceReader:
         counts: dict[str, int] = {"keys": 0, "index": i}
         keep = self._keep if self.fraction < 1.0 else None
         it = iter_shard(
-            L.join(self.spec.directory, shard["file"]), keep=keep, counts=counts, cache_dir=self.cache_dir,
-            size=shard.get("bytes"), sha256=shard.get("sha256"),
-        )  # fmt: skip
+            L.join(self.spec.directory, shard["file"]),
+            keep=keep,
+            counts=counts,
+            cache_dir=self.cache_dir,
+            size=shard.get("bytes"),
+            sha256=shard.get("sha256"),
+        )
         self.counters.add("shards_opened")
         self.open.append((it, shard, counts))
 
@@ -149,13 +159,17 @@ class _SourceReader:
                         "truncated_shards",
                         f"shard {path} of source {self.spec.name} ended after {counts['keys']} of {expected} frames "
                         "(truncated); re-create it with `python -m surgenet_ssl.prepare` (delete the shard and "
-                        "its .state record first)", counts["index"],
-                    )  # fmt: skip
+                        "its .state record first)",
+                        counts["index"],
+                    )
             except FileNotFoundError as e:
                 self.open.pop(j)
                 why = f" ({getattr(e, 'reason', e)})" if L.is_url(path) else ""  # e.g. an HTTP 404
-                self.problem("unreadable_shards", f"shard {path} of source {self.spec.name} is missing{why}; skipped",
-                             counts["index"])  # fmt: skip
+                self.problem(
+                    "unreadable_shards",
+                    f"shard {path} of source {self.spec.name} is missing{why}; skipped",
+                    counts["index"],
+                )
                 self._drop(counts["index"])
             except (tarfile.TarError, OSError, EOFError) as e:
                 self.open.pop(j)
@@ -166,7 +180,7 @@ class _SourceReader:
                     f"shard {path} of source {self.spec.name} is damaged after {max(0, counts['keys'] - 1)} frames "
                     f"({why}); " + ("using the frames before the damage" if readable else "skipped"),
                     counts["index"],
-                )  # fmt: skip
+                )
                 if not readable:
                     self._drop(counts["index"])
             self.opened_without_sample += 1
@@ -287,12 +301,20 @@ class MixtureStream(IterableDataset):
         rng = np.random.default_rng(seq)
         where = f"rank {self.rank} worker {worker}"
         readers = [
-            _SourceReader(s, self.mixture.fraction, np.random.default_rng(seq.spawn(1)[0]), self._counters,
-                          where, self.shards_in_flight, self.shard_cache_dir)
+            _SourceReader(
+                s,
+                self.mixture.fraction,
+                np.random.default_rng(seq.spawn(1)[0]),
+                self._counters,
+                where,
+                self.shards_in_flight,
+                self.shard_cache_dir,
+            )
             for s in self.mixture.sources
-        ]  # fmt: skip
-        stream = shuffle_buffer(sample_stream(readers, [s.weight for s in self.mixture.sources], rng),
-                                self.shuffle_buffer, rng)  # fmt: skip
+        ]
+        stream = shuffle_buffer(
+            sample_stream(readers, [s.weight for s in self.mixture.sources], rng), self.shuffle_buffer, rng
+        )
         raw = 0
         for _ in range(plan.skip_samples):  # resume: replay the stream up to where the interrupted run stood
             next(stream)
@@ -301,14 +323,18 @@ class MixtureStream(IterableDataset):
             # Augmentation randomness is seeded per batch from (seed, epoch, rank, worker, batch): a resumed run makes
             # the same crops without replaying the ones before. In the training process (num_workers=0) the global
             # random state is put back afterwards: it is not the loader's.
-            batch_seed = int(np.random.SeedSequence([self.seed, epoch, self.rank, worker, index, 0xA06]).generate_state(1)[0])
+            batch_seed = int(
+                np.random.SeedSequence([self.seed, epoch, self.rank, worker, index, 0xA06]).generate_state(1)[0]
+            )
             with _seeded_randomness(batch_seed, restore=main_process):
                 batch, used = self._make_batch(stream, readers)
             raw += used
             batch["position"] = torch.tensor([epoch, worker, index + 1, raw], dtype=torch.long)
             yield batch
 
-    def _make_batch(self, stream: Iterator[tuple[int, str, bytes]], readers: list[_SourceReader]) -> tuple[dict[str, Any], int]:
+    def _make_batch(
+        self, stream: Iterator[tuple[int, str, bytes]], readers: list[_SourceReader]
+    ) -> tuple[dict[str, Any], int]:
         """One batch from the stream; returns it and the number of stream items it used (corrupt ones included)."""
         # Transforms may decode themselves (e.g. reduced-size JPEG decoding) and report conversions/upscales.
         decode = getattr(self.transform, "decode", decode_rgb_image)
@@ -344,13 +370,14 @@ class MixtureStream(IterableDataset):
         self._counters.add("samples", len(keys))
         self._counters.add("batches")
         keys_out = getattr(self.transform, "batch_keys", (batch_key,))  # GPU mode: ("frames", "frame_hw")
-        batch: dict[str, Any] = {"crops": crops} if batch_key == "crops" else dict(zip(keys_out, crops))
+        batch: dict[str, Any] = {"crops": crops} if batch_key == "crops" else dict(zip(keys_out, crops, strict=False))
         return {**batch, "source": torch.tensor(labels, dtype=torch.long), "key": keys}, used
 
 
 # ------------------------------------------------------------------------------------------- stream building blocks
-def sample_stream(readers: list[_SourceReader], weights: list[float], rng: np.random.Generator
-                  ) -> Iterator[tuple[int, str, bytes]]:  # fmt: skip
+def sample_stream(
+    readers: list[_SourceReader], weights: list[float], rng: np.random.Generator
+) -> Iterator[tuple[int, str, bytes]]:
     """Endless ``(source index, "source/key", jpeg bytes)``: a source drawn by weight, then its next sample."""
     cum = np.cumsum(weights)
     cum /= cum[-1]
@@ -434,7 +461,7 @@ def _seeded_randomness(seed: int, restore: bool) -> Iterator[None]:
 class _EpochLoader(DataLoader):
     """DataLoader that advances the stream's epoch on each new iteration unless ``set_epoch`` was called."""
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self):
         ds = self.dataset
         if not isinstance(ds, MixtureStream):
             return super().__iter__()
@@ -490,10 +517,17 @@ def build_train_loader(
     """
     mixture = resolve_mixture(dataset_cfg, data_root)
     stream = MixtureStream(
-        mixture, transform, batch_size, rank=rank, world_size=world_size, seed=seed,
-        steps_per_epoch=steps_per_epoch, shuffle_buffer=shuffle_buffer, shards_in_flight=shards_in_flight,
+        mixture,
+        transform,
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        steps_per_epoch=steps_per_epoch,
+        shuffle_buffer=shuffle_buffer,
+        shards_in_flight=shards_in_flight,
         shard_cache_dir=shard_cache_dir,
-    )  # fmt: skip
+    )
     if epoch is not None:
         stream.set_epoch(epoch)
     if rank == 0:
@@ -510,11 +544,15 @@ def build_train_loader(
     if resume_position:
         stream.resume_at(resume_position)
     return _EpochLoader(
-        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
         worker_init_fn=ignore_preemption_signals_in_worker if num_workers > 0 else None,
         generator=torch.Generator(),  # iterators draw their base seed here, not from the training process' RNG
-        persistent_workers=bool(persistent_workers) and num_workers > 0, **kwargs,
-    )  # fmt: skip
+        persistent_workers=bool(persistent_workers) and num_workers > 0,
+        **kwargs,
+    )
 
 
 def read_sample_metadata(sample: Mapping[str, bytes]) -> dict[str, Any]:

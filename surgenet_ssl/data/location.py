@@ -25,7 +25,6 @@ import shlex
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
@@ -44,7 +43,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Location = Union[str, Path]  # str: a URL; Path: a local file or directory
+Location = str | Path  # str: a URL; Path: a local file or directory
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(//)?")  # 2+ letters: never a Windows drive letter
 
@@ -181,7 +180,7 @@ class RemoteStream:
         data = self._raw.read() if n is None or n < 0 else self._raw.read(n)
         if data:
             self.bytes_read += len(data)
-            if self._tmp_file is not None:
+            if self._tmp_file is not None and self._hash is not None:  # set together (tee_to)
                 self._tmp_file.write(data)
                 self._hash.update(data)
             return data

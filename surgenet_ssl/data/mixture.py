@@ -34,7 +34,14 @@ from surgenet_ssl.data import location as L
 from surgenet_ssl.data import shards as S
 from surgenet_ssl.data.sources import SOURCES, canonical_source_name
 
-__all__ = ["SourceSpec", "MissingSource", "ResolvedMixture", "MissingSourcesError", "resolve_mixture", "check_source_dir"]
+__all__ = [
+    "SourceSpec",
+    "MissingSource",
+    "ResolvedMixture",
+    "MissingSourcesError",
+    "resolve_mixture",
+    "check_source_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +148,12 @@ def check_source_dir(name: str, directory: L.Location) -> tuple[dict[str, Any] |
     if not manifest.get("complete", False):
         pending = manifest.get("pending", "?")
         return None, MissingSource(
-            name, manifest_path,
+            name,
+            manifest_path,
             f"prepare did not finish ({pending} of {manifest.get('inputs', '?')} inputs pending); rerun the same "
-            "prepare command to finish it (finished videos are kept)", hint,
-        )  # fmt: skip
+            "prepare command to finish it (finished videos are kept)",
+            hint,
+        )
     if int(manifest.get("frames", 0)) <= 0 or not manifest.get("shards"):
         return None, MissingSource(name, manifest_path, "prepared but holds no frames (see its 'skipped' list)", hint)
     if manifest.get("source") not in (None, name):
@@ -240,25 +249,33 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
         frames = int(manifest["frames"])
         present.append(
             SourceSpec(
-                name=n, directory=dirs[n], shards=list(manifest["shards"]), frames=frames,
-                expected_frames=int(round(frames * fraction)), weight=0.0,
+                name=n,
+                directory=dirs[n],
+                shards=list(manifest["shards"]),
+                frames=frames,
+                expected_frames=int(round(frames * fraction)),
+                weight=0.0,
                 procedure=str(manifest.get("procedure", "unknown")),
             )
-        )  # fmt: skip
+        )
 
     if missing and (not allow_missing or not present):
         raise MissingSourcesError(_missing_message(name, base, missing, len(entries), bool(present)))
     if missing:
         log.warning(
             "dataset %s: training on %d of %d sources; missing (dataset.allow_missing=true): %s",
-            name, len(present), len(entries), ", ".join(f"{m.name} ({m.problem})" for m in missing),
-        )  # fmt: skip
+            name,
+            len(present),
+            len(entries),
+            ", ".join(f"{m.name} ({m.problem})" for m in missing),
+        )
 
-    raw = [weights[s.name] if given else float(s.expected_frames) for s in present]
+    # every source has a weight, or none has (checked above): none -> proportional to the frames
+    raw = [float(s.expected_frames) if (w := weights[s.name]) is None else w for s in present]
     total = sum(raw)
     if total <= 0:
         raise ValueError(f"dataset {name}: all sampling weights are zero (or the sources have no frames).")
-    for s, w in zip(present, raw):
+    for s, w in zip(present, raw, strict=True):
         s.weight = w / total
         if s.expected_frames == 0:
             log.warning("source %s: %d frames x fraction %g rounds to 0 frames", s.name, s.frames, fraction)
@@ -295,8 +312,9 @@ def _missing_message(name: str, base: L.Location, missing: list[MissingSource], 
         lines.append(f"      expected: {m.expected}")
         lines.append(f"      prepare:  {m.hint}")
     lines.append("Fix: prepare them (commands above), or point paths.data_root=DIR (env SURGENET_DATA_ROOT) at the")
-    lines.append("folder that holds the prepared sources" + (
-        ", or set dataset.allow_missing=true to train on the sources that are present." if any_present else "."
-    ))  # fmt: skip
+    lines.append(
+        "folder that holds the prepared sources"
+        + (", or set dataset.allow_missing=true to train on the sources that are present." if any_present else ".")
+    )
     lines.append("`python -m surgenet_ssl.datasets` lists what is prepared under paths.data_root.")
     return "\n".join(lines)

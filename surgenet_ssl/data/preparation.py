@@ -47,8 +47,14 @@ from surgenet_ssl.data.video import (
 )
 
 __all__ = [
-    "PrepareSettings", "Unit", "PrepareSummary", "PrepareError", "discover_units", "process_unit", "prepare_source",
-]  # fmt: skip
+    "PrepareSettings",
+    "Unit",
+    "PrepareSummary",
+    "PrepareError",
+    "discover_units",
+    "process_unit",
+    "prepare_source",
+]
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".state"
@@ -219,9 +225,17 @@ def discover_units(
         for part, lo in enumerate(range(0, len(files), IMAGES_PER_UNIT)):  # big folders: parallel parts
             chunk = files[lo : lo + IMAGES_PER_UNIT]
             units.append(
-                Unit(f"{vid}@part{part:04d}", "images", rel_dir, files=chunk, size=len(chunk), video=vid,
-                     keys=[keys[f] for f in chunk], offset=lo)
-            )  # fmt: skip
+                Unit(
+                    f"{vid}@part{part:04d}",
+                    "images",
+                    rel_dir,
+                    files=chunk,
+                    size=len(chunk),
+                    video=vid,
+                    keys=[keys[f] for f in chunk],
+                    offset=lo,
+                )
+            )
     return sorted(units, key=lambda u: u.id)
 
 
@@ -256,10 +270,17 @@ def process_unit(
     flat = S.flat_name(unit.id)
     writer = S.ShardWriter(out, f"shards/{flat}", unit.video, settings.shard_max_frames)
     record: dict[str, Any] = {
-        "id": unit.id, "kind": unit.kind, "input": unit.input, "input_size": unit.size,
-        "settings": settings.content(), "status": "ok", "frames": 0, "shards": [], "warnings": [],
+        "id": unit.id,
+        "kind": unit.kind,
+        "input": unit.input,
+        "input_size": unit.size,
+        "settings": settings.content(),
+        "status": "ok",
+        "frames": 0,
+        "shards": [],
+        "warnings": [],
         "corrupt_images": [],
-    }  # fmt: skip
+    }
     frames = 0
     try:
         if unit.kind == "video":
@@ -268,22 +289,29 @@ def process_unit(
             for fr in iter_video_frames(path, settings.fps, settings.backend, threads, report):
                 img = resize_short_side(fr.image, settings.resize_short)
                 meta = {
-                    "source": settings.source, "procedure": settings.procedure, "video": unit.video,
-                    "frame_index": fr.index, "timestamp": fr.timestamp, "input": unit.input,
-                    "width": img.width, "height": img.height,
-                    "orig_width": int(fr.image.shape[1]), "orig_height": int(fr.image.shape[0]),
-                }  # fmt: skip
+                    "source": settings.source,
+                    "procedure": settings.procedure,
+                    "video": unit.video,
+                    "frame_index": fr.index,
+                    "timestamp": fr.timestamp,
+                    "input": unit.input,
+                    "width": img.width,
+                    "height": img.height,
+                    "orig_width": int(fr.image.shape[1]),
+                    "orig_height": int(fr.image.shape[0]),
+                }
                 writer.write(
                     f"{unit.video}/{fr.index:08d}",
                     {"jpg": _jpeg(img, settings.jpeg_quality), "json": json.dumps(meta).encode()},
                 )
                 frames += 1
-            record.update(backend=report.backend, video_fps=report.video_fps, video_frames=report.num_frames,
-                          step=report.step)  # fmt: skip
+            record.update(
+                backend=report.backend, video_fps=report.video_fps, video_frames=report.num_frames, step=report.step
+            )
             record["warnings"] += [f"{unit.input}: {w}" for w in report.warnings]
         else:
             keys = unit.keys or [_image_keys(unit.files)[f] for f in unit.files]
-            for i, (rel, key) in enumerate(zip(unit.files, keys)):
+            for i, (rel, key) in enumerate(zip(unit.files, keys, strict=True)):
                 position = unit.offset + i
                 if position % max(1, settings.image_stride):
                     continue
@@ -294,11 +322,17 @@ def process_unit(
                     continue
                 img = resize_short_side(arr, settings.resize_short)
                 meta = {
-                    "source": settings.source, "procedure": settings.procedure, "video": unit.video,
-                    "frame_index": position, "timestamp": None, "input": rel,
-                    "width": img.width, "height": img.height,
-                    "orig_width": int(arr.shape[1]), "orig_height": int(arr.shape[0]),
-                }  # fmt: skip
+                    "source": settings.source,
+                    "procedure": settings.procedure,
+                    "video": unit.video,
+                    "frame_index": position,
+                    "timestamp": None,
+                    "input": rel,
+                    "width": img.width,
+                    "height": img.height,
+                    "orig_width": int(arr.shape[1]),
+                    "orig_height": int(arr.shape[0]),
+                }
                 writer.write(
                     f"{unit.video}/{key}",
                     {"jpg": _jpeg(img, settings.jpeg_quality), "json": json.dumps(meta).encode()},
@@ -338,11 +372,17 @@ def _process_unit_safe(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 def _failed_record(unit: Unit, e: BaseException | None, reason: str | None = None) -> dict[str, Any]:
     return {
-        "id": unit.id, "kind": unit.kind, "input": unit.input, "status": "failed", "frames": 0, "shards": [],
+        "id": unit.id,
+        "kind": unit.kind,
+        "input": unit.input,
+        "status": "failed",
+        "frames": 0,
+        "shards": [],
         "reason": reason or f"unexpected error {type(e).__name__}: {e}",
         "traceback": traceback.format_exc() if e is not None else "",
-        "warnings": [], "corrupt_images": [],
-    }  # fmt: skip
+        "warnings": [],
+        "corrupt_images": [],
+    }
 
 
 # --------------------------------------------------------------------------------------------------- orchestration
@@ -510,8 +550,13 @@ def prepare_source(
         todo = todo[:max_units]
     log.info(
         "%s: %d inputs under %s (%d done before, %d to do) -> %s",
-        settings.source, len(units), src, summary.units_done_before, len(todo), out,
-    )  # fmt: skip
+        settings.source,
+        len(units),
+        src,
+        summary.units_done_before,
+        len(todo),
+        out,
+    )
 
     last_write = time.time()
 
@@ -554,9 +599,12 @@ def prepare_source(
             bar.close()
         manifest = build_manifest(out, settings, units, records, summary)
         manifest["last_run"] = {
-            "finished": _now(), "seconds": round(time.time() - t0, 2), "frames_written": summary.frames_written_now,
-            "failed": len(summary.units_failed), "corrupt_images": summary.images_corrupt,
-        }  # fmt: skip
+            "finished": _now(),
+            "seconds": round(time.time() - t0, 2),
+            "frames_written": summary.frames_written_now,
+            "failed": len(summary.units_failed),
+            "corrupt_images": summary.images_corrupt,
+        }
         S.write_json_atomic(out / S.MANIFEST_NAME, manifest)
     summary.frames_total = manifest["frames"]
     summary.shards_total = len(manifest["shards"])
@@ -590,9 +638,15 @@ def _tick(bar: Any, records: dict[str, dict[str, Any]], unit: Unit) -> None:
 
 
 def _run_pool(
-    todo: list[Unit], root: str, out: str, settings: PrepareSettings, workers: int,
-    handle: Callable[[dict[str, Any]], None], bar: Any, records: dict[str, dict[str, Any]],
-) -> None:  # fmt: skip
+    todo: list[Unit],
+    root: str,
+    out: str,
+    settings: PrepareSettings,
+    workers: int,
+    handle: Callable[[dict[str, Any]], None],
+    bar: Any,
+    records: dict[str, dict[str, Any]],
+) -> None:
     """Process units in ``workers`` spawned processes. A worker that dies (e.g. a decoder segfault) breaks the
     pool: the units that were in flight are then retried one at a time in a fresh single process, so only the
     culprit is skipped ("worker crashed") and everything else goes on."""

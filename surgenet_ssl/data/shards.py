@@ -107,8 +107,12 @@ class ShardInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "file": self.file, "frames": self.frames, "bytes": self.bytes, "sha256": self.sha256, "video": self.video
-        }  # fmt: skip
+            "file": self.file,
+            "frames": self.frames,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "video": self.video,
+        }
 
 
 @dataclass
@@ -233,7 +237,7 @@ def iter_shard(
         return
     stream = L.RemoteStream(url, tee_to=cached, size=size, sha256=sha256)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[arg-type] # a read()-only stream
+        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]  # a read()-only stream
             yield from _iter_tar(tar, keep, extensions, counts)
         stream.finish()  # the tar padding, the tool's exit status, and the cached copy
     finally:

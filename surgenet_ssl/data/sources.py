@@ -50,13 +50,17 @@ SOURCES: dict[str, Source] = {
         Source("dsad", "DSAD", "robot-assisted rectal resection/extirpation", 32, 14_623, True, "frames", "others"),
         Source("glenda", "GLENDA", "gynecologic laparoscopy", 400, 25_682, True, "frames", "others"),
         Source("lapgyn4", "LapGyn4", "gynecologic laparoscopy", 500, 59_616, True, "frames", "others"),
-        Source("multibypass140", "MultiBypass140", "laparoscopic gastric bypass", 140, 749_419, True, "video", "others"),
+        Source(
+            "multibypass140", "MultiBypass140", "laparoscopic gastric bypass", 140, 749_419, True, "video", "others",
+        ),
         Source("hsdb_gastric", "hSDB-Gastric", "robot-assisted gastrectomy", 24, 35_576, True, "video", "others"),
         Source(
             "surgtoolloc2022", "SurgToolLoc2022", "11 robot-assisted porcine procedures", None, 741_516, True,
             "video", "others",
         ),
-        Source("youtube", "YouTube (Surgical YouTube)", "23 identified procedures", 3_253, 2_074_234, True, "video", "xl"),
+        Source(
+            "youtube", "YouTube (Surgical YouTube)", "23 identified procedures", 3_253, 2_074_234, True, "video", "xl",
+        ),
     ]
 }  # fmt: skip
 

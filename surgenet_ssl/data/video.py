@@ -141,7 +141,7 @@ def _iter_decord(
         chunk = indices[lo : lo + _CHUNK]
         batch = vr.get_batch(chunk).asnumpy()
         stamps = vr.get_frame_timestamp(chunk)[:, 0]
-        for i, img, t in zip(chunk, batch, stamps):
+        for i, img, t in zip(chunk, batch, stamps, strict=True):
             yield DecodedFrame(int(i), round(float(t), 6), np.ascontiguousarray(img))
 
 

@@ -18,6 +18,7 @@ import math
 import random
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,9 +100,14 @@ def _logsumexp_over_ranks(log_q: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------- masking
 def block_mask(
-    height: int, width: int, n_target: int, rng: random.Random, min_patches: int = 4, min_aspect: float = 0.3,
+    height: int,
+    width: int,
+    n_target: int,
+    rng: random.Random,
+    min_patches: int = 4,
+    min_aspect: float = 0.3,
     max_patches: int | None = None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """A (height, width) bool mask of about ``n_target`` patches made of random rectangular blocks (BEiT/iBOT/DINOv2
     block masking): each block has an area drawn in [min_patches, remaining] (at most ``max_patches``), a log-uniform
     aspect in [min_aspect, 1/min_aspect] and a random position; 10 attempts per block; it stops when no block adds
@@ -153,9 +159,12 @@ class MaskBatch:
 
 
 def block_masks(
-    n_images: int, grid: tuple[int, int], probability: float = 0.5, ratio: Sequence[float] = (0.1, 0.5),
+    n_images: int,
+    grid: tuple[int, int],
+    probability: float = 0.5,
+    ratio: Sequence[float] = (0.1, 0.5),
     rng: random.Random | None = None,
-) -> MaskBatch:  # fmt: skip
+) -> MaskBatch:
     """DINOv2's masking of a batch: ``int(n_images * probability)`` images get a block mask, their mask ratios spread
     over ``ratio`` (image i draws from the i-th of equal sub-intervals), at most half the patches per block; the
     others none; the order is shuffled. ``grid`` = (patch rows, patch columns)."""
@@ -164,8 +173,10 @@ def block_masks(
     n = h * w
     n_masked = int(n_images * probability)
     edges = torch.linspace(float(ratio[0]), float(ratio[1]), n_masked + 1).tolist()
-    masks = [block_mask(h, w, int(n * rng.uniform(edges[i], edges[i + 1])), rng, max_patches=int(0.5 * n)).flatten()
-             for i in range(n_masked)]  # fmt: skip
+    masks = [
+        block_mask(h, w, int(n * rng.uniform(edges[i], edges[i + 1])), rng, max_patches=int(0.5 * n)).flatten()
+        for i in range(n_masked)
+    ]
     masks += [torch.zeros(n, dtype=torch.bool) for _ in range(n_images - n_masked)]
     rng.shuffle(masks)
     return MaskBatch(torch.stack(masks) if masks else torch.zeros(0, n, dtype=torch.bool))
@@ -185,24 +196,28 @@ def _masked_patch_embedding(backbone: nn.Module, masks: Tensor, mask_token: Tens
         m = masks.reshape(*output.shape[:-1], 1)  # (B, N, D) or NHWC (B, H, W, D) with dynamic_img_size
         return torch.where(m, mask_token.to(output.dtype).reshape(-1), output)
 
-    handle = backbone.patch_embed.register_forward_hook(hook)
+    handle = backbone.get_submodule("patch_embed").register_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
 
 
-def vit_tokens(backbone: nn.Module, x: Tensor, masks: Tensor | None = None,
-               mask_token: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+def vit_tokens(
+    backbone: nn.Module, x: Tensor, masks: Tensor | None = None, mask_token: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """A timm ViT's ``(pooled, patch_tokens)`` for images ``x``: pooled = what ``backbone(x)`` returns (the CLS
     token for DINO's ViTs), patch tokens ``(B, N, D)`` after the final norm. With ``masks`` (B, N) the masked
     patches' embeddings are replaced by ``mask_token`` before the position embedding (iBOT)."""
+    vit: Any = backbone  # duck-typed timm ViT (see is_vit): its methods are not nn.Module's
     if masks is not None:
+        if mask_token is None:
+            raise ValueError("vit_tokens: masks need a mask_token")
         with _masked_patch_embedding(backbone, masks, mask_token):
-            tokens = backbone.forward_features(x)
+            tokens = vit.forward_features(x)
     else:
-        tokens = backbone.forward_features(x)
-    return backbone.forward_head(tokens, pre_logits=True), tokens[:, backbone.num_prefix_tokens :]
+        tokens = vit.forward_features(x)
+    return vit.forward_head(tokens, pre_logits=True), tokens[:, vit.num_prefix_tokens :]
 
 
 def backbone_features(backbone: nn.Module, crops: Sequence[Tensor]) -> list[Tensor]:
@@ -228,8 +243,16 @@ class IBOTPatchLoss(nn.Module):
     :meth:`update_center`, all-reduced), or :func:`sinkhorn_knopp` (``"sinkhorn_knopp"``).
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "centering", sinkhorn_iterations: int = 3) -> None:  # fmt: skip
+    center: Tensor  # buffer (1, out_dim)
+
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "centering",
+        sinkhorn_iterations: int = 3,
+    ) -> None:
         super().__init__()
         if centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
@@ -250,8 +273,14 @@ class IBOTPatchLoss(nn.Module):
         self._pending_count = c if self._pending_count is None else self._pending_count + c
         return F.softmax((t - self.center) / teacher_temp, dim=-1)
 
-    def forward(self, student_patch_output: Tensor, teacher_patch_output: Tensor, weights: Tensor, n_images: int,
-                teacher_temp: float) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        student_patch_output: Tensor,
+        teacher_patch_output: Tensor,
+        weights: Tensor,
+        n_images: int,
+        teacher_temp: float,
+    ) -> Tensor:
         """``student_patch_output`` / ``teacher_patch_output``: (M, K) head outputs of the M masked patches."""
         targets = self.teacher_targets(teacher_patch_output, teacher_temp)
         log_p = F.log_softmax(student_patch_output.float() / self.student_temp, dim=-1)
@@ -261,7 +290,7 @@ class IBOTPatchLoss(nn.Module):
     @torch.no_grad()
     def update_center(self) -> None:
         """center = m * center + (1 - m) * mean masked teacher patch output since the last call, over all ranks."""
-        if self._pending_sum is None:
+        if self._pending_sum is None or self._pending_count is None:  # (set together)
             return
         stats = torch.cat([self._pending_sum.reshape(-1), self._pending_count.reshape(1)])
         if _distributed():

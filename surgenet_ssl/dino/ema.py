@@ -13,10 +13,10 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     Both modules must have the same architecture. Uses the ``_foreach`` kernels: one launch for all tensors.
     """
     s_params = [p.detach() for p in student.parameters()]
-    t_params = [p for p in teacher.parameters()]
+    t_params: list[torch.Tensor] = [p for p in teacher.parameters()]
     if len(s_params) != len(t_params):
         raise ValueError(f"student has {len(s_params)} parameters but teacher has {len(t_params)}")
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
-    for s_buf, t_buf in zip(student.buffers(), teacher.buffers()):
+    for s_buf, t_buf in zip(student.buffers(), teacher.buffers(), strict=True):
         t_buf.copy_(s_buf)

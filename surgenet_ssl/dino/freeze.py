@@ -15,6 +15,6 @@ def cancel_backbone_gradients(model: nn.Module, epoch: int, freeze_epochs: int) 
     """
     if epoch >= freeze_epochs:
         return False
-    for p in model.backbone.parameters():
+    for p in model.get_submodule("backbone").parameters():
         p.grad = None
     return True

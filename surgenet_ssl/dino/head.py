@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class DINOHead(nn.Module):
             raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}")
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (d_in, d_out) in enumerate(pairwise(dims)):
             layers.append(nn.Linear(d_in, d_out))
             if i < nlayers - 1:
                 if use_bn:

@@ -24,8 +24,17 @@ class DINOLoss(nn.Module):
     the EMA center is then not used nor updated.
     """
 
-    def __init__(self, out_dim: int, n_global_crops: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "centering", sinkhorn_iterations: int = 3):  # fmt: skip
+    center: torch.Tensor  # buffer (1, out_dim)
+
+    def __init__(
+        self,
+        out_dim: int,
+        n_global_crops: int = 2,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "centering",
+        sinkhorn_iterations: int = 3,
+    ):
         super().__init__()
         if centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"dino.loss.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")

@@ -11,7 +11,8 @@ def param_groups(model: nn.Module) -> list[dict]:
 
     The "regularized" group is first so schedules can set its weight decay and leave the other at 0.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

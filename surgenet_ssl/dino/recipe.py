@@ -101,7 +101,8 @@ class TeacherRecipe:
 class DinoRecipe:
     """The whole ``dino`` config group. ``DinoRecipe.from_dict(cfg)`` checks it; ``to_dict()`` gives it back."""
 
-    out_dim: int = option(check=at_least(1))
+    # required, as option(check=...) without a default, but written as field() so that type checkers see no default
+    out_dim: int = field(metadata={"check": at_least(1)})
     loss: LossRecipe = field()
     optimizer: OptimizerRecipe = field()
     teacher: TeacherRecipe = field()

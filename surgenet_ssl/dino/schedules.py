@@ -23,8 +23,10 @@ def cosine_schedule(
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     warmup_steps = max(0, min(warmup_steps, total_steps))
-    warmup = torch.linspace(start_warmup_value, base_value, warmup_steps, dtype=torch.float64) if warmup_steps else (
-        torch.empty(0, dtype=torch.float64)
+    warmup = (
+        torch.linspace(start_warmup_value, base_value, warmup_steps, dtype=torch.float64)
+        if warmup_steps
+        else (torch.empty(0, dtype=torch.float64))
     )
     rest = total_steps - warmup_steps
     i = torch.arange(rest, dtype=torch.float64)

@@ -49,9 +49,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHOLEC80_PHASES = (
-    "Preparation", "CalotTriangleDissection", "ClippingCutting", "GallbladderDissection", "GallbladderPackaging",
-    "CleaningCoagulation", "GallbladderRetraction",
-)  # fmt: skip
+    "Preparation",
+    "CalotTriangleDissection",
+    "ClippingCutting",
+    "GallbladderDissection",
+    "GallbladderPackaging",
+    "CleaningCoagulation",
+    "GallbladderRetraction",
+)
 _PATH_COLUMNS = ("path", "image", "file", "filename", "frame")
 _LABEL_COLUMNS = ("label", "class", "phase")
 _GROUP_COLUMNS = ("video", "case", "patient", "group")
@@ -60,7 +65,7 @@ _GROUP_COLUMNS = ("video", "case", "patient", "group")
 @dataclass(frozen=True)
 class ClsSample:
     path: str
-    target: object  # class name (single-label, resolved to an index later) or tuple of 0/1 (multi-label)
+    target: str | tuple[int, ...]  # class name (single-label, resolved to an index later) or 0/1s (multi-label)
     key: str
     group: str | None
 
@@ -70,8 +75,9 @@ def _pick(columns: Sequence[str], choices: Sequence[str]) -> str | None:
     return next((lower[c] for c in choices if c in lower), None)
 
 
-def csv_samples(csv_path: str | os.PathLike, label_columns: Sequence[str] | None = None,
-                image_root: str | None = None) -> tuple[list[ClsSample], list[str] | None]:  # fmt: skip
+def csv_samples(
+    csv_path: str | os.PathLike, label_columns: Sequence[str] | None = None, image_root: str | None = None
+) -> tuple[list[ClsSample], list[str] | None]:
     """Samples of a CSV and, for multi-label files, the criterion names (None: single-label)."""
     path = Path(csv_path).expanduser()
     if not path.is_file():
@@ -108,16 +114,18 @@ def csv_samples(csv_path: str | os.PathLike, label_columns: Sequence[str] | None
             raise ValueError(f"{path}, line {line}: empty image path.")
         values = [row[idx[c]].strip() for c in labels]
         if any(v == "" for v in values):
-            empty = [c for c, v in zip(labels, values) if v == ""]
+            empty = [c for c, v in zip(labels, values, strict=True) if v == ""]
             raise ValueError(f"{path}, line {line} ({rel}): missing label in column(s) {empty}.")
+        target: str | tuple[int, ...]
         if multilabel:
             try:
                 target = tuple(int(float(v)) for v in values)
             except ValueError:
                 target = ()
             if len(target) != len(values) or any(t not in (0, 1) for t in target):
-                raise ValueError(f"{path}, line {line} ({rel}): multi-label values must be 0 or 1, got {values} "
-                                 f"for {labels}.")  # fmt: skip
+                raise ValueError(
+                    f"{path}, line {line} ({rel}): multi-label values must be 0 or 1, got {values} for {labels}."
+                )
         else:
             target = values[0]
         image = Path(rel) if Path(rel).is_absolute() else base / rel
@@ -152,8 +160,13 @@ def read_phase_annotation(path: Path) -> list[str]:
 _LAST_INT = re.compile(r"(\d+)(?!.*\d)")
 
 
-def cholec80_samples(frames_dir: str | os.PathLike, annotations_dir: str | os.PathLike | None, annotation_fps: float,
-                     frames_fps: float, first_frame_number: int = 0) -> list[ClsSample]:  # fmt: skip
+def cholec80_samples(
+    frames_dir: str | os.PathLike,
+    annotations_dir: str | os.PathLike | None,
+    annotation_fps: float,
+    frames_fps: float,
+    first_frame_number: int = 0,
+) -> list[ClsSample]:
     """Frames of every video folder under ``frames_dir`` that has an annotation file, labelled by phase."""
     frames_root = Path(frames_dir).expanduser()
     if not frames_root.is_dir():
@@ -175,8 +188,12 @@ def cholec80_samples(frames_dir: str | os.PathLike, annotations_dir: str | os.Pa
     videos = sorted(d for d in frames_root.iterdir() if d.is_dir() and not d.name.startswith("."))
     unannotated = [v.name for v in videos if v.name not in annotations]
     if unannotated:
-        log.warning("%d video folder(s) in %s have no phase annotation and are skipped: %s", len(unannotated),
-                    frames_root, ", ".join(unannotated[:5]))  # fmt: skip
+        log.warning(
+            "%d video folder(s) in %s have no phase annotation and are skipped: %s",
+            len(unannotated),
+            frames_root,
+            ", ".join(unannotated[:5]),
+        )
     for video in videos:
         if video.name not in annotations:
             continue
@@ -194,8 +211,10 @@ def cholec80_samples(frames_dir: str | os.PathLike, annotations_dir: str | os.Pa
                 )
             samples.append(ClsSample(str(frame), phases[index], frame.relative_to(frames_root).as_posix(), video.name))
     if not samples:
-        raise ValueError(f"Empty split: no annotated frames under {frames_root} (videos: "
-                         f"{[v.name for v in videos][:5]}; annotated: {sorted(annotations)[:5]}).")  # fmt: skip
+        raise ValueError(
+            f"Empty split: no annotated frames under {frames_root} (videos: "
+            f"{[v.name for v in videos][:5]}; annotated: {sorted(annotations)[:5]})."
+        )
     return samples
 
 
@@ -214,8 +233,13 @@ def load_classification_split(data_cfg, split: str) -> tuple[list[ClsSample], li
         samples, criteria = csv_samples(where, data_cfg.get("label_columns"), data_cfg.get("image_root"))
         return samples, criteria, fmt
     if fmt == "cholec80":
-        samples = cholec80_samples(where, data_cfg.get("annotations"), data_cfg.annotation_fps, data_cfg.frames_fps,
-                                   int(data_cfg.get("first_frame_number") or 0))  # fmt: skip
+        samples = cholec80_samples(
+            where,
+            data_cfg.get("annotations"),
+            data_cfg.annotation_fps,
+            data_cfg.frames_fps,
+            int(data_cfg.get("first_frame_number") or 0),
+        )
         return samples, None, fmt
     raise ValueError(f"data.format={fmt} is not a classification layout (auto, csv, cholec80)")
 

@@ -53,17 +53,20 @@ def select_fraction(
     n = len(keys)
     if by not in ("auto", "group", "sample"):
         raise ValueError(f"data.fraction_by must be auto, group or sample; got {by!r}")
-    have_groups = groups is not None and len(groups) == n and all(g is not None for g in groups)
-    if by == "group" and not have_groups:
-        raise ValueError("data.fraction_by=group, but the layout gives no video/case for every sample "
-                         "(use a layout with video folders / a video column, or data.fraction_by=sample)")  # fmt: skip
-    use_groups = have_groups and (by == "group" or (by == "auto" and len(set(groups)) >= 2))
+    # the groups, where every sample has one
+    named = groups if groups is not None and len(groups) == n and all(g is not None for g in groups) else None
+    if by == "group" and named is None:
+        raise ValueError(
+            "data.fraction_by=group, but the layout gives no video/case for every sample "
+            "(use a layout with video folders / a video column, or data.fraction_by=sample)"
+        )
+    use_groups = named is not None and (by == "group" or (by == "auto" and len(set(named)) >= 2))
     if fraction >= 1:
         return list(range(n)), "group" if use_groups else "sample"
-    if use_groups:
-        names = sorted(set(groups), key=lambda g: (stable_rank_key(str(g)), str(g)))
+    if named is not None and use_groups:
+        names = sorted(set(named), key=lambda g: (stable_rank_key(str(g)), str(g)))
         kept = set(names[: _keep_count(fraction, len(names))])
-        return [i for i, g in enumerate(groups) if g in kept], "group"
+        return [i for i, g in enumerate(named) if g in kept], "group"
     by_stratum: dict[object, list[int]] = {}
     for i in range(n):
         by_stratum.setdefault(strata[i] if strata is not None else None, []).append(i)

@@ -48,17 +48,18 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
         keep = target != ignore_index
         pred, target = pred[keep], target[keep]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(f"target class ids must lie in [0, {num_classes - 1}]; found [{int(target.min())}, "
-                         f"{int(target.max())}]")  # fmt: skip
+        raise ValueError(
+            f"target class ids must lie in [0, {num_classes - 1}]; found [{int(target.min())}, {int(target.max())}]"
+        )
     counts = torch.bincount(target * num_classes + pred.clamp(0, num_classes - 1), minlength=num_classes**2)
     return counts.reshape(num_classes, num_classes)
 
 
 def _ratios(cm: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cm = cm.detach().cpu().double().numpy()
-    tp = np.diag(cm)
-    fp = cm.sum(0) - tp
-    fn = cm.sum(1) - tp
+    counts = cm.detach().cpu().double().numpy()
+    tp = np.diag(counts)
+    fp = counts.sum(0) - tp
+    fn = counts.sum(1) - tp
     return tp, fp, fn
 
 
@@ -136,8 +137,9 @@ def average_precision(scores, targets) -> float:
 def multilabel_metrics(scores: Tensor, targets: Tensor, criteria: Sequence[str]) -> dict:
     """Per-criterion AP and mAP (plus per-criterion positives) for ``(N, K)`` scores and 0/1 targets."""
     if scores.ndim != 2 or scores.shape != targets.shape or scores.shape[1] != len(criteria):
-        raise ValueError(f"expected (N, {len(criteria)}) scores and targets; got {tuple(scores.shape)} and "
-                         f"{tuple(targets.shape)}")  # fmt: skip
+        raise ValueError(
+            f"expected (N, {len(criteria)}) scores and targets; got {tuple(scores.shape)} and {tuple(targets.shape)}"
+        )
     ap = np.array([average_precision(scores[:, k], targets[:, k]) for k in range(len(criteria))])
     return {
         "mAP": _nanmean(ap),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -25,8 +26,9 @@ from .metrics import classification_metrics, confusion_matrix, multilabel_metric
 __all__ = ["FinetuneModule", "evaluate_model", "lr_factor", "backbone_parameters"]
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str = "poly", power: float = 0.9,
-              min_ratio: float = 0.0) -> float:  # fmt: skip
+def lr_factor(
+    step: int, total: int, warmup: int, schedule: str = "poly", power: float = 0.9, min_ratio: float = 0.0
+) -> float:
     """Multiplier of the base lr at optimizer step ``step`` (0-based) of ``total``: linear warmup over ``warmup``
     steps (from 1/warmup), then ``poly`` ((1 - t)^power) or ``cosine`` decay to ``min_ratio``; ``constant`` keeps 1."""
     if warmup > 0 and step < warmup:
@@ -44,11 +46,17 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "poly", power:
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+def _classifier_head(model: nn.Module) -> Any:
+    """A timm classifier's head: ``get_classifier()`` is timm's method, which nn.Module does not declare."""
+    timm_model: Any = model
+    return timm_model.get_classifier()
+
+
 def backbone_parameters(model: nn.Module, task: str) -> set[int]:
     """ids of the backbone's parameters: the FPN's ``encoder``; for a timm classifier everything but its head."""
     if task == "segmentation":
-        return {id(p) for p in model.encoder.parameters()}
-    head = model.get_classifier()
+        return {id(p) for p in model.get_submodule("encoder").parameters()}
+    head = _classifier_head(model)
     head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     return {id(p) for p in model.parameters() if id(p) not in head_ids}
 
@@ -74,9 +82,17 @@ class FinetuneModule(pl.LightningModule):
         self.task, self.mode, self.multilabel = task, mode, multilabel
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
-        self.optim = {"lr": 1e-4, "backbone_lr_mult": 0.1, "weight_decay": 0.05, "schedule": "poly",
-                      "poly_power": 0.9, "warmup_epochs": 1.0, "min_lr_ratio": 0.0, "betas": [0.9, 0.999],
-                      **(optim or {})}  # fmt: skip
+        self.optim = {
+            "lr": 1e-4,
+            "backbone_lr_mult": 0.1,
+            "weight_decay": 0.05,
+            "schedule": "poly",
+            "poly_power": 0.9,
+            "warmup_epochs": 1.0,
+            "min_lr_ratio": 0.0,
+            "betas": [0.9, 0.999],
+            **(optim or {}),
+        }
         self.ignore_index = ignore_index
         self.steps_per_epoch = steps_per_epoch
         self._backbone_ids = backbone_parameters(model, task)
@@ -88,7 +104,7 @@ class FinetuneModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ model
     def _trainable_head(self) -> nn.Module:
-        return self.model.decoder if self.task == "segmentation" else self.model.get_classifier()
+        return self.model.get_submodule("decoder") if self.task == "segmentation" else _classifier_head(self.model)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -116,8 +132,9 @@ class FinetuneModule(pl.LightningModule):
         opt = self.optimizers()
         if opt is not None and not isinstance(opt, list):
             # the head / decoder lr (the backbone's is optim.backbone_lr_mult times it)
-            self.log("train/lr", max(g["lr"] for g in opt.param_groups), on_step=True, on_epoch=False,
-                     batch_size=x.shape[0])  # fmt: skip
+            self.log(
+                "train/lr", max(g["lr"] for g in opt.param_groups), on_step=True, on_epoch=False, batch_size=x.shape[0]
+            )
         return loss
 
     # ------------------------------------------------------------ validation
@@ -138,8 +155,9 @@ class FinetuneModule(pl.LightningModule):
         if self.multilabel:
             if not self._scores:
                 return
-            scores = self.all_gather(torch.cat(self._scores)).reshape(-1, self.num_classes)
-            targets = self.all_gather(torch.cat(self._targets)).reshape(-1, self.num_classes)
+            # all_gather of a tensor is a tensor
+            scores = cast(Tensor, self.all_gather(torch.cat(self._scores))).reshape(-1, self.num_classes)
+            targets = cast(Tensor, self.all_gather(torch.cat(self._targets))).reshape(-1, self.num_classes)
             metrics = multilabel_metrics(scores.float().cpu(), targets.float().cpu(), self.class_names)
             values = {"val/mAP": metrics["mAP"]} | {f"val/ap/{k}": v for k, v in metrics["ap"].items()}
         else:
@@ -169,11 +187,14 @@ class FinetuneModule(pl.LightningModule):
             no_decay = p.ndim <= 1 or name.endswith(".bias")
             groups.setdefault((is_backbone, no_decay), []).append(p)
         param_groups = [
-            {"params": params, "lr": o["lr"] * (o["backbone_lr_mult"] if bb else 1.0),
-             "weight_decay": 0.0 if nd else o["weight_decay"],
-             "name": ("backbone" if bb else "head") + ("_no_decay" if nd else "")}
+            {
+                "params": params,
+                "lr": o["lr"] * (o["backbone_lr_mult"] if bb else 1.0),
+                "weight_decay": 0.0 if nd else o["weight_decay"],
+                "name": ("backbone" if bb else "head") + ("_no_decay" if nd else ""),
+            }
             for (bb, nd), params in sorted(groups.items())
-        ]  # fmt: skip
+        ]
         optimizer = torch.optim.AdamW(param_groups, lr=o["lr"], betas=tuple(o["betas"]))
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
@@ -197,8 +218,9 @@ def update_accumulators(owner, logits: Tensor, y) -> None:
         cm = None
         for logit, mask in zip(logits, masks, strict=True):
             if logit.shape[-2:] != mask.shape[-2:]:
-                logit = F.interpolate(logit[None].float(), size=mask.shape[-2:], mode="bilinear",
-                                      align_corners=False)[0]  # fmt: skip
+                logit = F.interpolate(logit[None].float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)[
+                    0
+                ]
             part = confusion_matrix(logit.argmax(0), mask.to(logit.device), owner.num_classes, owner.ignore_index)
             cm = part if cm is None else cm + part
     else:
@@ -213,12 +235,20 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader, task: str, class_names: Sequence[str], multilabel: bool,
-                   device: torch.device, ignore_index: int = 255, autocast_dtype: torch.dtype | None = None,
-                   keep: Sequence[int] = ()) -> tuple[dict, list]:  # fmt: skip
+def evaluate_model(
+    model: nn.Module,
+    loader,
+    task: str,
+    class_names: Sequence[str],
+    multilabel: bool,
+    device: torch.device,
+    ignore_index: int = 255,
+    autocast_dtype: torch.dtype | None = None,
+    keep: Sequence[int] = (),
+) -> tuple[dict, list]:
     """One pass over ``loader`` -> the task metrics; also returns the (index, prediction) pairs of the dataset
     indices in ``keep`` (segmentation: the class map at the mask's resolution) for overlay figures."""
-    keep = set(int(i) for i in keep)
+    keep_ids = {int(i) for i in keep}
     acc = _Accumulator(task, len(class_names), multilabel, ignore_index)
     was_training = model.training
     model.eval().to(device)
@@ -234,9 +264,9 @@ def evaluate_model(model: nn.Module, loader, task: str, class_names: Sequence[st
             else:
                 y = y.to(device)
             update_accumulators(acc, logits, y)
-            if task == "segmentation" and keep:
+            if task == "segmentation" and keep_ids:
                 for logit, mask, i in zip(logits, y, idx.tolist(), strict=True):
-                    if i not in keep:
+                    if i not in keep_ids:
                         continue
                     up = F.interpolate(logit[None], size=mask.shape[-2:], mode="bilinear", align_corners=False)[0]
                     kept.append((i, up.argmax(0).cpu()))

@@ -37,8 +37,13 @@ def _blend(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, ignore_in
     return out.clip(0, 255).astype(np.uint8)
 
 
-def save_overlays(path: str | Path, items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]],
-                  class_names: Sequence[str], ignore_index: int = 255, title: str = "") -> Path:  # fmt: skip
+def save_overlays(
+    path: str | Path,
+    items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]],
+    class_names: Sequence[str],
+    ignore_index: int = 255,
+    title: str = "",
+) -> Path:
     """``items``: (image HxWx3 uint8, ground truth HxW, prediction HxW, caption) -> one PNG (written atomically)."""
     path = Path(path)
     palette = class_palette(class_names)
@@ -46,8 +51,13 @@ def save_overlays(path: str | Path, items: Sequence[tuple[np.ndarray, np.ndarray
     fig = Figure(figsize=(9, 2.6 * rows + 0.8), dpi=100)
     FigureCanvasAgg(fig)
     for r, (image, gt, pred, caption) in enumerate(items):
-        for c, (panel, name) in enumerate(((image, "frame"), (_blend(image, gt, palette, ignore_index), "ground truth"),
-                                           (_blend(image, pred, palette, ignore_index), "prediction"))):  # fmt: skip
+        for c, (panel, name) in enumerate(
+            (
+                (image, "frame"),
+                (_blend(image, gt, palette, ignore_index), "ground truth"),
+                (_blend(image, pred, palette, ignore_index), "prediction"),
+            )
+        ):
             ax = fig.add_subplot(rows, 3, r * 3 + c + 1)
             ax.imshow(panel)
             ax.set_axis_off()

@@ -21,12 +21,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from surgenet_ssl.io_utils import atomic_path, save_torch, sha256_file
 
@@ -36,8 +36,15 @@ from .metrics import nan_to_none
 from .segmentation_data import MaskReader, SegmentationDataset, load_segmentation_split
 from .transforms import SegmentationTransform, as_size, classification_transform
 
-__all__ = ["run_finetune", "prepare_data", "resolve_variants", "find_demo_teacher", "apply_demo_defaults",
-           "aggregate_runs", "PRIMARY_METRIC"]  # fmt: skip
+__all__ = [
+    "run_finetune",
+    "prepare_data",
+    "resolve_variants",
+    "find_demo_teacher",
+    "apply_demo_defaults",
+    "aggregate_runs",
+    "PRIMARY_METRIC",
+]
 
 log = logging.getLogger("surgenet_ssl.finetune")
 
@@ -84,8 +91,8 @@ def apply_demo_defaults(cfg: DictConfig, user_keys: set[str]) -> list[str]:
 class PreparedData:
     task: str  # segmentation | classification
     fmt: str
-    train: Dataset
-    val: Dataset
+    train: SegmentationDataset | ClassificationDataset
+    val: SegmentationDataset | ClassificationDataset
     class_names: list[str]
     multilabel: bool
     summary: dict[str, Any] = field(default_factory=dict)
@@ -100,8 +107,9 @@ def _split_by_groups(samples: list, val_groups: Sequence[str], where: str) -> tu
     found = {s.group for s in samples}
     unknown = sorted(wanted - found)
     if unknown:
-        raise ValueError(f"data.val_groups {unknown} are not videos/cases of {where} "
-                         f"(found: {sorted(map(str, found))[:10]}).")  # fmt: skip
+        raise ValueError(
+            f"data.val_groups {unknown} are not videos/cases of {where} (found: {sorted(map(str, found))[:10]})."
+        )
     return [s for s in samples if s.group not in wanted], [s for s in samples if s.group in wanted]
 
 
@@ -113,10 +121,15 @@ def _group_summary(samples) -> dict[str, Any]:
 
 def _take_fraction(cfg: DictConfig, samples: list, strata=None) -> tuple[list, dict]:
     fraction = float(cfg.data.train_fraction)
-    keep, by = select_fraction([s.key for s in samples], fraction, [s.group for s in samples], strata,
-                               str(cfg.data.fraction_by))  # fmt: skip
-    info = {"train_fraction": fraction, "fraction_by": by, "train_samples_total": len(samples),
-            "train_samples_used": len(keep)}  # fmt: skip
+    keep, by = select_fraction(
+        [s.key for s in samples], fraction, [s.group for s in samples], strata, str(cfg.data.fraction_by)
+    )
+    info = {
+        "train_fraction": fraction,
+        "fraction_by": by,
+        "train_samples_total": len(samples),
+        "train_samples_used": len(keep),
+    }
     if by == "group":
         info["train_videos_used"] = sorted({samples[i].group for i in keep})
     return keep, info
@@ -124,18 +137,22 @@ def _take_fraction(cfg: DictConfig, samples: list, strata=None) -> tuple[list, d
 
 def _prepare_segmentation(cfg: DictConfig) -> PreparedData:
     d = cfg.data
-    train_samples, classes, kind, fmt = load_segmentation_split(str(d.train), str(d.format), d.get("classes"),
-                                                                str(d.cholecseg8k_mask))  # fmt: skip
+    train_samples, classes, kind, fmt = load_segmentation_split(
+        str(d.train), str(d.format), d.get("classes"), str(d.cholecseg8k_mask)
+    )
     if d.get("val"):
-        val_samples, val_classes, _, _ = load_segmentation_split(str(d.val), fmt, d.get("classes"),
-                                                                 str(d.cholecseg8k_mask))  # fmt: skip
+        val_samples, val_classes, _, _ = load_segmentation_split(
+            str(d.val), fmt, d.get("classes"), str(d.cholecseg8k_mask)
+        )
         if list(val_classes) != list(classes):
             raise ValueError(f"{d.val} has other class names than {d.train}: {val_classes} vs {classes}.")
     elif d.get("val_groups"):
         train_samples, val_samples = _split_by_groups(train_samples, d.val_groups, str(d.train))
     else:
-        raise ValueError("missing validation data: pass data.val=DIR, or data.val_groups=[video,...] to hold out "
-                         "videos of data.train.")  # fmt: skip
+        raise ValueError(
+            "missing validation data: pass data.val=DIR, or data.val_groups=[video,...] to hold out "
+            "videos of data.train."
+        )
     if len(classes) < 2:
         raise ValueError(f"{d.train}: segmentation needs at least 2 classes, got {classes}.")
     keep, fraction_info = _take_fraction(cfg, train_samples)
@@ -145,13 +162,19 @@ def _prepare_segmentation(cfg: DictConfig) -> PreparedData:
         raise ValueError(f"data.image_size={list(size)}: height and width must be divisible by 32 for the FPN.")
     reader = MaskReader(kind, len(classes), ignore)
     aug = d.augment
-    train_tf = SegmentationTransform(size, True, tuple(aug.scale), float(aug.hflip), float(aug.vflip),
-                                     float(aug.color_jitter), ignore)  # fmt: skip
+    train_tf = SegmentationTransform(
+        size, True, tuple(aug.scale), float(aug.hflip), float(aug.vflip), float(aug.color_jitter), ignore
+    )
     train = SegmentationDataset(train_samples, classes, reader, train_tf, str(d.train))
-    val = SegmentationDataset(val_samples, classes, reader, SegmentationTransform(size, False, ignore_index=ignore),
-                              str(d.val or d.train))  # fmt: skip
-    summary = {"format": fmt, "train": {"root": str(d.train), **_group_summary(train_samples)},
-               "val": {"root": str(d.val or d.train), **_group_summary(val_samples)}, **fraction_info}  # fmt: skip
+    val = SegmentationDataset(
+        val_samples, classes, reader, SegmentationTransform(size, False, ignore_index=ignore), str(d.val or d.train)
+    )
+    summary = {
+        "format": fmt,
+        "train": {"root": str(d.train), **_group_summary(train_samples)},
+        "val": {"root": str(d.val or d.train), **_group_summary(val_samples)},
+        **fraction_info,
+    }
     if d.validate:
         t0 = time.perf_counter()
         summary["train"]["pixels_per_class"] = train.validate()
@@ -180,8 +203,10 @@ def _targets(samples: Sequence[ClsSample], classes: list[str] | None, where: str
     index = {c: i for i, c in enumerate(classes)}
     for s in samples:
         if str(s.target) not in index:
-            raise ValueError(f"{where}: label {s.target!r} of {s.path} is not a known class {classes}. Use the "
-                             "training classes (or list them all with data.classes=[...]).")  # fmt: skip
+            raise ValueError(
+                f"{where}: label {s.target!r} of {s.path} is not a known class {classes}. Use the "
+                "training classes (or list them all with data.classes=[...])."
+            )
     return [index[str(s.target)] for s in samples]
 
 
@@ -192,15 +217,19 @@ def _prepare_classification(cfg: DictConfig) -> PreparedData:
         val_cfg = OmegaConf.merge(d, {"format": fmt})
         val_samples, val_criteria, _ = load_classification_split(val_cfg, "val")
         if val_criteria != criteria:
-            raise ValueError(f"{d.val} has labels {val_criteria or 'single-label'} but {d.train} has "
-                             f"{criteria or 'single-label'}: use the same label columns.")  # fmt: skip
+            raise ValueError(
+                f"{d.val} has labels {val_criteria or 'single-label'} but {d.train} has "
+                f"{criteria or 'single-label'}: use the same label columns."
+            )
     elif d.get("val_groups"):
         train_samples, val_samples = _split_by_groups(train_samples, d.val_groups, str(d.train))
     else:
-        raise ValueError("missing validation data: pass data.val=CSV|DIR, or data.val_groups=[video,...] to hold "
-                         "out videos of data.train.")  # fmt: skip
+        raise ValueError(
+            "missing validation data: pass data.val=CSV|DIR, or data.val_groups=[video,...] to hold "
+            "out videos of data.train."
+        )
     multilabel = criteria is not None
-    classes = list(criteria) if multilabel else _class_names(cfg, train_samples, fmt)
+    classes = list(criteria) if criteria is not None else _class_names(cfg, train_samples, fmt)
     if not multilabel and len(classes) < 2:
         raise ValueError(f"{d.train}: classification needs at least 2 classes, found {classes}.")
     train_targets = _targets(train_samples, None if multilabel else classes, str(d.train))
@@ -212,8 +241,13 @@ def _prepare_classification(cfg: DictConfig) -> PreparedData:
         raise ValueError(f"Empty split: no validation samples in {d.val or d.train}.")
     aug = d.augment
     size = as_size(d.image_size)
-    train = ClassificationDataset(train_samples, train_targets, classification_transform(
-        size, True, float(aug.hflip), float(aug.vflip), float(aug.color_jitter), tuple(aug.crop_scale)))
+    train = ClassificationDataset(
+        train_samples,
+        train_targets,
+        classification_transform(
+            size, True, float(aug.hflip), float(aug.vflip), float(aug.color_jitter), tuple(aug.crop_scale)
+        ),
+    )
     val = ClassificationDataset(val_samples, val_targets, classification_transform(size, False))
     if d.validate:
         train.check_files()
@@ -226,12 +260,12 @@ def _prepare_classification(cfg: DictConfig) -> PreparedData:
         return {c: int(sum(1 for t in targets if t == k)) for k, c in enumerate(classes)}
 
     summary = {
-        "format": fmt, "multilabel": multilabel,
+        "format": fmt,
+        "multilabel": multilabel,
         "train": {"root": str(d.train), **_group_summary(train_samples), "per_class": distribution(train_targets)},
-        "val": {"root": str(d.val or d.train), **_group_summary(val_samples),
-                "per_class": distribution(val_targets)},
+        "val": {"root": str(d.val or d.train), **_group_summary(val_samples), "per_class": distribution(val_targets)},
         **fraction_info,
-    }  # fmt: skip
+    }
     missing = [c for c, n in summary["train"]["per_class"].items() if n == 0]
     if missing:
         log.warning("classes without training samples (after data.train_fraction): %s", ", ".join(missing))
@@ -313,14 +347,16 @@ def build_model(cfg: DictConfig, data: PreparedData, weights: str | None) -> tup
     variant = cfg.get("pretrained_variant") or options.pop("pretrained_variant", None)
     options.pop("pretrained_variant", None)
     options["drop_path_rate"] = float(cfg.model.drop_path_rate)
+    model: torch.nn.Module
     try:
         if data.task == "segmentation":
             model = BackboneFPN(name, len(data.class_names), pretrained=variant, pretrained_weights=weights, **options)
         else:
             if name == "caformer_s18" and cfg.task.mode == "linear":
                 options.setdefault("use_mlp_head", False)  # a linear probe is linear: no MLP head
-            model = build_classifier(name, len(data.class_names), pretrained=variant, pretrained_weights=weights,
-                                     **options)  # fmt: skip
+            model = build_classifier(
+                name, len(data.class_names), pretrained=variant, pretrained_weights=weights, **options
+            )
     except ValueError as err:
         if weights is None:
             raise
@@ -391,8 +427,12 @@ def _worker_init(_: int) -> None:
 def _loaders(cfg: DictConfig, data: PreparedData, workers: int) -> tuple[DataLoader, DataLoader]:
     batch = int(cfg.data.batch_size)
     eval_batch = int(cfg.data.get("eval_batch_size") or batch)
-    common = {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": False,
-              "worker_init_fn": _worker_init if workers else None}  # fmt: skip
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": False,
+        "worker_init_fn": _worker_init if workers else None,
+    }
     train = DataLoader(data.train, batch_size=batch, shuffle=True, drop_last=len(data.train) > batch, **common)
     collate = collate_eval_segmentation if data.task == "segmentation" else None
     val = DataLoader(data.val, batch_size=eval_batch, shuffle=False, collate_fn=collate, **common)
@@ -406,8 +446,16 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
 
 
-def _train_one(cfg: DictConfig, data: PreparedData, variant: str, weights: str | None, seed: int, run_dir: Path,
-               workers: int, overlay_count: int) -> dict | None:  # fmt: skip
+def _train_one(
+    cfg: DictConfig,
+    data: PreparedData,
+    variant: str,
+    weights: str | None,
+    seed: int,
+    run_dir: Path,
+    workers: int,
+    overlay_count: int,
+) -> dict | None:
     import hydra
     import pytorch_lightning as pl
 
@@ -418,8 +466,15 @@ def _train_one(cfg: DictConfig, data: PreparedData, variant: str, weights: str |
     pl.seed_everything(seed, workers=True)
     model, loaded = build_model(cfg, data, weights)
     train_loader, val_loader = _loaders(cfg, data, workers)
-    module = FinetuneModule(model, data.task, data.class_names, data.multilabel, str(cfg.task.mode),
-                            OmegaConf.to_container(cfg.optim, resolve=True), int(cfg.data.ignore_index))  # fmt: skip
+    module = FinetuneModule(
+        model,
+        data.task,
+        data.class_names,
+        data.multilabel,
+        str(cfg.task.mode),
+        cast(dict, OmegaConf.to_container(cfg.optim, resolve=True)),  # a mapping
+        int(cfg.data.ignore_index),
+    )
     kwargs = trainer_kwargs(cfg.trainer)
     kwargs.pop("default_root_dir", None)
     validate_every = int(kwargs.get("check_val_every_n_epoch") or 0)
@@ -427,8 +482,11 @@ def _train_one(cfg: DictConfig, data: PreparedData, variant: str, weights: str |
     loggers = _loggers(cfg, run_dir, f"{variant}/seed{seed}")
     trainer: pl.Trainer = hydra.utils.instantiate(
         OmegaConf.create({"_target_": cfg.trainer._target_, **kwargs}),
-        strategy=build_strategy(cfg), callbacks=[], logger=loggers or False, default_root_dir=str(run_dir),
-    )  # fmt: skip
+        strategy=build_strategy(cfg),
+        callbacks=[],
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+    )
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader if validate_every else None)
     seconds = time.perf_counter() - t0
@@ -436,15 +494,30 @@ def _train_one(cfg: DictConfig, data: PreparedData, variant: str, weights: str |
     if not trainer.is_global_zero:
         return None
     device = trainer.strategy.root_device
-    metrics, kept = evaluate_model(module.model, val_loader, data.task, data.class_names, data.multilabel, device,
-                                   int(cfg.data.ignore_index), _autocast_dtype(cfg.trainer.precision, device),
-                                   keep=overlay_indices(len(data.val), overlay_count))  # fmt: skip
+    metrics, kept = evaluate_model(
+        module.model,
+        val_loader,
+        data.task,
+        data.class_names,
+        data.multilabel,
+        device,
+        int(cfg.data.ignore_index),
+        _autocast_dtype(cfg.trainer.precision, device),
+        keep=overlay_indices(len(data.val), overlay_count),
+    )
     if cfg.get("save_weights"):
         with atomic_path(run_dir / "model.pth") as tmp:
             save_torch({k: v.detach().cpu() for k, v in module.model.state_dict().items()}, tmp)
-    return {"seed": seed, "metrics": metrics, "weights_loaded": loaded, "train_seconds": round(seconds, 2),
-            "epochs": int(trainer.current_epoch), "optimizer_steps": int(trainer.global_step), "device": str(device),
-            "kept": kept}  # fmt: skip
+    return {
+        "seed": seed,
+        "metrics": metrics,
+        "weights_loaded": loaded,
+        "train_seconds": round(seconds, 2),
+        "epochs": int(trainer.current_epoch),
+        "optimizer_steps": int(trainer.global_step),
+        "device": str(device),
+        "kept": kept,
+    }
 
 
 def overlay_indices(n: int, count: int) -> list[int]:
@@ -457,11 +530,13 @@ def overlay_indices(n: int, count: int) -> list[int]:
 def _overlay(data: PreparedData, kept: list, path: Path, title: str) -> Path:
     from .overlays import save_overlays
 
+    val = data.val
+    assert isinstance(val, SegmentationDataset)  # predictions are kept for segmentation only
     items = []
     for i, pred in kept:
-        image, mask = data.val.load(i)
-        items.append((image, mask, pred.numpy(), Path(data.val.samples[i].key).name))
-    return save_overlays(path, items, data.class_names, int(data.val.reader.ignore_index), title)
+        image, mask = val.load(i)
+        items.append((image, mask, pred.numpy(), Path(val.samples[i].key).name))
+    return save_overlays(path, items, data.class_names, int(val.reader.ignore_index), title)
 
 
 def _move_into(staging: Path, output: Path) -> None:
@@ -501,8 +576,10 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
             OmegaConf.update(cfg, f"data.{key}", str(value), merge=False)
         log.info("demo: %s data in %s; demo settings %s", task, root, ", ".join(applied) or "none")
     elif not cfg.data.get("val") and not cfg.data.get("val_groups"):
-        raise ValueError("missing data.val (or data.val_groups). Usage: python -m surgenet_ssl.finetune task=NAME "
-                         "weights=PATH|null backbone=NAME data.train=DIR|CSV data.val=DIR|CSV")  # fmt: skip
+        raise ValueError(
+            "missing data.val (or data.val_groups). Usage: python -m surgenet_ssl.finetune task=NAME "
+            "weights=PATH|null backbone=NAME data.train=DIR|CSV data.val=DIR|CSV"
+        )
     seeds = [int(s) for s in (cfg.seeds if OmegaConf.is_list(cfg.seeds) else [cfg.seeds])]
     if not seeds:
         raise ValueError("seeds is empty: give at least one seed, e.g. seeds=[0,1,2]")
@@ -535,8 +612,16 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
     workers = cfg.data.num_workers
     workers = int(workers) if workers is not None else 0
     apply_torch_threads(cfg.data.get("torch_threads"), workers, cfg.trainer, rank_zero)
-    log.info("%s (%s): %d train / %d val samples, %d classes; variants %s; seeds %s", task, data.fmt,
-             len(data.train), len(data.val), len(data.class_names), [v for v, _ in variants], seeds)  # fmt: skip
+    log.info(
+        "%s (%s): %d train / %d val samples, %d classes; variants %s; seeds %s",
+        task,
+        data.fmt,
+        len(data.train),
+        len(data.val),
+        len(data.class_names),
+        [v for v, _ in variants],
+        seeds,
+    )
 
     try:
         results_variants: dict[str, Any] = {}
@@ -564,13 +649,17 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
                 "weights": str(Path(weights).resolve()) if weights and Path(weights).is_file() else weights,
                 "weights_sha256": sha256_file(weights) if weights and Path(weights).is_file() else None,
                 "weights_loaded": runs[0]["weights_loaded"],
-                "mean": mean, "std": std, "runs": runs,
-            }  # fmt: skip
+                "mean": mean,
+                "std": std,
+                "runs": runs,
+            }
         if not rank_zero:
             return None
         metric = data.metric
-        summary = {v: {metric: {"mean": r["mean"].get(metric), "std": r["std"].get(metric), "n": len(r["runs"])}}
-                   for v, r in results_variants.items()}  # fmt: skip
+        summary = {
+            v: {metric: {"mean": r["mean"].get(metric), "std": r["std"].get(metric), "n": len(r["runs"])}}
+            for v, r in results_variants.items()
+        }
         results = {
             "kind": "finetune",
             "task": "multilabel_classification" if data.multilabel else task,

@@ -52,16 +52,37 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHOLECSEG8K_CLASSES = (
-    "black_background", "abdominal_wall", "liver", "gastrointestinal_tract", "fat", "grasper", "connective_tissue",
-    "blood", "cystic_duct", "l_hook_electrocautery", "gallbladder", "hepatic_vein", "liver_ligament",
-)  # fmt: skip
+    "black_background",
+    "abdominal_wall",
+    "liver",
+    "gastrointestinal_tract",
+    "fat",
+    "grasper",
+    "connective_tissue",
+    "blood",
+    "cystic_duct",
+    "l_hook_electrocautery",
+    "gallbladder",
+    "hepatic_vein",
+    "liver_ligament",
+)
 # grey value of the watershed masks -> class id (the dataset's published table, written as "#505050" = 50,50,50)
 CHOLECSEG8K_WATERSHED = {50: 0, 11: 1, 21: 2, 13: 3, 12: 4, 31: 5, 23: 6, 24: 7, 25: 8, 32: 9, 22: 10, 33: 11, 5: 12}
 CHOLECSEG8K_COLORS = {
-    (127, 127, 127): 0, (210, 140, 140): 1, (255, 114, 114): 2, (231, 70, 156): 3, (186, 183, 75): 4,
-    (170, 255, 0): 5, (255, 85, 0): 6, (255, 0, 0): 7, (255, 255, 0): 8, (169, 255, 184): 9, (255, 160, 165): 10,
-    (0, 50, 128): 11, (111, 74, 0): 12,
-}  # fmt: skip
+    (127, 127, 127): 0,
+    (210, 140, 140): 1,
+    (255, 114, 114): 2,
+    (231, 70, 156): 3,
+    (186, 183, 75): 4,
+    (170, 255, 0): 5,
+    (255, 85, 0): 6,
+    (255, 0, 0): 7,
+    (255, 255, 0): 8,
+    (169, 255, 184): 9,
+    (255, 160, 165): 10,
+    (0, 50, 128): 11,
+    (111, 74, 0): 12,
+}
 _CHOLECSEG8K_IGNORED_WATERSHED = (0, 255)
 _CHOLECSEG8K_IGNORED_COLORS = ((255, 255, 255),)
 
@@ -80,10 +101,12 @@ def _is_hidden(part: str) -> bool:
 
 def _images_under(root: Path) -> list[Path]:
     return sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
         and not any(_is_hidden(x) for x in p.relative_to(root).parts)
-    )  # fmt: skip
+    )
 
 
 def read_class_names(split_dir: Path, given: Sequence[str] | None = None) -> list[str]:
@@ -100,10 +123,10 @@ def read_class_names(split_dir: Path, given: Sequence[str] | None = None) -> lis
             raise ValueError(f"{txt} lists no class names (one name per line, in index order).")
         if js.is_file():
             data = json.loads(js.read_text())
-            names = data.get("classes") if isinstance(data, dict) else data
-            if not isinstance(names, list) or not names:
-                raise ValueError(f"{js} must hold a list of class names (or {{\"classes\": [...]}}).")
-            return [str(n) for n in names]
+            listed = data.get("classes") if isinstance(data, dict) else data
+            if not isinstance(listed, list) or not listed:
+                raise ValueError(f'{js} must hold a list of class names (or {{"classes": [...]}}).')
+            return [str(n) for n in listed]
     raise ValueError(
         f"No class names for {split_dir}: put classes.txt (one name per line, in index order) in {split_dir} or "
         f"{split_dir.parent}, or pass data.classes=[name0,name1,...]."
@@ -116,8 +139,10 @@ def folder_samples(split_dir: str | os.PathLike) -> list[SegSample]:
     images_dir, masks_dir = root / "images", root / "masks"
     for d in (images_dir, masks_dir):
         if not d.is_dir():
-            raise FileNotFoundError(f"{d} not found: the segmentation layout is DIR/images/<frames> + "
-                                    "DIR/masks/<class-index PNGs with the same names>.")  # fmt: skip
+            raise FileNotFoundError(
+                f"{d} not found: the segmentation layout is DIR/images/<frames> + "
+                "DIR/masks/<class-index PNGs with the same names>."
+            )
     masks = {p.relative_to(masks_dir).with_suffix("").as_posix(): p for p in _images_under(masks_dir)}
     samples = []
     for image in _images_under(images_dir):
@@ -129,8 +154,9 @@ def folder_samples(split_dir: str | os.PathLike) -> list[SegSample]:
         group = rel.parts[0] if len(rel.parts) > 1 else None
         samples.append(SegSample(str(image), str(mask), stem, group))
     if masks:
-        log.warning("%d mask(s) in %s have no image and are ignored, e.g. %s", len(masks), masks_dir,
-                    next(iter(masks.values())))  # fmt: skip
+        log.warning(
+            "%d mask(s) in %s have no image and are ignored, e.g. %s", len(masks), masks_dir, next(iter(masks.values()))
+        )
     if not samples:
         raise ValueError(f"Empty split: no images in {images_dir}.")
     return samples
@@ -149,8 +175,11 @@ def cholecseg8k_samples(root: str | os.PathLike, mask_kind: str = "watershed") -
         if not mask.is_file():
             raise ValueError(f"{image} has no {mask_kind} mask: expected {mask}.")
         rel = image.relative_to(root)
-        samples.append(SegSample(str(image), str(mask), rel.with_suffix("").as_posix(),
-                                 rel.parts[0] if len(rel.parts) > 1 else None))  # fmt: skip
+        samples.append(
+            SegSample(
+                str(image), str(mask), rel.with_suffix("").as_posix(), rel.parts[0] if len(rel.parts) > 1 else None
+            )
+        )
     if not samples:
         raise ValueError(f"Empty split: no CholecSeg8k frames (*_endo.png) under {root}.")
     return samples
@@ -164,8 +193,10 @@ def detect_segmentation_format(split_dir: str | os.PathLike) -> str:
         return "folder"
     if next(root.rglob("*_endo.png"), None) is not None:
         return "cholecseg8k"
-    raise ValueError(f"Cannot tell the layout of {root}: expected images/ + masks/ (generic) or CholecSeg8k "
-                     "folders (videoNN/.../frame_N_endo.png); set data.format=folder|cholecseg8k.")  # fmt: skip
+    raise ValueError(
+        f"Cannot tell the layout of {root}: expected images/ + masks/ (generic) or CholecSeg8k "
+        "folders (videoNN/.../frame_N_endo.png); set data.format=folder|cholecseg8k."
+    )
 
 
 class MaskReader:
@@ -194,7 +225,7 @@ class MaskReader:
             return self._from_colors(arr, path)
         if arr.ndim == 3:
             r, g, b = (arr[..., k] for k in range(3)) if arr.shape[2] >= 3 else (arr[..., 0], None, None)
-            if g is not None and np.array_equal(r, g) and np.array_equal(r, b):  # grey stored as RGB
+            if g is not None and b is not None and np.array_equal(r, g) and np.array_equal(r, b):  # grey as RGB
                 arr = arr[..., 0]
             else:
                 raise ValueError(
@@ -213,8 +244,10 @@ class MaskReader:
         ids = arr.astype(np.int64)
         bad = np.unique(ids[(ids != self.ignore_index) & ((ids < 0) | (ids >= self.num_classes))])
         if bad.size:
-            raise ValueError(f"Mask {path} has class id(s) {bad.tolist()[:10]} out of range: {self.num_classes} "
-                             f"classes (0..{self.num_classes - 1}, {self.ignore_index} = ignore).")  # fmt: skip
+            raise ValueError(
+                f"Mask {path} has class id(s) {bad.tolist()[:10]} out of range: {self.num_classes} "
+                f"classes (0..{self.num_classes - 1}, {self.ignore_index} = ignore)."
+            )
         return ids
 
     def _from_colors(self, arr: np.ndarray, path: str) -> np.ndarray:
@@ -245,8 +278,14 @@ def read_rgb(path: str) -> np.ndarray:
 class SegmentationDataset(Dataset):
     """``(image tensor, mask tensor, index)``; geometry checked on every read (the error names both files)."""
 
-    def __init__(self, samples: Sequence[SegSample], classes: Sequence[str], reader: MaskReader,
-                 transform: Callable, root: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        samples: Sequence[SegSample],
+        classes: Sequence[str],
+        reader: MaskReader,
+        transform: Callable,
+        root: str = "",
+    ):
         self.samples = list(samples)
         self.classes = list(classes)
         self.reader = reader
@@ -261,8 +300,10 @@ class SegmentationDataset(Dataset):
         image = read_rgb(s.image)
         mask = self.reader(s.mask)
         if image.shape[:2] != mask.shape[:2]:
-            raise ValueError(f"Image/mask size mismatch: {s.image} is {image.shape[1]}x{image.shape[0]} but {s.mask} "
-                             f"is {mask.shape[1]}x{mask.shape[0]} (width x height).")  # fmt: skip
+            raise ValueError(
+                f"Image/mask size mismatch: {s.image} is {image.shape[1]}x{image.shape[0]} but {s.mask} "
+                f"is {mask.shape[1]}x{mask.shape[0]} (width x height)."
+            )
         return image, mask
 
     def __getitem__(self, i: int):
@@ -282,8 +323,10 @@ class SegmentationDataset(Dataset):
             except Exception as err:
                 raise ValueError(f"Cannot read image {s.image}: {type(err).__name__}: {err}") from err
             if (h, w) != mask.shape[:2]:
-                raise ValueError(f"Image/mask size mismatch: {s.image} is {w}x{h} but {s.mask} is "
-                                 f"{mask.shape[1]}x{mask.shape[0]} (width x height).")  # fmt: skip
+                raise ValueError(
+                    f"Image/mask size mismatch: {s.image} is {w}x{h} but {s.mask} is "
+                    f"{mask.shape[1]}x{mask.shape[0]} (width x height)."
+                )
             ids = np.where(mask == self.reader.ignore_index, len(self.classes), mask)
             counts += np.bincount(ids.reshape(-1), minlength=len(counts))
         return {name: int(c) for name, c in zip([*self.classes, "<ignored>"], counts, strict=True)}

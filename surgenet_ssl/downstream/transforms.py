@@ -123,8 +123,9 @@ def classification_transform(
     h, w = as_size(size)
     steps: list = []
     if train:
-        steps.append(transforms.RandomResizedCrop((h, w), scale=tuple(scale), ratio=(w / h * 0.9, w / h * 1.1),
-                                                  antialias=True))  # fmt: skip
+        steps.append(
+            transforms.RandomResizedCrop((h, w), scale=tuple(scale), ratio=(w / h * 0.9, w / h * 1.1), antialias=True)
+        )
         if hflip > 0:
             steps.append(transforms.RandomHorizontalFlip(hflip))
         if vflip > 0:

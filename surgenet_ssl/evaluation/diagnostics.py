@@ -150,11 +150,13 @@ def collapse_warning(
     return None
 
 
-
 def collapse_kind(
-    metrics: dict[str, float], out_dim: int, uniform_ratio: float = UNIFORM_RATIO, onehot_ratio: float = ONEHOT_RATIO,
+    metrics: dict[str, float],
+    out_dim: int,
+    uniform_ratio: float = UNIFORM_RATIO,
+    onehot_ratio: float = ONEHOT_RATIO,
     constant_ratio: float = CONSTANT_RATIO,
-) -> str | None:  # fmt: skip
+) -> str | None:
     """Which collapse one batch's metrics show: ``"onehot"``, ``"uniform"``, ``"constant"`` or ``None``.
 
     Stricter than :func:`collapse_warning` for the uniform kind: a near-uniform teacher (H >= ``uniform_ratio`` log K)
@@ -202,8 +204,9 @@ class CollapseTracker:
     check: a collapsed teacher's k-NN does not rise above the untrained one.
     """
 
-    def __init__(self, out_dim: int, window: int = 5, min_entropy_drop: float = 0.01, max_kl: float = 0.1,
-                 **thresholds: float) -> None:  # fmt: skip
+    def __init__(
+        self, out_dim: int, window: int = 5, min_entropy_drop: float = 0.01, max_kl: float = 0.1, **thresholds: float
+    ) -> None:
         if out_dim < 2:
             raise ValueError(f"out_dim must be >= 2 for entropy-based diagnostics, got {out_dim}.")
         self.out_dim, self.window = out_dim, max(1, int(window))

@@ -107,17 +107,30 @@ def save_embedding_map(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     marker_size = float(np.clip(3000 / max(len(y), 1), 4, 40))
-    for color, cls in zip(colors, classes):
+    for color, cls in zip(colors, classes, strict=True):
         sel = y == cls
         name = label_names[cls] if label_names is not None and 0 <= cls < len(label_names) else str(cls)
-        ax.scatter(coords[sel, 0], coords[sel, 1], s=marker_size, color=color, label=f"{name} ({int(sel.sum())})",
-                   alpha=0.8, linewidths=0)
+        ax.scatter(
+            coords[sel, 0],
+            coords[sel, 1],
+            s=marker_size,
+            color=color,
+            label=f"{name} ({int(sel.sum())})",
+            alpha=0.8,
+            linewidths=0,
+        )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title or f"t-SNE of {len(y)} embeddings")
     ncol = 1 if len(classes) <= 20 else 2
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small" if len(classes) <= 20 else "x-small",
-              ncol=ncol, markerscale=max(1.0, 20 / marker_size), frameon=False)
+    ax.legend(
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+        fontsize="small" if len(classes) <= 20 else "x-small",
+        ncol=ncol,
+        markerscale=max(1.0, 20 / marker_size),
+        frameon=False,
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

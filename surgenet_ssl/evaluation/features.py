@@ -57,12 +57,14 @@ def eval_transform(image_size: int = 224, resize_size: int | None = None) -> tra
     resize_size = resize_size or round(image_size * 256 / 224)
     if resize_size < image_size:
         raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size}) for the center crop.")
-    return transforms.Compose([
-        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def _is_hidden(path: Path | str) -> bool:
@@ -112,7 +114,8 @@ class ImageFolderDataset(Dataset):
         self.empty_classes: list[str] = []
         for folder in folders:
             files = sorted(
-                p for p in folder.rglob("*")
+                p
+                for p in folder.rglob("*")
                 if p.is_file() and not any(_is_hidden(part) for part in p.relative_to(folder).parts)
             )
             images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
@@ -124,11 +127,15 @@ class ImageFolderDataset(Dataset):
         if self.empty_classes:
             log.warning(
                 "Skipping %d empty class folder(s) in %s (no %s files): %s",
-                len(self.empty_classes), self.root, "/".join(IMAGE_EXTENSIONS), ", ".join(self.empty_classes),
+                len(self.empty_classes),
+                self.root,
+                "/".join(IMAGE_EXTENSIONS),
+                ", ".join(self.empty_classes),
             )
         if self.ignored_files:
-            log.warning("Ignoring %d non-image file(s) (or files outside class folders) in %s.",
-                        self.ignored_files, self.root)
+            log.warning(
+                "Ignoring %d non-image file(s) (or files outside class folders) in %s.", self.ignored_files, self.root
+            )
 
         if classes is None:
             self.classes = sorted(found)
@@ -205,8 +212,9 @@ def extract_features(
         model = model.to(device)
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
     feats, labels, oks = [], [], []
     try:
         for images, y, ok in loader:
@@ -224,10 +232,15 @@ def extract_features(
         model.train(was_training)
     features, label_t, ok_t = torch.cat(feats), torch.cat(labels).long(), torch.cat(oks).bool()
     paths = [p for p, _ in dataset.samples]
-    failed = [p for p, good in zip(paths, ok_t.tolist()) if not good]
+    failed = [p for p, good in zip(paths, ok_t.tolist(), strict=True) if not good]
     if failed:
-        log.warning("Skipped %d undecodable image(s) of %d in %s, e.g. %s", len(failed), len(paths), dataset.root,
-                    ", ".join(failed[:3]))
+        log.warning(
+            "Skipped %d undecodable image(s) of %d in %s, e.g. %s",
+            len(failed),
+            len(paths),
+            dataset.root,
+            ", ".join(failed[:3]),
+        )
     if not ok_t.any():
         raise ValueError(f"None of the {len(paths)} images in {dataset.root} could be decoded.")
     keep = ok_t.nonzero().flatten()

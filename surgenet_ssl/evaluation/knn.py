@@ -84,10 +84,10 @@ def knn_classify(
     k = min(k, train.shape[0])
     predictions, scores = [], []
     for start in range(0, test_features.shape[0], max(1, chunk_size)):
-        test = F.normalize(test_features[start:start + chunk_size].to(device=device, dtype=dtype), dim=1)
-        similarity = test @ train.T                                   # (m, N) cosine similarities
+        test = F.normalize(test_features[start : start + chunk_size].to(device=device, dtype=dtype), dim=1)
+        similarity = test @ train.T  # (m, N) cosine similarities
         top_sim, top_idx = similarity.topk(k, dim=1, largest=True, sorted=True)
-        weights = torch.softmax(top_sim / temperature, dim=1)        # exp(sim / T), normalised per row
+        weights = torch.softmax(top_sim / temperature, dim=1)  # exp(sim / T), normalised per row
         votes = torch.zeros(test.shape[0], num_classes, device=device, dtype=dtype)
         votes.scatter_add_(1, labels[top_idx], weights)
         scores.append(votes)

@@ -49,8 +49,9 @@ def fit_linear_probe(train_features, train_labels, C: float = 1.0, max_iter: int
         warnings.simplefilter("always", ConvergenceWarning)
         probe.fit(x, y)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        log.warning("Linear probe: L-BFGS did not fully converge in %d iterations; accuracy may be slightly off.",
-                    max_iter)
+        log.warning(
+            "Linear probe: L-BFGS did not fully converge in %d iterations; accuracy may be slightly off.", max_iter
+        )
     return probe
 
 

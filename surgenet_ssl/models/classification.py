@@ -62,8 +62,10 @@ def build_classifier(
     model = build_backbone(backbone, pretrained_variant=variant, num_classes=num_classes, **kwargs)
     if weights is not None:
         name = None if isinstance(pretrained_weights, Mapping) else str(pretrained_weights)
-        # keep what was loaded on the model, for logs and tests
-        model.load_report = load_backbone_weights(model, weights, backbone, source_name=name)
+        # keep what was loaded on the model, for logs and tests (a plain attribute: nn.Module's setattr is typed
+        # for tensors and modules only)
+        report = load_backbone_weights(model, weights, backbone, source_name=name)
+        model.load_report = report  # type: ignore[assignment]
     return model
 
 
@@ -80,7 +82,8 @@ def caformer_s18(
 def convnextv2_tiny(
     num_classes: int = 0, pretrained_weights: WeightSource | None = None, pretrained: str | None = None, **kwargs
 ) -> nn.Module:
-    """ConvNeXtV2-tiny classifier (published signature; ``pretrained`` is accepted like CaFormer's, one variant exists)."""
+    """ConvNeXtV2-tiny classifier (published signature; ``pretrained`` is accepted like CaFormer's, one variant
+    exists)."""
     return build_classifier("convnextv2_tiny", num_classes, pretrained, pretrained_weights, **kwargs)
 
 

@@ -134,8 +134,13 @@ class BackboneFPN(nn.Module):
 class MetaFormerFPN(BackboneFPN):
     """CaFormer-S18 FPN; ``pretrained``: 'SurgeNet' | 'ImageNet' (architecture variant, None = infer)."""
 
-    def __init__(self, num_classes: int = 1, pretrained: str | None = None,
-                 pretrained_weights: WeightSource | None = None, **kwargs):
+    def __init__(
+        self,
+        num_classes: int = 1,
+        pretrained: str | None = None,
+        pretrained_weights: WeightSource | None = None,
+        **kwargs,
+    ):
         super().__init__("caformer_s18", num_classes, pretrained, pretrained_weights, **kwargs)
 
 
@@ -143,7 +148,10 @@ class ConvNextFPN(BackboneFPN):
     """ConvNeXtV2-tiny FPN (published signature)."""
 
     def __init__(
-        self, num_classes: int = 1, pretrained_weights: WeightSource | None = None, pretrained: str | None = None,
+        self,
+        num_classes: int = 1,
+        pretrained_weights: WeightSource | None = None,
+        pretrained: str | None = None,
         **kwargs,
     ):
         super().__init__("convnextv2_tiny", num_classes, pretrained, pretrained_weights, **kwargs)
@@ -153,7 +161,10 @@ class PVTV2FPN(BackboneFPN):
     """PVTv2-b2 FPN (published signature)."""
 
     def __init__(
-        self, num_classes: int = 1, pretrained_weights: WeightSource | None = None, pretrained: str | None = None,
+        self,
+        num_classes: int = 1,
+        pretrained_weights: WeightSource | None = None,
+        pretrained: str | None = None,
         **kwargs,
     ):
         super().__init__("pvt_v2_b2", num_classes, pretrained, pretrained_weights, **kwargs)

@@ -30,8 +30,8 @@ from urllib.request import url2pathname
 import torch
 from torch import Tensor, nn
 
-from surgenet_ssl.io_utils import sha256_file
 from surgenet_ssl.backbones import BACKBONES, CONVERTIBLE_BACKBONES, detect_naming, surgenet_to_timm
+from surgenet_ssl.io_utils import sha256_file
 
 __all__ = [
     "LoadReport",
@@ -230,7 +230,7 @@ def _unwrap(obj: Mapping[str, Any], steps: list[str]) -> dict[str, Tensor]:
 
 
 def _select_prefix(sd: dict[str, Tensor], prefix: str) -> tuple[dict[str, Tensor], int]:
-    chosen = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    chosen = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     return chosen, len(sd) - len(chosen)
 
 
@@ -241,7 +241,7 @@ def _strip_prefixes(sd: dict[str, Tensor], steps: list[str]) -> tuple[dict[str, 
         firsts = {k.split(".", 1)[0] + "." for k in sd}
         if len(firsts) == 1 and next(iter(firsts)) in _TRANSPARENT_PREFIXES:
             prefix = next(iter(firsts))
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
             steps.append(f"prefix {prefix!r}")
             continue
         for role in ("teacher.", "student.", "backbone."):
@@ -270,9 +270,11 @@ def _extract(obj: Mapping[str, Any], backbone: str) -> _Extracted:
     sd, skipped = _strip_prefixes(sd, steps)
     if backbone in CONVERTIBLE_BACKBONES:
         naming = detect_naming(sd, backbone)
-        timm_sd = surgenet_to_timm(sd, backbone) if naming == "surgenet" else {
-            k: v.detach().cpu().contiguous() for k, v in sd.items() if not _is_classifier(k)
-        }
+        timm_sd = (
+            surgenet_to_timm(sd, backbone)
+            if naming == "surgenet"
+            else {k: v.detach().cpu().contiguous() for k, v in sd.items() if not _is_classifier(k)}
+        )
     else:  # vit_small / any timm model: timm naming is the only naming
         naming = "timm"
         timm_sd = {k: v.detach().cpu().contiguous() for k, v in sd.items() if not _is_classifier(k)}
@@ -362,8 +364,11 @@ def load_backbone_weights(
     is_classifier = _is_model_classifier(model)
     name = source_name or _source_name(source)
 
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-                  for k, v in sd.items() if k in target and v.shape != target[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
     if mismatched:
         raise ValueError(
             f"{len(mismatched)} tensor(s) in {name} have the wrong shape for {backbone}: {mismatched[:10]}. "

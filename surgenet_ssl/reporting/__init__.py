@@ -4,5 +4,13 @@
 from .discover import PretrainRun, ResultEntry, find_results, find_runs, parse_model_card, pretraining_frames
 from .report import build_rows, make_report
 
-__all__ = ["PretrainRun", "ResultEntry", "build_rows", "find_results", "find_runs", "make_report",
-           "parse_model_card", "pretraining_frames"]  # fmt: skip
+__all__ = [
+    "PretrainRun",
+    "ResultEntry",
+    "build_rows",
+    "find_results",
+    "find_runs",
+    "make_report",
+    "parse_model_card",
+    "pretraining_frames",
+]

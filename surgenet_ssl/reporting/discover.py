@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 
@@ -87,7 +87,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         raise ValueError(f"Cannot read {path}: {type(err).__name__}: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a run config (a YAML mapping).")
-    return data
+    return cast("dict[str, Any]", data)  # a YAML mapping: string keys
 
 
 _CARD_TRAINED = re.compile(r"trained on \*\*(?P<dataset>.+?)\*\* for (?P<epochs>\d+) epoch")
@@ -121,8 +121,8 @@ def pretraining_frames(dataset_cfg: dict[str, Any]) -> int | None:
     names = list(sources) if isinstance(sources, dict) else list(sources or [])
     if not names and dataset_cfg.get("name") in MIXTURES:
         names = list(MIXTURES[dataset_cfg["name"]].sources)
-    canonical = [canonical_source_name(str(n)) for n in names]
-    if names and all(canonical):
+    canonical = [c for c in (canonical_source_name(str(n)) for n in names) if c]
+    if names and len(canonical) == len(names):  # every source is a registry source
         return int(sum(SOURCES[c].frames for c in canonical) * fraction)
     # the demo and custom data: the collection / source manifest
     candidates = []
@@ -156,12 +156,14 @@ def _read_run(path: Path) -> PretrainRun | None:
         backbone = str(backbone_cfg.get("timm_name") or backbone)
     sources = dataset_cfg.get("sources")
     run = PretrainRun(
-        path=path, backbone=backbone, dataset=str(dataset_cfg.get("name") or "?"),
+        path=path,
+        backbone=backbone,
+        dataset=str(dataset_cfg.get("name") or "?"),
         fraction=float(dataset_cfg.get("fraction") or 1.0),
         sources=[str(s) for s in (sources if isinstance(sources, (dict, list)) else [])],
         pretrain_frames=pretraining_frames(dataset_cfg),
         epochs=(cfg.get("trainer") or {}).get("max_epochs"),
-    )  # fmt: skip
+    )
     export = path / "export"
     card = export / "README.md"
     if card.is_file():
@@ -217,23 +219,34 @@ def _finetune_entries(path: Path, results: dict[str, Any]) -> list[ResultEntry]:
     backbone = str(results.get("timm_name") or results.get("backbone") or "?")
     metric = results.get("primary_metric")
     entries = []
-    for variant, info in (results.get("variants") or {}).items():
+    for info in (results.get("variants") or {}).values():
         columns = {}
         n = len(info.get("runs") or [])
         keys = [metric] + [k for k in ("mIoU", "mDice", "accuracy", "macro_f1", "mAP") if k != metric]
         for key in keys:
             if key in (info.get("mean") or {}):
                 columns[f"{task}[{label}]:{key}"] = (info["mean"][key], (info.get("std") or {}).get(key), n)
-        entries.append(ResultEntry(path, "finetune", info.get("weights"), info.get("weights_sha256"), backbone,
-                                   columns, mtime=path.stat().st_mtime))  # fmt: skip
+        entries.append(
+            ResultEntry(
+                path,
+                "finetune",
+                info.get("weights"),
+                info.get("weights_sha256"),
+                backbone,
+                columns,
+                mtime=path.stat().st_mtime,
+            )
+        )
     return entries
 
 
 def _evaluate_entry(path: Path, results: dict[str, Any]) -> ResultEntry:
     val_root = Path(str((results.get("val") or {}).get("root", "val")))
     label = val_root.parent.name if val_root.name.lower() in ("val", "valid", "validation", "test") else val_root.name
-    columns = {f"knn[{label}]:top1": (results.get("knn_top1"), None, 1),
-               f"linear_probe[{label}]:accuracy": (results.get("linear_probe_accuracy"), None, 1)}  # fmt: skip
+    columns: dict[str, tuple[float | None, float | None, int]] = {
+        f"knn[{label}]:top1": (results.get("knn_top1"), None, 1),
+        f"linear_probe[{label}]:accuracy": (results.get("linear_probe_accuracy"), None, 1),
+    }
     backbone = str(results.get("timm_name") or results.get("backbone") or "?")
     return ResultEntry(path, "evaluate", results.get("weights"), None, backbone, columns, mtime=path.stat().st_mtime)
 

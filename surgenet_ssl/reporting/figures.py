@@ -44,8 +44,14 @@ def scaling_figure(rows: Sequence[dict], columns: Sequence[str], path: Path) -> 
             value = r["values"].get(column)
             if r["kind"] == "baseline" and value and value[0] is not None:
                 ax.axhline(value[0], linestyle="--", linewidth=1, color="grey")
-                ax.annotate(f"random init ({r['backbone']})", (0.01, value[0]), xycoords=("axes fraction", "data"),
-                            fontsize=7, color="grey", va="bottom")  # fmt: skip
+                ax.annotate(
+                    f"random init ({r['backbone']})",
+                    (0.01, value[0]),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=7,
+                    color="grey",
+                    va="bottom",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("pretraining frames")
         ax.set_title(column, fontsize=9)
@@ -60,8 +66,11 @@ def ranks(rows: Sequence[dict], columns: Sequence[str]) -> dict[str, dict[str, f
     """column -> model -> rank (1 = best; ties share the mean rank) among the models that have a value."""
     out: dict[str, dict[str, float]] = {}
     for column in columns:
-        scored = [(r["model"], r["values"][column][0]) for r in rows
-                  if r["values"].get(column) and r["values"][column][0] is not None]  # fmt: skip
+        scored = [
+            (r["model"], r["values"][column][0])
+            for r in rows
+            if r["values"].get(column) and r["values"][column][0] is not None
+        ]
         values = sorted({v for _, v in scored}, reverse=True)
         position: dict[float, float] = {}
         start = 1

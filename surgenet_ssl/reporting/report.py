@@ -12,7 +12,7 @@ import io
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,21 @@ __all__ = ["build_rows", "write_report", "make_report"]
 
 log = logging.getLogger(__name__)
 
-_FIXED = ["model", "kind", "backbone", "dataset", "fraction", "pretrain_frames", "frames_seen", "epochs",
-          "online_knn_top1", "run_dir"]  # fmt: skip
+# a report file's content, or a function of the figures written so far (name -> path) that makes it
+FileContent = str | bytes | Callable[[dict[str, Any]], str | bytes]
+
+_FIXED = [
+    "model",
+    "kind",
+    "backbone",
+    "dataset",
+    "fraction",
+    "pretrain_frames",
+    "frames_seen",
+    "epochs",
+    "online_knn_top1",
+    "run_dir",
+]
 
 
 def build_rows(runs: Sequence[PretrainRun], entries: Sequence[ResultEntry]) -> tuple[list[dict], list[str], list[str]]:
@@ -33,32 +46,68 @@ def build_rows(runs: Sequence[PretrainRun], entries: Sequence[ResultEntry]) -> t
     rows: dict[str, dict[str, Any]] = {}
     for r in runs:
         rows[str(r.path)] = {
-            "model": r.name, "kind": "pretrained", "backbone": r.backbone, "dataset": r.dataset,
-            "fraction": r.fraction, "pretrain_frames": r.pretrain_frames, "frames_seen": r.frames_seen,
-            "epochs": r.epochs, "online_knn_top1": r.online_knn_top1, "run_dir": str(r.path), "values": {},
-            "embedding_map": r.embedding_map, "sources": {},
-        }  # fmt: skip
+            "model": r.name,
+            "kind": "pretrained",
+            "backbone": r.backbone,
+            "dataset": r.dataset,
+            "fraction": r.fraction,
+            "pretrain_frames": r.pretrain_frames,
+            "frames_seen": r.frames_seen,
+            "epochs": r.epochs,
+            "online_knn_top1": r.online_knn_top1,
+            "run_dir": str(r.path),
+            "values": {},
+            "embedding_map": r.embedding_map,
+            "sources": {},
+        }
     notes: list[str] = []
     for e in sorted(entries, key=lambda e: e.mtime):
         if e.run is not None:
             row = rows[str(e.run.path)]
         elif e.weights is None:  # a random-init baseline of this backbone
             key = f"random_init:{e.backbone}"
-            row = rows.setdefault(key, {
-                "model": f"random init ({e.backbone})", "kind": "baseline", "backbone": e.backbone, "dataset": "-",
-                "fraction": None, "pretrain_frames": None, "frames_seen": None, "epochs": None,
-                "online_knn_top1": None, "run_dir": "", "values": {}, "embedding_map": None, "sources": {},
-            })  # fmt: skip
+            row = rows.setdefault(
+                key,
+                {
+                    "model": f"random init ({e.backbone})",
+                    "kind": "baseline",
+                    "backbone": e.backbone,
+                    "dataset": "-",
+                    "fraction": None,
+                    "pretrain_frames": None,
+                    "frames_seen": None,
+                    "epochs": None,
+                    "online_knn_top1": None,
+                    "run_dir": "",
+                    "values": {},
+                    "embedding_map": None,
+                    "sources": {},
+                },
+            )
         else:
             key = f"weights:{e.weights}"
             if key not in rows:
-                notes.append(f"{e.source}: weights {e.weights} belong to no pretraining run found here; shown as "
-                             f"their own row")  # fmt: skip
-            row = rows.setdefault(key, {
-                "model": Path(str(e.weights)).name, "kind": "external", "backbone": e.backbone, "dataset": "?",
-                "fraction": None, "pretrain_frames": None, "frames_seen": None, "epochs": None,
-                "online_knn_top1": None, "run_dir": "", "values": {}, "embedding_map": None, "sources": {},
-            })  # fmt: skip
+                notes.append(
+                    f"{e.source}: weights {e.weights} belong to no pretraining run found here; shown as their own row"
+                )
+            row = rows.setdefault(
+                key,
+                {
+                    "model": Path(str(e.weights)).name,
+                    "kind": "external",
+                    "backbone": e.backbone,
+                    "dataset": "?",
+                    "fraction": None,
+                    "pretrain_frames": None,
+                    "frames_seen": None,
+                    "epochs": None,
+                    "online_knn_top1": None,
+                    "run_dir": "",
+                    "values": {},
+                    "embedding_map": None,
+                    "sources": {},
+                },
+            )
         for column, value in e.columns.items():
             if column in row["values"]:
                 notes.append(f"{row['model']}: {column} measured more than once; using the newest ({e.source})")
@@ -69,8 +118,9 @@ def build_rows(runs: Sequence[PretrainRun], entries: Sequence[ResultEntry]) -> t
         for column in e.columns:
             first_seen.setdefault(column, len(first_seen))
     columns = sorted(first_seen, key=lambda c: (_column_order(c), first_seen[c]))
-    ordered = sorted(rows.values(), key=lambda r: (r["kind"] != "pretrained", r["backbone"], r["pretrain_frames"] or 0,
-                                                    r["model"]))  # fmt: skip
+    ordered = sorted(
+        rows.values(), key=lambda r: (r["kind"] != "pretrained", r["backbone"], r["pretrain_frames"] or 0, r["model"])
+    )
     return ordered, columns, notes
 
 
@@ -112,17 +162,25 @@ def report_csv(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def report_markdown(rows: Sequence[dict], columns: Sequence[str], figures: dict[str, Path | None],
-                    dirs: Sequence[Path], notes: Sequence[str], n_results: int) -> str:  # fmt: skip
+def report_markdown(
+    rows: Sequence[dict],
+    columns: Sequence[str],
+    figures: dict[str, Path | None],
+    dirs: Sequence[Path],
+    notes: Sequence[str],
+    n_results: int,
+) -> str:
     pretrained = [r for r in rows if r["kind"] == "pretrained"]
     lines = [
         "# Ablation report",
         "",
         f"{len(pretrained)} pretraining run(s) and {n_results} downstream results.json file(s) found under "
-        + ", ".join(f"`{d}`" for d in dirs) + ". Cells: mean ± sample std over seeds (n = seeds).",
+        + ", ".join(f"`{d}`" for d in dirs)
+        + ". Cells: mean ± sample std over seeds (n = seeds).",
         "",
         "| model | backbone | pretraining data | frames | frames seen | epochs | online k-NN | "
-        + " | ".join(columns) + " |",
+        + " | ".join(columns)
+        + " |",
         "|" + "---|" * (7 + len(columns)),
     ]
     for r in rows:
@@ -130,7 +188,8 @@ def report_markdown(rows: Sequence[dict], columns: Sequence[str], figures: dict[
         lines.append(
             f"| {r['model']} | {r['backbone']} | {data} | {_fmt(r['pretrain_frames'])} | {_fmt(r['frames_seen'])} | "
             f"{_fmt(r['epochs'])} | {_fmt(r['online_knn_top1'], 3)} | "
-            + " | ".join(_cell(r["values"].get(c)) for c in columns) + " |"
+            + " | ".join(_cell(r["values"].get(c)) for c in columns)
+            + " |"
         )
     if columns and len(rows) > 1:
         table = ranks(rows, columns)
@@ -141,8 +200,11 @@ def report_markdown(rows: Sequence[dict], columns: Sequence[str], figures: dict[
 
         lines += ["", "Ranks (1 = best): " + "; ".join(f"{c}: {ranked(c)}" for c in columns)]
     lines += ["", "## Figures", ""]
-    titles = {"scaling": "Downstream metric vs pretraining frames", "ranks": "Rank chart across tasks",
-              "tsne": "t-SNE of the teacher features per run (coloured by source)"}  # fmt: skip
+    titles = {
+        "scaling": "Downstream metric vs pretraining frames",
+        "ranks": "Rank chart across tasks",
+        "tsne": "t-SNE of the teacher features per run (coloured by source)",
+    }
     for key, title in titles.items():
         png = figures.get(key)
         lines.append(f"![{title}]({png.name})" if png else f"- {title}: not drawn (no data for it)")
@@ -155,7 +217,7 @@ def report_markdown(rows: Sequence[dict], columns: Sequence[str], figures: dict[
     return "\n".join(lines) + "\n"
 
 
-def write_report(output: Path, files: dict[str, str | bytes], figure_builders) -> dict[str, Path]:
+def write_report(output: Path, files: dict[str, FileContent], figure_builders) -> dict[str, Path]:
     """Write everything into ``output/.partial`` and move it into ``output`` at the end (all or nothing)."""
     output.mkdir(parents=True, exist_ok=True)
     staging = output / ".partial"
@@ -187,8 +249,10 @@ def make_report(dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
     runs = find_runs(roots)
     entries, problems = find_results(roots)
     if not runs and not entries:
-        raise ValueError(f"No pretraining run (config.yaml + export/ or checkpoints/) and no results.json found under "
-                         f"{', '.join(map(str, roots))}.")  # fmt: skip
+        raise ValueError(
+            f"No pretraining run (config.yaml + export/ or checkpoints/) and no results.json found under "
+            f"{', '.join(map(str, roots))}."
+        )
     rows, columns, notes = build_rows(runs, entries)
     notes = problems + notes
     n_files = len({e.source for e in entries})
@@ -196,13 +260,20 @@ def make_report(dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
     builders = {
         "scaling": lambda d: scaling_figure(rows, columns, d / "scaling.png"),
         "ranks": lambda d: rank_figure(rows, columns, d / "ranks.png"),
-        "tsne": lambda d: tsne_grid([(r["model"], r["embedding_map"]) for r in rows if r["embedding_map"]],
-                                    d / "tsne.png"),
-    }  # fmt: skip
-    files = {
+        "tsne": lambda d: tsne_grid(
+            [(r["model"], r["embedding_map"]) for r in rows if r["embedding_map"]], d / "tsne.png"
+        ),
+    }
+    files: dict[str, FileContent] = {
         "report.csv": report_csv(rows, columns),
         "report.md": lambda figs: report_markdown(rows, columns, figs, roots, notes, n_files),
     }
     written = write_report(out, files, builders)
-    return {"rows": rows, "columns": columns, "notes": notes, "files": written, "runs": len(runs),
-            "results": len({e.source for e in entries})}  # fmt: skip
+    return {
+        "rows": rows,
+        "columns": columns,
+        "notes": notes,
+        "files": written,
+        "runs": len(runs),
+        "results": len({e.source for e in entries}),
+    }

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from augment.helpers import jpeg_bytes, smooth_image
 from PIL import Image
 
+from augment.helpers import jpeg_bytes, smooth_image
 from surgenet_ssl.data.augment import FastMultiCrop, FrameResize, multi_crop_class
 from surgenet_ssl.data.decode import decode_frame
 from surgenet_ssl.data.loader import build_train_loader

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from augment.helpers import (
     assert_boxes_match_torchvision,
     assert_rate,
     assert_uniform,
     smooth_image,
 )
-
 from surgenet_ssl.data.augment import (
     FastMultiCrop,
     MultiCropAugmentation,
@@ -79,8 +79,8 @@ def test_seeded_runs_repeat_and_differ_between_seeds() -> None:
     b = FastMultiCrop(32, 16, local_crops_number=2, seed=1)
     c = FastMultiCrop(32, 16, local_crops_number=2, seed=2)
     ca, cb, cc = a(img), b(img), c(img)
-    assert all((x == y).all() for x, y in zip(ca, cb))
-    assert not all((x == y).all() for x, y in zip(ca, cc))
+    assert all((x == y).all() for x, y in zip(ca, cb, strict=True))
+    assert not all((x == y).all() for x, y in zip(ca, cc, strict=True))
 
 
 def test_backend_is_chosen_by_name() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from augment.helpers import smooth_image
 from hydra import compose, initialize_config_dir
 from PIL import Image, ImageOps
 
+from augment.helpers import smooth_image
 from surgenet_ssl.data import augment as A
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 from surgenet_ssl.datamodule import build_augmentation
@@ -36,16 +36,28 @@ def test_config_defaults_are_the_official_values_and_map_to_the_recipe():
     assert recipe["jitter_strength"] == (0.4, 0.4, 0.2, 0.1) and recipe["blur"] == (1.0, 0.1, 0.5)
     assert (recipe["flip"], recipe["jitter"], recipe["gray"], recipe["solarize"]) == (0.5, 0.8, 0.2, 0.2)
     assert recipe["blur_sigma"] == (0.1, 2.0) and recipe["solarize_threshold"] == 128
-    changed = A.recipe_from_crops(_crops_cfg("dino.crops.solarize_threshold=256", "dino.crops.color_jitter=[0.1,0,0,0]",
-                                             "dino.crops.grayscale_p=0", "dino.crops.blur_sigma=[0.5,1.0]"))  # fmt: skip
+    changed = A.recipe_from_crops(
+        _crops_cfg(
+            "dino.crops.solarize_threshold=256",
+            "dino.crops.color_jitter=[0.1,0,0,0]",
+            "dino.crops.grayscale_p=0",
+            "dino.crops.blur_sigma=[0.5,1.0]",
+        )
+    )
     assert changed["solarize_threshold"] == 256 and changed["jitter_strength"] == [0.1, 0, 0, 0]
     assert changed["gray"] == 0 and changed["blur_sigma"] == [0.5, 1.0]
 
 
-@pytest.mark.parametrize("override, key", [("grayscale_p=1.5", "grayscale_p"), ("blur_p=[1,0.5]", "blur_p"),
-                                           ("color_jitter=[0.4,0.4,0.2,0.7]", "color_jitter"),
-                                           ("blur_sigma=[2.0,0.1]", "blur_sigma"),
-                                           ("solarize_threshold=300", "solarize_threshold")])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("grayscale_p=1.5", "grayscale_p"),
+        ("blur_p=[1,0.5]", "blur_p"),
+        ("color_jitter=[0.4,0.4,0.2,0.7]", "color_jitter"),
+        ("blur_sigma=[2.0,0.1]", "blur_sigma"),
+        ("solarize_threshold=300", "solarize_threshold"),
+    ],
+)
 def test_bad_values_fail_at_start_naming_the_key(override, key):
     crops = _crops_cfg(f"dino.crops.{override}")
     for on in ("cpu", "gpu"):
@@ -66,8 +78,9 @@ def test_training_paths_receive_the_knobs():
 
     from surgenet_ssl.module import DINOModule
 
-    fake = SimpleNamespace(dino_cfg={"crops": {**crops, "global_size": 16, "local_size": 8}}, global_rank=0,
-                           _rng_to_restore=None)  # fmt: skip
+    fake = SimpleNamespace(
+        dino_cfg={"crops": {**crops, "global_size": 16, "local_size": 8}}, global_rank=0, _rng_to_restore=None
+    )
     DINOModule.on_after_batch_transfer(fake, {"frames": torch.zeros(2, 3, 20, 20, dtype=torch.uint8)}, 0)
     assert fake._gpu_augment.p["solarize_threshold"] == 200 and fake._gpu_augment.p["jitter"] == 0.3
 
@@ -92,15 +105,21 @@ def test_solarize_threshold_on_every_path():
     assert np.abs(fast.astype(int) - ref).max() <= 1
     plain = GpuMultiCrop(20, 10, probabilities=OFF, **FULL)(
         torch.from_numpy(np.ascontiguousarray(smooth_image(40, 40, seed=1))).permute(2, 0, 1)[None],
-        torch.Generator().manual_seed(0))[1][0]  # fmt: skip
+        torch.Generator().manual_seed(0),
+    )[1][0]
     assert np.allclose(gpu, (plain * STD + MEAN).permute(1, 2, 0).numpy(), atol=1e-5)
     # the official transform with threshold 256 leaves the image as it is
     assert np.array_equal(np.asarray(A.RandomSolarize(1.0, 256)(Image.fromarray(ref))), ref)
 
 
 def test_jitter_strength_and_blur_sigma_ranges_on_fast_and_gpu():
-    p = {**OFF, "jitter": 1.0, "blur": (1.0, 1.0, 1.0), "jitter_strength": (0.05, 0.0, 0.0, 0.0),
-         "blur_sigma": (0.5, 0.6)}  # fmt: skip
+    p = {
+        **OFF,
+        "jitter": 1.0,
+        "blur": (1.0, 1.0, 1.0),
+        "jitter_strength": (0.05, 0.0, 0.0, 0.0),
+        "blur_sigma": (0.5, 0.6),
+    }
     frame = np.ascontiguousarray(smooth_image(48, 48, seed=2))
     aug = A.FastMultiCrop(16, 8, seed=0, probabilities=p, local_crops_number=4)
     for _ in range(10):

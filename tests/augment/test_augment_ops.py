@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as F
-from augment.helpers import smooth_image
 from PIL import Image, ImageFilter
 
+from augment.helpers import smooth_image
 from surgenet_ssl.data import augment as A
 from surgenet_ssl.data import decode as D
 

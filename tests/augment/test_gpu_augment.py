@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as F
+
 from augment.helpers import (
     assert_boxes_match_torchvision,
     assert_rate,
     assert_uniform,
     smooth_image,
 )
-
 from surgenet_ssl.data.gpu_augment import (
     GpuMultiCrop,
     adjust_hue,
@@ -61,7 +61,10 @@ def test_crop_distribution_matches_torchvision(run) -> None:
 
 def test_firing_rates_strengths_order_sigma(run) -> None:
     _, p = run
-    cat = lambda key, idx=range(10): torch.cat([p[i][key] for i in idx]).numpy()
+
+    def cat(key, idx=range(10)):
+        return torch.cat([p[i][key] for i in idx]).numpy()
+
     assert_rate(cat("flip"), 0.5, "flip")
     assert_rate(cat("jitter"), 0.8, "jitter")
     assert_rate(cat("gray"), 0.2, "gray")
@@ -130,8 +133,13 @@ def test_module_hook_turns_frames_into_crops() -> None:
 
     from surgenet_ssl.module import DINOModule
 
-    crops_cfg = {"global_size": 16, "local_size": 8, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4],
-                 "local_number": 3}  # fmt: skip
+    crops_cfg = {
+        "global_size": 16,
+        "local_size": 8,
+        "global_scale": [0.4, 1.0],
+        "local_scale": [0.05, 0.4],
+        "local_number": 3,
+    }
     fake = SimpleNamespace(dino_cfg={"crops": crops_cfg}, global_rank=0)
     frames = torch.randint(0, 256, (5, 3, 30, 40), dtype=torch.uint8)
     out = DINOModule.on_after_batch_transfer(fake, {"frames": frames, "key": ["k"] * 5}, 0)

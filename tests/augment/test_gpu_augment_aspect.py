@@ -7,15 +7,19 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from augment.helpers import assert_boxes_match_torchvision, box_stats, smooth_image
 
+from augment.helpers import assert_boxes_match_torchvision, box_stats, smooth_image
 from surgenet_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD, FastMultiCrop, FrameResize
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 
 CANVAS = (60, 107)
 # source sizes (h, w) -> size in the canvas: 4:3, 5:4 and 1:1 keep the 60-px shorter side, 16:9 fits the canvas
-SOURCES = {"4:3": ((90, 120), (60, 80)), "5:4": ((64, 80), (60, 75)), "1:1": ((60, 60), (60, 60)),
-           "16:9": ((54, 96), (54, 96))}  # fmt: skip
+SOURCES = {
+    "4:3": ((90, 120), (60, 80)),
+    "5:4": ((64, 80), (60, 75)),
+    "1:1": ((60, 60), (60, 60)),
+    "16:9": ((54, 96), (54, 96)),
+}
 PER_ASPECT = 250
 OFF = {"flip": 0.0, "jitter": 0.0, "gray": 0.0, "blur": (0.0, 0.0, 0.0), "solarize": 0.0}
 
@@ -72,7 +76,7 @@ def test_padding_is_never_seen_crops_equal_those_of_the_unpadded_frame() -> None
     aug = GpuMultiCrop(20, 10, local_crops_number=2, probabilities=OFF)
     padded = aug(canvas, torch.Generator().manual_seed(5), sizes=sizes)
     plain = aug(img, torch.Generator().manual_seed(5))
-    for a, b in zip(padded, plain):
+    for a, b in zip(padded, plain, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -103,7 +107,7 @@ def test_randomness_comes_from_the_generator_and_can_be_checkpointed() -> None:
     state = g.get_state()  # what a checkpoint stores
     nxt = aug(frames, g, sizes=sizes)
     resumed = aug(frames, torch.Generator().set_state(state), sizes=sizes)
-    assert all(torch.equal(a, b) for a, b in zip(nxt, resumed))
+    assert all(torch.equal(a, b) for a, b in zip(nxt, resumed, strict=True))
     other = aug(frames, torch.Generator().manual_seed(8), sizes=sizes)
     assert not torch.equal(nxt[0], other[0])
     # per-sample randomness: identical frames in one batch get different crops

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from augment.helpers import smooth_image
 from PIL import Image
 
+from augment.helpers import smooth_image
 from surgenet_ssl.data.augment import IMAGENET_STD, FastMultiCrop, OfficialMultiCrop
 from surgenet_ssl.data.gpu_augment import normalize_uint8
 from surgenet_ssl.datamodule import build_augmentation
@@ -24,7 +24,7 @@ def test_fast_backend_uint8_then_device_normalisation_equals_float_crops() -> No
     raw = FastMultiCrop(32, 16, local_crops_number=3, seed=3, uint8_output=True)(img)
     assert all(c.dtype == torch.uint8 for c in raw)
     assert sum(c.nbytes for c in raw) * 4 == sum(c.nbytes for c in floats)
-    for f, u in zip(floats, raw):
+    for f, u in zip(floats, raw, strict=True):
         normalised = normalize_uint8(u[None])[0]
         assert normalised.dtype == torch.float32
         assert (normalised - f).abs().max() < TOL
@@ -37,8 +37,8 @@ def test_official_backend_uint8_then_device_normalisation_equals_float_crops() -
     floats = OfficialMultiCrop(32, 16, local_crops_number=3)(img)
     torch.manual_seed(0)
     raw = OfficialMultiCrop(32, 16, local_crops_number=3, uint8_output=True)(img)
-    assert all(c.dtype == torch.uint8 and c.shape == f.shape for c, f in zip(raw, floats))
-    for f, u in zip(floats, raw):
+    assert all(c.dtype == torch.uint8 and c.shape == f.shape for c, f in zip(raw, floats, strict=True))
+    for f, u in zip(floats, raw, strict=True):
         torch.testing.assert_close(normalize_uint8(u[None])[0], f, atol=1e-5, rtol=0)
 
 
@@ -56,11 +56,11 @@ def test_module_hook_normalises_uint8_crops_on_the_device(channels_last: bool) -
     img = smooth_image(48, 64)
     aug, ref = build_augmentation(CROPS, uint8_crops=True), build_augmentation(CROPS)
     aug.seed = ref.seed = 5
-    crops = [torch.stack(c) for c in zip(aug(img), aug(img))]
-    expected = [torch.stack(c) for c in zip(ref(img), ref(img))]
+    crops = [torch.stack(c) for c in zip(aug(img), aug(img), strict=True)]
+    expected = [torch.stack(c) for c in zip(ref(img), ref(img), strict=True)]
     out = DINOModule.on_after_batch_transfer(fake, {"crops": crops, "key": ["a", "b"]}, 0)
     assert out["key"] == ["a", "b"] and len(out["crops"]) == 5
-    for got, want in zip(out["crops"], expected):
+    for got, want in zip(out["crops"], expected, strict=True):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         assert got.is_contiguous(memory_format=torch.channels_last) == channels_last

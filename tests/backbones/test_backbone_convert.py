@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from backbones.surgenet_keyfile import surgenet_keys
 
+from backbones.surgenet_keyfile import surgenet_keys
 from surgenet_ssl.backbones import (
     build_backbone,
     detect_naming,

@@ -16,14 +16,28 @@ from pathlib import Path
 # A tiny timm backbone, small crops and head: seconds per epoch on 2 cores; 3 epochs x 4 steps; a step checkpoint
 # after every step (to watch progress) and the batch trace on (to compare data streams).
 TINY_RUN = [
-    "backbone=timm", "backbone.timm_name=test_resnet", "backbone.drop_path_rate=0.0",
-    "data.batch_size=4", "data.num_workers=2", "data.steps_per_epoch=4", "data.shuffle_buffer=16",
-    "trainer.max_epochs=3", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-    "dino.out_dim=64", "dino.head.hidden_dim=32", "dino.head.bottleneck_dim=16",
-    "dino.crops.global_size=32", "dino.crops.local_size=16", "dino.crops.local_number=2",
-    "logger=csv", "callbacks.knn_monitor.every_n_epochs=0", "callbacks.model_checkpoint.every_n_train_steps=1",
-    "callbacks.batch_trace.enabled=true", "export.enabled=false",
-]  # fmt: skip
+    "backbone=timm",
+    "backbone.timm_name=test_resnet",
+    "backbone.drop_path_rate=0.0",
+    "data.batch_size=4",
+    "data.num_workers=2",
+    "data.steps_per_epoch=4",
+    "data.shuffle_buffer=16",
+    "trainer.max_epochs=3",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "dino.out_dim=64",
+    "dino.head.hidden_dim=32",
+    "dino.head.bottleneck_dim=16",
+    "dino.crops.global_size=32",
+    "dino.crops.local_size=16",
+    "dino.crops.local_number=2",
+    "logger=csv",
+    "callbacks.knn_monitor.every_n_epochs=0",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "callbacks.batch_trace.enabled=true",
+    "export.enabled=false",
+]
 TOTAL_STEPS = 12
 JOB_ID = "4242"
 LAUNCHER = Path(__file__).with_name("task_launcher.py")
@@ -50,27 +64,54 @@ class SlurmJob:
 
     def env(self, rank: int, port: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-        env.update({
-            "PATH": f"{self.bin}:{os.environ['PATH']}", "SURGENET_SSL_CACHE": str(self.cache), "WANDB_MODE": "offline",
-            "SLURM_JOB_ID": JOB_ID, "SLURM_JOB_NAME": "surgenet-ssl", "SLURM_NTASKS": str(self.ntasks),
-            "SLURM_NTASKS_PER_NODE": str(self.ntasks), "SLURM_NNODES": "1", "SLURM_NODELIST": "localhost",
-            "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-        })  # fmt: skip
+        env.update(
+            {
+                "PATH": f"{self.bin}:{os.environ['PATH']}",
+                "SURGENET_SSL_CACHE": str(self.cache),
+                "WANDB_MODE": "offline",
+                "SLURM_JOB_ID": JOB_ID,
+                "SLURM_JOB_NAME": "surgenet-ssl",
+                "SLURM_NTASKS": str(self.ntasks),
+                "SLURM_NTASKS_PER_NODE": str(self.ntasks),
+                "SLURM_NNODES": "1",
+                "SLURM_NODELIST": "localhost",
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank),
+                "SLURM_NODEID": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            }
+        )
         return env
 
     def start(self) -> SlurmJob:
         port = free_port()
         trainer = ["trainer=ddp_cpu", f"trainer.devices={self.ntasks}"] if self.ntasks > 1 else ["trainer=cpu"]
-        args = [sys.executable, "-m", "surgenet_ssl.train", f"hydra.run.dir={self.run_dir}", *TINY_RUN, *trainer,
-                *self.extra]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "surgenet_ssl.train",
+            f"hydra.run.dir={self.run_dir}",
+            *TINY_RUN,
+            *trainer,
+            *self.extra,
+        ]
         stamp = time.monotonic_ns()
         self.logs = [self.tmp / f"task{rank}-{stamp}.log" for rank in range(self.ntasks)]
         self.codes_file = self.tmp / f"codes-{stamp}.json"
         spec = self.tmp / f"spec-{stamp}.json"
-        spec.write_text(json.dumps({"args": args, "envs": [self.env(r, port) for r in range(self.ntasks)],
-                                    "logs": [str(p) for p in self.logs], "cwd": str(self.cache.parent),
-                                    "codes": str(self.codes_file)}))  # fmt: skip
+        spec.write_text(
+            json.dumps(
+                {
+                    "args": args,
+                    "envs": [self.env(r, port) for r in range(self.ntasks)],
+                    "logs": [str(p) for p in self.logs],
+                    "cwd": str(self.cache.parent),
+                    "codes": str(self.codes_file),
+                }
+            )
+        )
         for log in self.logs:
             log.touch()
         # The launcher leads a new process group, like a job step: signalling the group reaches every task and

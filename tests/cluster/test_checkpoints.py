@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster.slurm_sim import TOTAL_STEPS, SlurmJob
 
+from cluster.slurm_sim import TOTAL_STEPS, SlurmJob
 from surgenet_ssl import checkpointing
 from surgenet_ssl.checkpointing import AtomicCheckpointIO, checkpoint_problem, find_resume_checkpoint
 

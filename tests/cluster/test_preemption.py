@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+
 from cluster.slurm_sim import JOB_ID, TOTAL_STEPS, SlurmJob, read_trace
 
 pytestmark = pytest.mark.slow
@@ -58,10 +59,13 @@ GPU_AUGMENT = ("data.augment_on=gpu", "data.gpu_frame_size=[40,64]")  # crops ma
 
 
 @pytest.mark.parametrize(
-    ("after_step", "extra"), [(1, ()), (5, ()), (5, GPU_AUGMENT)], ids=["epoch0", "mid-epoch1", "gpu-augment-mid-epoch1"]
+    ("after_step", "extra"),
+    [(1, ()), (5, ()), (5, GPU_AUGMENT)],
+    ids=["epoch0", "mid-epoch1", "gpu-augment-mid-epoch1"],
 )
-def test_signal_to_whole_job_with_workers_checkpoints_requeues_and_resumes_exactly(tmp_path, tmp_path_factory, demo_cache,
-                                                                                   after_step, extra):  # fmt: skip
+def test_signal_to_whole_job_with_workers_checkpoints_requeues_and_resumes_exactly(
+    tmp_path, tmp_path_factory, demo_cache, after_step, extra
+):
     _, stopped_at = _preempt_and_resume(tmp_path, demo_cache, ntasks=1, after_step=after_step, extra=extra)
     ref_dir = _uninterrupted(tmp_path_factory, demo_cache, ntasks=1, extra=extra)
     reference = read_trace(ref_dir)
@@ -97,8 +101,9 @@ def test_submitit_signal_goes_through_submitit_requeue(tmp_path, demo_cache):
         f"    open({str(marker)!r}, 'w').write(str(signum))\n"
         "    raise SystemExit(0)\n"
     )
-    (shim / "sitecustomize.py").write_text("import signal, submitit_fake\n"
-                                           "signal.signal(signal.SIGUSR2, submitit_fake.checkpoint_and_try_requeue)\n")
+    (shim / "sitecustomize.py").write_text(
+        "import signal, submitit_fake\nsignal.signal(signal.SIGUSR2, submitit_fake.checkpoint_and_try_requeue)\n"
+    )
     job = SlurmJob(tmp_path, run_dir, demo_cache, ntasks=1)
     slurm_env = job.env
 

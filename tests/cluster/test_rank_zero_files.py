@@ -11,9 +11,15 @@ from surgenet_ssl.train import wandb_run_id
 
 @pytest.mark.parametrize(
     ("env", "zero"),
-    [({}, True), ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, True), ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, False),
-     ({"LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"RANK": "2"}, False)],
-)  # fmt: skip
+    [
+        ({}, True),
+        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, True),
+        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, False),
+        ({"LOCAL_RANK": "1"}, False),
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),
+        ({"RANK": "2"}, False),
+    ],
+)
 def test_global_rank_zero_from_the_environment(monkeypatch, env, zero):
     for var in ("SLURM_NTASKS", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK"):
         monkeypatch.delenv(var, raising=False)

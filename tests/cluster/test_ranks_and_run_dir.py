@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster.slurm_sim import SlurmJob
 
+from cluster.slurm_sim import SlurmJob
 from surgenet_ssl.cluster import RunDirInUseError, RunDirLock
 
 SUPPORT = Path(__file__).resolve().parents[1] / "support"
@@ -18,8 +18,9 @@ SUPPORT = Path(__file__).resolve().parents[1] / "support"
 
 @pytest.mark.slow
 def test_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path):
-    proc = subprocess.run([sys.executable, str(SUPPORT / "ddp_nonfinite.py"), str(tmp_path)], capture_output=True,
-                          text=True, timeout=240)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SUPPORT / "ddp_nonfinite.py"), str(tmp_path)], capture_output=True, text=True, timeout=240
+    )
     results = {r: (tmp_path / f"rank{r}.txt").read_text() for r in (0, 1) if (tmp_path / f"rank{r}.txt").exists()}
     assert set(results) == {0, 1}, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank, text in results.items():
@@ -42,7 +43,9 @@ def test_run_dir_lock_refuses_a_second_training_naming_the_first(tmp_path, monke
 
 
 def test_run_dir_lock_of_a_dead_process_is_free(tmp_path):
-    code = f"from surgenet_ssl.cluster import RunDirLock; RunDirLock({str(tmp_path)!r}).acquire(); import os; os._exit(0)"
+    code = (
+        f"from surgenet_ssl.cluster import RunDirLock; RunDirLock({str(tmp_path)!r}).acquire(); import os; os._exit(0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert (tmp_path / ".train.lock").exists()  # the file stays, the lock does not
     lock = RunDirLock(tmp_path)

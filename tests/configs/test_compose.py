@@ -104,10 +104,17 @@ def test_checkpoint_callbacks_coexist_with_any_intervals(tmp_path):
 
     from surgenet_ssl.train import build_callbacks
 
-    cfg = _compose(["callbacks.archive_checkpoint.every_n_epochs=1", "callbacks.model_checkpoint.every_n_train_steps=1",
-                    f"callbacks.model_checkpoint.dirpath={tmp_path}", f"callbacks.archive_checkpoint.dirpath={tmp_path}/a",
-                    f"callbacks.knn_monitor.output_dir={tmp_path}", f"callbacks.batch_trace.output_dir={tmp_path}",
-                    "export.enabled=false"])  # fmt: skip
+    cfg = _compose(
+        [
+            "callbacks.archive_checkpoint.every_n_epochs=1",
+            "callbacks.model_checkpoint.every_n_train_steps=1",
+            f"callbacks.model_checkpoint.dirpath={tmp_path}",
+            f"callbacks.archive_checkpoint.dirpath={tmp_path}/a",
+            f"callbacks.knn_monitor.output_dir={tmp_path}",
+            f"callbacks.batch_trace.output_dir={tmp_path}",
+            "export.enabled=false",
+        ]
+    )
     callbacks = build_callbacks(cfg, tmp_path)
     checkpointers = [c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)]
     assert len(checkpointers) == 3 and len({c.state_key for c in checkpointers}) == 3
@@ -117,7 +124,10 @@ def test_checkpoint_callbacks_coexist_with_any_intervals(tmp_path):
 def test_sweep_job_dir_is_one_short_path_component():
     from surgenet_ssl.train import sweep_subdir
 
-    assert sweep_subdir(1, ["dataset.path=/data/x", "seed=1"], None, "dataset.path=/data/x,seed=1") == "1_dataset.path=%data%x,seed=1"
+    assert (
+        sweep_subdir(1, ["dataset.path=/data/x", "seed=1"], None, "dataset.path=/data/x,seed=1")
+        == "1_dataset.path=%data%x,seed=1"
+    )
     long = ",".join(f"key{i}=value{i}" for i in range(40))
     name = sweep_subdir(0, [], None, long)
     assert len(name) < 160 and "/" not in name and name != sweep_subdir(0, [], None, long + ",x=1")
@@ -131,8 +141,16 @@ def test_every_trainer_argument_is_declared_so_it_overrides_without_plus():
     declared = set(_compose([]).trainer) - {"_target_"}
     accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
     assert accepted <= declared, f"not declared in configs/trainer/default.yaml: {sorted(accepted - declared)}"
-    cfg = _compose(["trainer.max_steps=7", "trainer.limit_train_batches=3", "trainer.val_check_interval=0.5",
-                    "trainer.profiler=simple", "trainer=cpu", "trainer.max_time=00:01:00:00"])  # fmt: skip
+    cfg = _compose(
+        [
+            "trainer.max_steps=7",
+            "trainer.limit_train_batches=3",
+            "trainer.val_check_interval=0.5",
+            "trainer.profiler=simple",
+            "trainer=cpu",
+            "trainer.max_time=00:01:00:00",
+        ]
+    )
     assert cfg.trainer.max_steps == 7 and cfg.trainer.limit_train_batches == 3 and cfg.trainer.profiler == "simple"
 
 
@@ -141,7 +159,9 @@ def test_misspelt_trainer_argument_names_the_closest_valid_one():
 
     out = "paths.output_dir=run"
     cfg = _compose(["+trainer.max_stpes=5", out])
-    with pytest.raises(ValueError, match=r"trainer.max_stpes is not a pytorch_lightning.Trainer argument.*trainer.max_steps"):
+    with pytest.raises(
+        ValueError, match=r"trainer.max_stpes is not a pytorch_lightning.Trainer argument.*trainer.max_steps"
+    ):
         trainer_kwargs(cfg.trainer)
     with pytest.raises(ValueError, match="built from the `logger` config group"):
         trainer_kwargs(_compose(["+trainer.logger=false", out]).trainer)

@@ -30,9 +30,14 @@ def index_of(image: np.ndarray) -> int:
 
 
 def write_video(
-    path: Path, codec: str = "libx264", pix_fmt: str = "yuv420p", width: int = 64, height: int = 48,
-    frames: int = 50, fps: int = 25,
-) -> Path:  # fmt: skip
+    path: Path,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    width: int = 64,
+    height: int = 48,
+    frames: int = 50,
+    fps: int = 25,
+) -> Path:
     """A video whose frame i is uniformly grey at level_of(i) (frames <= 60)."""
     import av
 
@@ -91,10 +96,19 @@ def write_source(
             w.write(key, {"jpg": jpg, "json": json.dumps({"source": name, "frame_index": k}).encode()})
         shards += [s.to_dict() for s in w.close()]
     manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": name, "procedure": "test",
-        "complete": True, "frames": videos * frames_per_video, "videos": videos, "inputs": videos, "pending": 0,
-        "settings": {}, "skipped": {"inputs": [], "corrupt_images": 0}, "shards": shards,
-    }  # fmt: skip
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "source": name,
+        "procedure": "test",
+        "complete": True,
+        "frames": videos * frames_per_video,
+        "videos": videos,
+        "inputs": videos,
+        "pending": 0,
+        "settings": {},
+        "skipped": {"inputs": [], "corrupt_images": 0},
+        "shards": shards,
+    }
     write_json_atomic(out / "manifest.json", manifest)
     return out
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data.data_media import write_source
 
+from data.data_media import write_source
 from surgenet_ssl.datasets import main, report
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from torchvision.transforms.functional import to_tensor
 
+from surgenet_ssl.data.decode import decode_rgb_image
 from surgenet_ssl.data.demo import DEMO_PROCEDURES, demo_is_complete, ensure_demo_dataset
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.data.shards import iter_shard
-from surgenet_ssl.data.decode import decode_rgb_image
 
 
 def test_demo_is_generated_once_and_streams(demo_cache: Path) -> None:
@@ -33,8 +33,9 @@ def test_demo_is_generated_once_and_streams(demo_cache: Path) -> None:
     assert ensure_demo_dataset(demo_cache) == demo and time.time() - t1 < 1.0  # cached
 
     cfg = {"name": "demo", "generate": "demo", "root": str(demo_cache), "sources": None, "fraction": 1.0}
-    loader = build_train_loader(cfg, "/unused", lambda im: [to_tensor(im.resize((32, 24)))], batch_size=12,
-                                num_workers=0)  # fmt: skip
+    loader = build_train_loader(
+        cfg, "/unused", lambda im: [to_tensor(im.resize((32, 24)))], batch_size=12, num_workers=0
+    )
     assert loader.dataset.sources == list(DEMO_PROCEDURES) and len(loader) == 180 // 12
     batch = next(iter(loader))
     assert batch["crops"][0].shape == (12, 3, 24, 32) and batch["source"].max() < 3
@@ -45,7 +46,10 @@ def test_demo_procedures_look_different(demo_cache: Path) -> None:
     means = {}
     for name in DEMO_PROCEDURES:
         m = json.loads((demo / name / "manifest.json").read_text())
-        imgs = [np.asarray(decode_rgb_image(s["jpg"]), dtype=np.float32) for _, s in iter_shard(demo / name / m["shards"][0]["file"])]
+        imgs = [
+            np.asarray(decode_rgb_image(s["jpg"]), dtype=np.float32)
+            for _, s in iter_shard(demo / name / m["shards"][0]["file"])
+        ]
         assert imgs[0].shape == (240, 320, 3)
         means[name] = np.mean([im.reshape(-1, 3).mean(0) for im in imgs], axis=0)
     names = list(means)

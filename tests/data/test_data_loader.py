@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from data.data_media import tiny_jpeg, truncate, write_source
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
+from data.data_media import tiny_jpeg, truncate, write_source
 from surgenet_ssl.data.loader import MixtureStream, build_train_loader
 from surgenet_ssl.data.mixture import MissingSourcesError
 from surgenet_ssl.data.shards import keep_frame
@@ -53,7 +53,7 @@ def test_batch_contract(root: Path) -> None:
     assert b["position"].tolist() == [0, 0, 1, 8]  # epoch, worker, batches of that worker, stream items it used
     assert [c.shape for c in b["crops"]] == [(8, 3, 10, 12), (8, 3, 4, 4)] and b["crops"][0].dtype == torch.float32
     assert b["source"].dtype == torch.long and b["source"].shape == (8,)
-    for label, key in zip(b["source"].tolist(), b["key"]):
+    for label, key in zip(b["source"].tolist(), b["key"], strict=True):
         assert key.startswith(ds.sources[label] + "/")  # "<source>/<video>/<frame>"
     assert ds.stats["samples"] == 80 and ds.stats["batches"] == 10 and ds.stats["corrupt_images"] == 0
     with_workers = build_train_loader(cfg(), root, two_crops, batch_size=8, num_workers=2, shuffle_buffer=16)
@@ -66,8 +66,17 @@ def test_every_rank_gets_the_same_number_of_steps_with_fewer_shards_than_readers
     only_b = cfg(sources={"b": None})  # one shard for 3 ranks x 2 workers
     lengths = set()
     for rank in range(3):
-        loader = build_train_loader(only_b, root, two_crops, batch_size=4, num_workers=num_workers, rank=rank,
-                                    world_size=3, steps_per_epoch=5, shuffle_buffer=8)  # fmt: skip
+        loader = build_train_loader(
+            only_b,
+            root,
+            two_crops,
+            batch_size=4,
+            num_workers=num_workers,
+            rank=rank,
+            world_size=3,
+            steps_per_epoch=5,
+            shuffle_buffer=8,
+        )
         batches = list(loader)
         assert len(loader) == 5 and len(batches) == 5
         assert all(len(b["key"]) == 4 for b in batches)
@@ -79,11 +88,14 @@ def test_every_rank_gets_the_same_number_of_steps_with_fewer_shards_than_readers
     assert len(tiny) == 1  # at least one step
 
 
-@pytest.mark.parametrize(("weights", "expected_b"), [(None, 0.25), ({"a": 1.0, "b": 1.0}, 0.5), ({"a": 1.0, "b": 3.0}, 0.75)])
+@pytest.mark.parametrize(
+    ("weights", "expected_b"), [(None, 0.25), ({"a": 1.0, "b": 1.0}, 0.5), ({"a": 1.0, "b": 3.0}, 0.75)]
+)
 def test_mixture_weights_are_respected(root: Path, weights, expected_b: float) -> None:
     sources = {"a": None, "b": None} if weights is None else weights
-    loader = build_train_loader(cfg(sources=sources), root, two_crops, batch_size=50, num_workers=0,
-                                steps_per_epoch=12, shuffle_buffer=20)  # fmt: skip
+    loader = build_train_loader(
+        cfg(sources=sources), root, two_crops, batch_size=50, num_workers=0, steps_per_epoch=12, shuffle_buffer=20
+    )
     counts = Counter(label for batch in loader for label in batch["source"].tolist())
     share_b = counts[1] / 600
     assert abs(share_b - expected_b) < 0.07  # binomial sd <= 0.02
@@ -92,8 +104,18 @@ def test_mixture_weights_are_respected(root: Path, weights, expected_b: float) -
 
 def test_seeding_per_rank_epoch_and_workers(root: Path) -> None:
     def run(rank: int = 0, epoch: int | None = None, workers: int = 0, seed: int = 0, loader=None):
-        loader = loader or build_train_loader(cfg(), root, two_crops, batch_size=4, num_workers=workers, rank=rank,
-                                              world_size=2, seed=seed, steps_per_epoch=6, shuffle_buffer=10)  # fmt: skip
+        loader = loader or build_train_loader(
+            cfg(),
+            root,
+            two_crops,
+            batch_size=4,
+            num_workers=workers,
+            rank=rank,
+            world_size=2,
+            seed=seed,
+            steps_per_epoch=6,
+            shuffle_buffer=10,
+        )
         if epoch is not None:
             loader.dataset.set_epoch(epoch)
         return keys_of(loader)
@@ -116,8 +138,9 @@ def test_seeding_per_rank_epoch_and_workers(root: Path) -> None:
 
 
 def test_fraction_is_a_deterministic_key_subsample(root: Path) -> None:
-    loader = build_train_loader(cfg(fraction=0.5), root, two_crops, batch_size=10, num_workers=0, steps_per_epoch=20,
-                                shuffle_buffer=0)  # fmt: skip
+    loader = build_train_loader(
+        cfg(fraction=0.5), root, two_crops, batch_size=10, num_workers=0, steps_per_epoch=20, shuffle_buffer=0
+    )
     assert loader.dataset.frames_per_source == {"a": 30, "b": 10}
     keys = keys_of(loader)
     assert all(keep_frame(k.split("/", 1)[0], k.split("/", 1)[1], 0.5) for k in keys)
@@ -137,8 +160,12 @@ def test_startup_reads_manifests_only(tmp_path: Path) -> None:
 
 
 def test_missing_sources_are_listed_with_prepare_commands(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cholec = {"name": "cholec", "sources": {"cholec80": None, "heichole": None, "hsdb_chole": None},
-              "fraction": 1.0, "allow_missing": False}  # fmt: skip
+    cholec = {
+        "name": "cholec",
+        "sources": {"cholec80": None, "heichole": None, "hsdb_chole": None},
+        "fraction": 1.0,
+        "allow_missing": False,
+    }
     with pytest.raises(MissingSourcesError) as err:
         build_train_loader(cholec, tmp_path, two_crops, batch_size=2, num_workers=0)
     msg = str(err.value)
@@ -163,8 +190,15 @@ def test_bad_data_is_skipped_counted_and_logged(tmp_path: Path, caplog: pytest.L
     shard = src / "shards" / "v01-00000.tar"
     truncate(shard, shard.stat().st_size // 3)
     with caplog.at_level(logging.WARNING):
-        loader = build_train_loader(cfg(sources={"bad": None}), tmp_path, two_crops, batch_size=4, num_workers=0,
-                                    steps_per_epoch=10, shuffle_buffer=0)  # fmt: skip
+        loader = build_train_loader(
+            cfg(sources={"bad": None}),
+            tmp_path,
+            two_crops,
+            batch_size=4,
+            num_workers=0,
+            steps_per_epoch=10,
+            shuffle_buffer=0,
+        )
         n = sum(len(b["key"]) for b in loader)
     stats = loader.dataset.stats
     assert n == 40 and stats["samples"] == 40
@@ -180,13 +214,25 @@ def test_grayscale_and_cmyk_frames_reach_the_transform_as_rgb(tmp_path: Path) ->
     for i, mode in enumerate(["L", "CMYK", "RGB"]):
         w.write(f"m/{i:08d}", {"jpg": tiny_jpeg(100, mode=mode)})
     shards = [s.to_dict() for s in w.close()]
-    write_json_atomic(tmp_path / "modes" / "manifest.json", {
-        "format": "surgenet-ssl/source-shards", "version": 1, "source": "modes", "complete": True, "frames": 3,
-        "shards": shards,
-    })  # fmt: skip
+    write_json_atomic(
+        tmp_path / "modes" / "manifest.json",
+        {
+            "format": "surgenet-ssl/source-shards",
+            "version": 1,
+            "source": "modes",
+            "complete": True,
+            "frames": 3,
+            "shards": shards,
+        },
+    )
     seen = []
-    loader = build_train_loader({"name": "custom", "path": str(tmp_path / "modes")}, tmp_path,
-                                lambda im: (seen.append(im.mode), two_crops(im))[1], batch_size=3, num_workers=0)  # fmt: skip
+    loader = build_train_loader(
+        {"name": "custom", "path": str(tmp_path / "modes")},
+        tmp_path,
+        lambda im: (seen.append(im.mode), two_crops(im))[1],
+        batch_size=3,
+        num_workers=0,
+    )
     list(loader)
     assert set(seen) == {"RGB"} and len(seen) == 3
 
@@ -194,8 +240,9 @@ def test_grayscale_and_cmyk_frames_reach_the_transform_as_rgb(tmp_path: Path) ->
 def test_custom_path_and_config_errors(root: Path, tmp_path: Path) -> None:
     one = build_train_loader({"name": "custom", "path": str(root / "a")}, "/unused", two_crops, 4, 0)
     assert one.dataset.sources == ["a"]
-    many = build_train_loader(OmegaConf.create({"name": "custom", "path": str(root), "sources": None}), "/x", two_crops,
-                              4, 0)  # fmt: skip
+    many = build_train_loader(
+        OmegaConf.create({"name": "custom", "path": str(root), "sources": None}), "/x", two_crops, 4, 0
+    )
     assert many.dataset.sources == ["a", "b"]
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "clip.mp4").write_bytes(b"x")
@@ -214,8 +261,16 @@ def test_resumed_stream_continues_with_exactly_the_next_batches(root: Path, num_
     from surgenet_ssl.datamodule import StreamPosition
 
     def run(resume=None, stop_after=None):
-        loader = build_train_loader(cfg(), root, two_crops, batch_size=4, num_workers=num_workers, shuffle_buffer=16,
-                                    steps_per_epoch=7, resume_position=resume)  # fmt: skip
+        loader = build_train_loader(
+            cfg(),
+            root,
+            two_crops,
+            batch_size=4,
+            num_workers=num_workers,
+            shuffle_buffer=16,
+            steps_per_epoch=7,
+            resume_position=resume,
+        )
         seen, position = [], StreamPosition()
         first_epoch = int(resume["epoch"]) if resume else 0
         for epoch in range(first_epoch, 2):

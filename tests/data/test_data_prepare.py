@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from data.data_media import VIDEO_KINDS, tar_member_names, write_images, write_video
 
+from data.data_media import VIDEO_KINDS, tar_member_names, write_images, write_video
 from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, discover_units, prepare_source
 from surgenet_ssl.data.shards import iter_shard, sha256_file
 
@@ -69,7 +69,9 @@ def test_prepare_mixed_folder_counts_everything(media: Path, tmp_path: Path) -> 
     assert len(keys) == GOOD_FRAMES
     meta = keys["case_2/clip_v1/00000045"]  # stable key: <video path>/<frame index>
     assert meta["source"] == "testsrc" and meta["procedure"] == "test procedure" and meta["video"] == "case_2/clip_v1"
-    assert meta["frame_index"] == 45 and meta["timestamp"] == pytest.approx(1.8) and meta["input"] == "case 2/clip.v1.mp4"
+    assert (
+        meta["frame_index"] == 45 and meta["timestamp"] == pytest.approx(1.8) and meta["input"] == "case 2/clip.v1.mp4"
+    )
     assert (meta["width"], meta["height"]) == (64, 48)
     assert keys["ffv1_odd/00000000"]["orig_width"] == 63
     assert "frames/op1/img_6" in keys and "frames/op2/2" in keys and keys["frames/op1/img_6"]["timestamp"] is None
@@ -167,15 +169,24 @@ def test_parallel_workers_give_the_same_shards(media: Path, tmp_path: Path) -> N
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "surgenet_ssl.prepare", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "surgenet_ssl.prepare", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
-    )  # fmt: skip
+    )
 
 
 def test_cli_prepares_into_data_root_and_reports_errors(tmp_path: Path) -> None:
     write_video(tmp_path / "in" / "a.mp4", frames=50, fps=25)
-    r = _cli("source=HeiChole", f"input={tmp_path / 'in'}", f"paths.data_root={tmp_path / 'root'}", "progress=false",
-             cwd=tmp_path)  # fmt: skip
+    r = _cli(
+        "source=HeiChole",
+        f"input={tmp_path / 'in'}",
+        f"paths.data_root={tmp_path / 'root'}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     assert r.stdout.strip().splitlines()[-1].startswith("prepared 2 frames of source heichole")  # fps=1 default
     m = manifest_of(tmp_path / "root" / "heichole")
@@ -186,8 +197,13 @@ def test_cli_prepares_into_data_root_and_reports_errors(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "input=DIR is required" in bad.stdout + bad.stderr
     (tmp_path / "only_empty").mkdir()
     (tmp_path / "only_empty" / "empty.mp4").write_bytes(b"")
-    none = _cli("source=y", f"input={tmp_path / 'only_empty'}", f"paths.data_root={tmp_path / 'root'}",
-                "progress=false", cwd=tmp_path)  # fmt: skip
+    none = _cli(
+        "source=y",
+        f"input={tmp_path / 'only_empty'}",
+        f"paths.data_root={tmp_path / 'root'}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert none.returncode == 1 and "no frame could be prepared" in none.stdout + none.stderr
 
 

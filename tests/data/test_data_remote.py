@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from data.data_media import write_source
 from PIL import Image
-from support.cli import FAST_TRAIN, run_module
 from torchvision.transforms.functional import to_tensor
 
+from data.data_media import write_source
+from support.cli import FAST_TRAIN, run_module
 from surgenet_ssl.data import location as L
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.data.mixture import MissingSourcesError
@@ -26,8 +26,11 @@ from surgenet_ssl.data.shards import write_json_atomic
 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="http(s) URLs are read with curl")
 
-GOOD, MISSING, CUT = ["/src/shards/v00-00000.tar", "/src/shards/v00-00003.tar", "/src/shards/v00-00004.tar"], \
-    "/src/shards/v00-00001.tar", "/src/shards/v00-00002.tar"  # fmt: skip
+GOOD, MISSING, CUT = (
+    ["/src/shards/v00-00000.tar", "/src/shards/v00-00003.tar", "/src/shards/v00-00004.tar"],
+    "/src/shards/v00-00001.tar",
+    "/src/shards/v00-00002.tar",
+)
 
 
 def two_crops(img: Image.Image) -> list[torch.Tensor]:
@@ -137,8 +140,15 @@ def test_http_source_streams_and_bad_shards_are_counted(server: _Server, caplog:
     server.not_found.add(MISSING)
     server.cut.add(CUT)
     with caplog.at_level(logging.WARNING):
-        loader = build_train_loader(custom(f"{server.url}/src"), "/unused", two_crops, batch_size=4, num_workers=0,
-                                    steps_per_epoch=40, shuffle_buffer=8)  # fmt: skip
+        loader = build_train_loader(
+            custom(f"{server.url}/src"),
+            "/unused",
+            two_crops,
+            batch_size=4,
+            num_workers=0,
+            steps_per_epoch=40,
+            shuffle_buffer=8,
+        )
         assert loader.dataset.sources == ["src"] and loader.dataset.frames_per_source == {"src": 25}
         batches = list(loader)
     assert len(batches) == 40 and all(len(b["key"]) == 4 for b in batches)  # training went on
@@ -185,12 +195,15 @@ def test_missing_remote_manifests_name_the_url(server: _Server, prepared: Path) 
     msg = str(err.value)
     assert "  - gone: not prepared (no manifest.json at" in msg and f"expected: {server.url}/gone/manifest.json" in msg
     assert f"then upload that directory to {server.url}/gone" in msg and "src:" not in msg
-    loader = build_train_loader(named | {"allow_missing": True}, "/unused", two_crops, 4, 0, steps_per_epoch=2,
-                                shuffle_buffer=4)  # fmt: skip
+    loader = build_train_loader(
+        named | {"allow_missing": True}, "/unused", two_crops, 4, 0, steps_per_epoch=2, shuffle_buffer=4
+    )
     assert loader.dataset.sources == ["src"] and len(list(loader)) == 2
     # A collection manifest at the URL lists its sources (a remote folder cannot be listed); per-source URLs work.
-    write_json_atomic(prepared / "manifest.json", {"format": "surgenet-ssl/collection", "version": 1,
-                                                   "sources": {"src": "src", "b": "b"}})  # fmt: skip
+    write_json_atomic(
+        prepared / "manifest.json",
+        {"format": "surgenet-ssl/collection", "version": 1, "sources": {"src": "src", "b": "b"}},
+    )
     try:
         both = build_train_loader(custom(server.url), "/unused", two_crops, 4, 0, steps_per_epoch=3, shuffle_buffer=4)
         assert both.dataset.frames_per_source == {"src": 25, "b": 6} and len(list(both)) == 3
@@ -202,8 +215,15 @@ def test_missing_remote_manifests_name_the_url(server: _Server, prepared: Path) 
 
 def test_pipe_sources_and_absolute_shard_urls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = write_source(tmp_path, "p", videos=1, frames_per_video=6, shard_max=2)
-    loader = build_train_loader(custom(f"pipe:cat {src}"), "/unused", two_crops, batch_size=3, num_workers=0,
-                                steps_per_epoch=8, shuffle_buffer=0)  # fmt: skip
+    loader = build_train_loader(
+        custom(f"pipe:cat {src}"),
+        "/unused",
+        two_crops,
+        batch_size=3,
+        num_workers=0,
+        steps_per_epoch=8,
+        shuffle_buffer=0,
+    )
     keys = {k for b in loader for k in b["key"]}
     assert keys == {f"p/v00/{i:08d}" for i in range(6)} and loader.dataset.stats["unreadable_shards"] == 0
     # A local manifest whose shard entries are absolute pipe: URLs; one of them fails (cat exits 1).
@@ -213,8 +233,15 @@ def test_pipe_sources_and_absolute_shard_urls(tmp_path: Path, caplog: pytest.Log
     write_json_atomic(tmp_path / "abs" / "manifest.json", manifest)
     (src / "shards" / "v00-00001.tar").unlink()
     with caplog.at_level(logging.WARNING):
-        loader = build_train_loader(custom(str(tmp_path / "abs")), "/unused", two_crops, batch_size=2,
-                                    num_workers=0, steps_per_epoch=10, shuffle_buffer=0)  # fmt: skip
+        loader = build_train_loader(
+            custom(str(tmp_path / "abs")),
+            "/unused",
+            two_crops,
+            batch_size=2,
+            num_workers=0,
+            steps_per_epoch=10,
+            shuffle_buffer=0,
+        )
         keys = {k for b in loader for k in b["key"]}
     assert keys == {f"p/v00/{i:08d}" for i in (0, 1, 4, 5)}
     assert loader.dataset.stats["unreadable_shards"] == 1
@@ -232,11 +259,21 @@ def test_train_cli_on_an_http_dataset(demo_cache: Path, tmp_path: Path) -> None:
     for server in serve(demo):
         cache, run_dir = tmp_path / "shard_cache", tmp_path / "run"
         proc = run_module(
-            "surgenet_ssl.train", "dataset=custom", f"dataset.path={server.url}", f"data.shard_cache_dir={cache}",
-            f"hydra.run.dir={run_dir}", *FAST_TRAIN, "trainer.max_epochs=1", cache=demo_cache,
-            env={"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "http_proxy": "",
-                 "HTTP_PROXY": ""},
-        )  # fmt: skip
+            "surgenet_ssl.train",
+            "dataset=custom",
+            f"dataset.path={server.url}",
+            f"data.shard_cache_dir={cache}",
+            f"hydra.run.dir={run_dir}",
+            *FAST_TRAIN,
+            "trainer.max_epochs=1",
+            cache=demo_cache,
+            env={
+                "NO_PROXY": "127.0.0.1,localhost",
+                "no_proxy": "127.0.0.1,localhost",
+                "http_proxy": "",
+                "HTTP_PROXY": "",
+            },
+        )
         assert proc.stdout.strip().splitlines()[-1] == f"export_dir={run_dir / 'export'}"
         assert any(p.endswith(".tar") for p in server.requests) and server.requests["/manifest.json"] >= 1
         assert list(cache.glob("*.tar")) and not list(cache.glob(".*"))

@@ -7,8 +7,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from data.data_media import tiny_jpeg, truncate
 
+from data.data_media import tiny_jpeg, truncate
 from surgenet_ssl.data.shards import ShardWriter, flat_name, iter_shard, keep_frame, sanitize_id, sha256_file
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data.data_media import VIDEO_KINDS, index_of, write_video
 
+from data.data_media import VIDEO_KINDS, index_of, write_video
 from surgenet_ssl.data.video import (
     DecodeReport,
     VideoDecodeError,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import cv2
 import torch
-from data.data_media import write_source
 
+from data.data_media import write_source
 from surgenet_ssl.data.loader import build_train_loader
 
 
@@ -22,8 +22,9 @@ def test_workers_are_single_threaded(tmp_path: Path) -> None:
     previous = cv2.getNumThreads()
     cv2.setNumThreads(4)  # what a worker would inherit from a training process with an OpenCV pool
     try:
-        loader = build_train_loader(cfg, tmp_path, thread_counts, batch_size=2, num_workers=1, steps_per_epoch=2,
-                                    shuffle_buffer=0)  # fmt: skip
+        loader = build_train_loader(
+            cfg, tmp_path, thread_counts, batch_size=2, num_workers=1, steps_per_epoch=2, shuffle_buffer=0
+        )
         seen = {tuple(row.tolist()) for batch in loader for row in batch["crops"][0]}
     finally:
         cv2.setNumThreads(previous)

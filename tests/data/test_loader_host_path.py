@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from data.data_media import write_source
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from data.data_media import write_source
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.datamodule import loader_options
 
@@ -26,9 +26,17 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _epochs(root: Path, persistent: bool, epochs: int = 3) -> list[list[str]]:
-    loader = build_train_loader({"name": "a", "sources": {"a": None}}, root, uint8_crop, batch_size=4, num_workers=2,
-                                steps_per_epoch=4, shuffle_buffer=8, persistent_workers=persistent,
-                                prefetch_factor=3)  # fmt: skip
+    loader = build_train_loader(
+        {"name": "a", "sources": {"a": None}},
+        root,
+        uint8_crop,
+        batch_size=4,
+        num_workers=2,
+        steps_per_epoch=4,
+        shuffle_buffer=8,
+        persistent_workers=persistent,
+        prefetch_factor=3,
+    )
     assert loader.persistent_workers == persistent and loader.prefetch_factor == 3
     out = []
     for epoch in range(epochs):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data.data_media import write_source
 
+from data.data_media import write_source
 from surgenet_ssl.config_checks import ConfigError
 from surgenet_ssl.data.mixture import resolve_mixture
 
@@ -19,8 +19,15 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return r
 
 
-@pytest.mark.parametrize("key, closest", [("fracton", "dataset.fraction"), ("allow_mising", "dataset.allow_missing"),
-                                          ("source", "dataset.sources"), ("generat", "dataset.generate")])  # fmt: skip
+@pytest.mark.parametrize(
+    "key, closest",
+    [
+        ("fracton", "dataset.fraction"),
+        ("allow_mising", "dataset.allow_missing"),
+        ("source", "dataset.sources"),
+        ("generat", "dataset.generate"),
+    ],
+)
 def test_a_misspelt_dataset_key_fails_with_the_closest_valid_name(key, closest, tmp_path):
     with pytest.raises(ConfigError) as err:
         resolve_mixture({"name": "x", "sources": {"a": None}, key: 1}, tmp_path / "nothing-here")
@@ -38,8 +45,19 @@ def test_a_misspelt_key_of_a_source_entry_fails_with_the_closest_valid_name(root
 
 def test_every_valid_key_is_accepted(root):
     sources = {"a": {"weight": 3.0}, "b": {"weight": 1.0, "path": str(root / "b")}}
-    mixture = resolve_mixture({"name": "ab", "description": "two sources", "sources": sources, "fraction": 1.0,
-                               "allow_missing": False, "root": str(root), "path": None, "generate": None}, "/unused")
+    mixture = resolve_mixture(
+        {
+            "name": "ab",
+            "description": "two sources",
+            "sources": sources,
+            "fraction": 1.0,
+            "allow_missing": False,
+            "root": str(root),
+            "path": None,
+            "generate": None,
+        },
+        "/unused",
+    )
     assert [(s.name, s.weight) for s in mixture.sources] == [("a", 0.75), ("b", 0.25)]
 
 

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.backbones import build_backbone
 from surgenet_ssl.dino import DINOLoss
 from surgenet_ssl.dino.dinov2 import (
@@ -25,8 +26,6 @@ from surgenet_ssl.dino.dinov2 import (
     vit_tokens,
 )
 from surgenet_ssl.module import DINOModule
-
-from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 
 TINY_VIT = {"name": "timm", "timm_name": "test_vit", "drop_path_rate": 0.0, "dynamic_img_size": True}
 
@@ -167,8 +166,14 @@ def _options(**loss) -> dict:
     return cfg
 
 
-OFF = {"centering": "centering", "sinkhorn_iterations": 3, "koleo_weight": 0.0, "ibot_weight": 0.0,
-       "ibot_mask_probability": 0.5, "ibot_mask_ratio": [0.1, 0.5]}  # fmt: skip
+OFF = {
+    "centering": "centering",
+    "sinkhorn_iterations": 3,
+    "koleo_weight": 0.0,
+    "ibot_weight": 0.0,
+    "ibot_mask_probability": 0.5,
+    "ibot_mask_ratio": [0.1, 0.5],
+}
 
 
 def _batch(seed: int = 0) -> dict:
@@ -189,7 +194,7 @@ def test_all_options_off_is_bit_identical_to_the_dino_step():
     loss = module.training_step(batch, 0)
     loss.backward()
     assert torch.equal(loss.detach(), ref_loss.detach())
-    for (name, p), q in zip(module.student.named_parameters(), reference.student.parameters()):
+    for (name, p), q in zip(module.student.named_parameters(), reference.student.parameters(), strict=True):
         assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), name
     assert set(module.state_dict()) == set(DINOModule(TINY_BACKBONE, tiny_dino(), 4).state_dict())  # no new state
 
@@ -213,13 +218,26 @@ def test_koleo_step_keeps_the_dino_part_and_adds_the_weighted_koleo():
 
 def test_dinov2_recipe_trains_a_tiny_vit_and_ibot_is_refused_on_cnns(tmp_path, caplog):
     torch.manual_seed(0)
-    cfg = _options(centering="sinkhorn_knopp", koleo_weight=0.1, ibot_weight=1.0, ibot_mask_probability=0.5,
-                   ibot_mask_ratio=[0.1, 0.5])  # fmt: skip
+    cfg = _options(
+        centering="sinkhorn_knopp",
+        koleo_weight=0.1,
+        ibot_weight=1.0,
+        ibot_mask_probability=0.5,
+        ibot_mask_ratio=[0.1, 0.5],
+    )
     module = DINOModule(TINY_VIT, cfg, batch_size=4, diagnostics_every_n_steps=1)
     assert module.ibot_loss is not None and module.student.mask_token.shape == (1, 64)
     # 32-px global crops: 2 x 2 patches; 4 images x 2 crops, half of them masked
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     token_before = module.student.mask_token.detach().clone()
     trainer.fit(module, train_dataloaders=crop_batches(3, batch_size=4))
     logged = trainer.callback_metrics

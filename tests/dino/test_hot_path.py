@@ -41,7 +41,7 @@ def test_foreach_clipping_equals_the_per_parameter_loop(max_norm: float) -> None
     ours, ref = _model_with_grads(0), _model_with_grads(0)
     total = clip_gradients_per_parameter(ours, max_norm)
     norms = _reference_clip(ref, max_norm)
-    for a, b in zip(ours.parameters(), ref.parameters()):
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         assert (a.grad is None) == (b.grad is None)
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0.0)

@@ -17,7 +17,7 @@ def test_loss_of_known_logits_hand_computed():
     teacher = torch.tensor([[0.0, 0.0], [0.04 * LN3, 0.0]])  # -> p = [.5, .5], [.75, .25]
     student = torch.tensor([[0.0, 0.0], [0.1 * LN3, 0.0], [0.0, 0.1 * LN3]])  # -> q = [.5,.5], [.75,.25], [.25,.75]
     loss = loss_fn(student, teacher, teacher_temp=0.04)
-    h = lambda p, q: -sum(a * math.log(b) for a, b in zip(p, q))  # noqa: E731
+    h = lambda p, q: -sum(a * math.log(b) for a, b in zip(p, q, strict=True))  # noqa: E731
     pairs = [
         h([0.5, 0.5], [0.75, 0.25]),  # teacher 1, student 2
         h([0.5, 0.5], [0.25, 0.75]),  # teacher 1, student 3

@@ -49,9 +49,15 @@ def test_head_layout_and_fixed_prototype_norms():
     head = DINOHead(in_dim=8, out_dim=16, hidden_dim=12, bottleneck_dim=4)
     names = [n for n, _ in head.named_parameters()]
     assert names == [
-        "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
-        "last_layer.weight_v", "last_layer.weight_g",
-    ]  # fmt: skip
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+        "mlp.4.weight",
+        "mlp.4.bias",
+        "last_layer.weight_v",
+        "last_layer.weight_g",
+    ]
     assert not head.last_layer.weight_g.requires_grad
     assert torch.allclose(head.last_layer.weight.norm(dim=1), torch.ones(16))
     out = head(torch.randn(5, 8))

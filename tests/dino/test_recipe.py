@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from support.tiny_training import TINY_BACKBONE, tiny_dino
 
 import surgenet_ssl.train  # noqa: F401  (registers the config resolvers)
+from support.tiny_training import TINY_BACKBONE, tiny_dino
 from surgenet_ssl.config_checks import ConfigError
 from surgenet_ssl.dino.recipe import DinoRecipe, LossRecipe
 from surgenet_ssl.recipe import dino_recipe
@@ -77,17 +77,23 @@ def test_left_out_or_null_keys_take_the_defaults_the_code_always_used():
     nulls = _with(_with(tiny_dino(), "loss.centering", None), "loss.koleo_weight", None)
     assert DinoRecipe.from_dict(nulls).loss == parsed.loss
     assert DinoRecipe.from_dict(_with(tiny_dino(), "head")).head == DinoRecipe.from_dict(dino_recipe()).head
-    assert isinstance(DinoRecipe.from_dict(_with(tiny_dino(), "optimizer.warmup_epochs", 1)).optimizer.warmup_epochs,
-                      float)  # fmt: skip
+    assert isinstance(
+        DinoRecipe.from_dict(_with(tiny_dino(), "optimizer.warmup_epochs", 1)).optimizer.warmup_epochs, float
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "key, closest",
-    [("optimizer.freeze_last_layr", "dino.optimizer.freeze_last_layer"), ("loss.teacher_tmp", "dino.loss.teacher_temp"),
-     ("crops.solarise_p", "dino.crops.solarize_p"), ("head.nlayer", "dino.head.nlayers"), ("lose", "dino.loss"),
-     ("outdim", "dino.out_dim")],
-)  # fmt: skip
+    [
+        ("optimizer.freeze_last_layr", "dino.optimizer.freeze_last_layer"),
+        ("loss.teacher_tmp", "dino.loss.teacher_temp"),
+        ("crops.solarise_p", "dino.crops.solarize_p"),
+        ("head.nlayer", "dino.head.nlayers"),
+        ("lose", "dino.loss"),
+        ("outdim", "dino.out_dim"),
+    ],
+)
 def test_a_misspelt_key_names_its_path_and_the_closest_valid_name(key, closest):
     with pytest.raises(ConfigError) as err:
         DinoRecipe.from_dict(_with(tiny_dino(), key, 1))
@@ -96,30 +102,35 @@ def test_a_misspelt_key_names_its_path_and_the_closest_valid_name(key, closest):
 
 
 def test_a_key_close_to_nothing_lists_the_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key dino\.teacher\.xyz\. Valid keys of dino\.teacher: "
-                                          r"momentum, momentum_end"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key dino\.teacher\.xyz\. Valid keys of dino\.teacher: "
+        r"momentum, momentum_end",
+    ):
         DinoRecipe.from_dict(_with(tiny_dino(), "teacher.xyz", 1))
 
 
 @pytest.mark.parametrize(
     "key, value, message",
-    [("out_dim", "big", "dino.out_dim must be an integer, got 'big'"),
-     ("out_dim", True, "dino.out_dim must be an integer, got True"),
-     ("optimizer.freeze_last_layer", 1.5, "dino.optimizer.freeze_last_layer must be an integer, got 1.5"),
-     ("loss.student_temp", "0.1", "dino.loss.student_temp must be a number, got '0.1'"),
-     ("head.use_bn", "no", "dino.head.use_bn must be true or false, got 'no'"),
-     ("crops.blur_p", [1.0, 0.5], "dino.crops.blur_p must be a list of 3 numbers, got [1.0, 0.5]"),
-     ("optimizer.betas", 0.9, "dino.optimizer.betas must be a list of 2 numbers"),
-     ("loss.centering", "sinkhorn", "dino.loss.centering must be 'centering' or 'sinkhorn_knopp', got 'sinkhorn'"),
-     ("head", [1], "dino.head must be a mapping"),
-     ("loss.center_momentum", 1.5, "dino.loss.center_momentum=1.5: must be in [0, 1]"),
-     ("loss.teacher_temp", 0.0, "dino.loss.teacher_temp=0.0: must be > 0"),
-     ("crops.local_scale", [0.4, 0.05], "dino.crops.local_scale=[0.4, 0.05]: must be [min, max]"),
-     ("crops.color_jitter", [0.4, 0.4, 0.2, 0.7], "dino.crops.color_jitter=[0.4, 0.4, 0.2, 0.7]: needs"),
-     ("crops.local_number", -1, "dino.crops.local_number=-1: must be >= 0"),
-     ("optimizer.base_lr", ..., "dino.optimizer.base_lr is required"),
-     ("teacher", ..., "dino.teacher is required")],
-)  # fmt: skip
+    [
+        ("out_dim", "big", "dino.out_dim must be an integer, got 'big'"),
+        ("out_dim", True, "dino.out_dim must be an integer, got True"),
+        ("optimizer.freeze_last_layer", 1.5, "dino.optimizer.freeze_last_layer must be an integer, got 1.5"),
+        ("loss.student_temp", "0.1", "dino.loss.student_temp must be a number, got '0.1'"),
+        ("head.use_bn", "no", "dino.head.use_bn must be true or false, got 'no'"),
+        ("crops.blur_p", [1.0, 0.5], "dino.crops.blur_p must be a list of 3 numbers, got [1.0, 0.5]"),
+        ("optimizer.betas", 0.9, "dino.optimizer.betas must be a list of 2 numbers"),
+        ("loss.centering", "sinkhorn", "dino.loss.centering must be 'centering' or 'sinkhorn_knopp', got 'sinkhorn'"),
+        ("head", [1], "dino.head must be a mapping"),
+        ("loss.center_momentum", 1.5, "dino.loss.center_momentum=1.5: must be in [0, 1]"),
+        ("loss.teacher_temp", 0.0, "dino.loss.teacher_temp=0.0: must be > 0"),
+        ("crops.local_scale", [0.4, 0.05], "dino.crops.local_scale=[0.4, 0.05]: must be [min, max]"),
+        ("crops.color_jitter", [0.4, 0.4, 0.2, 0.7], "dino.crops.color_jitter=[0.4, 0.4, 0.2, 0.7]: needs"),
+        ("crops.local_number", -1, "dino.crops.local_number=-1: must be >= 0"),
+        ("optimizer.base_lr", ..., "dino.optimizer.base_lr is required"),
+        ("teacher", ..., "dino.teacher is required"),
+    ],
+)
 def test_a_wrong_type_or_value_names_the_key(key, value, message):
     with pytest.raises(ConfigError) as err:
         DinoRecipe.from_dict(_with(tiny_dino(), key, value))
@@ -171,9 +182,16 @@ def test_the_recipe_module_is_plain_python():
     import subprocess
     import sys
 
-    code = ("import sys, surgenet_ssl.dino.recipe; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'pytorch_lightning', "
-            "'lightning'}))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    code = (
+        "import sys, surgenet_ssl.dino.recipe; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'pytorch_lightning', "
+        "'lightning'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert out.stdout.strip() == "[]"

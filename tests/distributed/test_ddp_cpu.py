@@ -15,8 +15,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "support" / "ddp_step.py"
 def _run(out: Path, devices: int, per_rank: int, steps: int) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), str(devices), str(per_rank), str(steps)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from downstream.helpers import make_seg_folder
 
 torch.set_num_threads(1)

@@ -11,8 +11,9 @@ from PIL import Image
 CLASSES = ("background", "tissue", "tool")
 
 
-def make_seg_folder(split: Path, cases=("case1", "case2"), per_case: int = 3, size=(64, 64), seed: int = 0,
-                    classes_file: bool = True) -> Path:  # fmt: skip
+def make_seg_folder(
+    split: Path, cases=("case1", "case2"), per_case: int = 3, size=(64, 64), seed: int = 0, classes_file: bool = True
+) -> Path:
     """``split/images/<case>/<n>.png`` + ``split/masks/<case>/<n>.png`` (+ classes.txt): a dark border (0), tissue (1)
     and a bright bar (2) at a varying place; the image is a noisy function of the mask."""
     rng = np.random.default_rng(seed)
@@ -43,8 +44,15 @@ def save_timm_teacher(path: Path, timm_name: str = "test_convnext", seed: int = 
     return path
 
 
-def fake_pretraining_run(run_dir: Path, dataset: str = "small", fraction: float = 0.1, timm_name: str = "test_convnext",
-                         epochs: int = 2, seed: int = 0, knn: float = 0.5) -> dict:  # fmt: skip
+def fake_pretraining_run(
+    run_dir: Path,
+    dataset: str = "small",
+    fraction: float = 0.1,
+    timm_name: str = "test_convnext",
+    epochs: int = 2,
+    seed: int = 0,
+    knn: float = 0.5,
+) -> dict:
     """A run dir as ``python -m surgenet_ssl.train`` leaves it: config.yaml, checkpoints/, embeddings/ and a real
     export (teacher .pth/.safetensors, DINO checkpoint, model card) written by ``export_checkpoint``."""
     from omegaconf import OmegaConf
@@ -63,17 +71,21 @@ def fake_pretraining_run(run_dir: Path, dataset: str = "small", fraction: float 
         "data": {"batch_size": 4},
     }
     checkpoint = {
-        "state_dict": state, "epoch": epochs, "global_step": 10 * epochs,
+        "state_dict": state,
+        "epoch": epochs,
+        "global_step": 10 * epochs,
         "hyper_parameters": {"backbone": {"name": "timm", "timm_name": timm_name}, "dino": {}},
         "callbacks": {"KNNMonitor": {"last_result": {"knn/top1": knn, "knn/top5": 1.0}, "last_epoch": epochs}},
-        "run_provenance": {"command": f"python -m surgenet_ssl.train dataset={dataset}", "overrides": [],
-                           "git_commit": "unknown", "version": "0.1.0"},
-    }  # fmt: skip
+        "run_provenance": {
+            "command": f"python -m surgenet_ssl.train dataset={dataset}",
+            "overrides": [],
+            "git_commit": "unknown",
+            "version": "0.1.0",
+        },
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run_config)))
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     (run_dir / "embeddings").mkdir(exist_ok=True)
     Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(run_dir / "embeddings" / f"epoch{epochs:04d}.png")
     return export_checkpoint(checkpoint, run_dir / "export", dataset, run_config)
-
-

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from downstream.helpers import make_seg_folder
 from PIL import Image
 
+from downstream.helpers import make_seg_folder
 from surgenet_ssl.downstream.classification_data import cholec80_samples, csv_samples, read_phase_annotation
 from surgenet_ssl.downstream.segmentation_data import (
     CHOLECSEG8K_CLASSES,
@@ -53,7 +53,9 @@ def test_bad_segmentation_input_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="size mismatch"):
         ds[0]
     # colour masks are not class ids
-    Image.fromarray(np.dstack([np.zeros((64, 64), np.uint8), np.ones((64, 64), np.uint8), np.zeros((64, 64), np.uint8)])).save(mask_path)
+    Image.fromarray(
+        np.dstack([np.zeros((64, 64), np.uint8), np.ones((64, 64), np.uint8), np.zeros((64, 64), np.uint8)])
+    ).save(mask_path)
     with pytest.raises(ValueError, match="is a colour image"):
         reader(str(mask_path))
     # a missing mask, a missing class list, an empty split
@@ -148,8 +150,12 @@ def test_cholec80_phase_annotations_map_frame_numbers_by_fps(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / f"video01_{n:06d}.png")
     samples = cholec80_samples(tmp_path / "frames", ann, annotation_fps=25, frames_fps=1, first_frame_number=1)
     # frame n -> annotation row (n - 1) x 25: 0, 25 (Preparation), 50, 75 (CalotTriangleDissection)
-    assert [s.target for s in samples] == ["Preparation", "Preparation", "CalotTriangleDissection",
-                                           "CalotTriangleDissection"]  # fmt: skip
+    assert [s.target for s in samples] == [
+        "Preparation",
+        "Preparation",
+        "CalotTriangleDissection",
+        "CalotTriangleDissection",
+    ]
     assert {s.group for s in samples} == {"video01"}
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / "video01_000005.png")  # row 100: not annotated
     with pytest.raises(ValueError, match=r"video01_000005\.png: frame number 000005 -> annotation frame 100"):
@@ -161,9 +167,9 @@ def test_labelled_demo_has_masks_phases_and_both_layouts(demo_labels: Path):
 
     frames, masks, phases = render_labelled_case("prostatectomy", 1, seconds=2)
     assert len(frames) == len(masks) == len(phases) == 16 and set(phases) <= set(PHASES)
-    with_tools = [m for m, p in zip(masks, phases) if p != "exposure"]
+    with_tools = [m for m, p in zip(masks, phases, strict=True) if p != "exposure"]
     assert all((m == 3).any() for m in with_tools)  # robotic instruments drawn where the phase has instruments
-    assert all(not (m >= 2).any() for m, p in zip(masks, phases) if p == "exposure")
+    assert all(not (m >= 2).any() for m, p in zip(masks, phases, strict=True) if p == "exposure")
     assert (masks[0][-14:] == 0).all()  # the console overlay is background
     train = demo_labels / "segmentation" / "train"
     samples, classes, _, _ = load_segmentation_split(str(train), "auto", None)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from downstream.helpers import fake_pretraining_run, save_timm_teacher
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import surgenet_ssl.train  # noqa: F401 - config resolvers
+from downstream.helpers import fake_pretraining_run, save_timm_teacher
 from surgenet_ssl.downstream.module import lr_factor
 from surgenet_ssl.downstream.runner import (
     aggregate_runs,
@@ -22,9 +22,19 @@ from surgenet_ssl.downstream.runner import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["backbone=timm", "backbone.timm_name=test_convnext", "logger=csv", "trainer.accelerator=cpu",
-        "trainer.devices=1", "trainer.precision=32-true", "trainer.enable_progress_bar=false", "data.num_workers=0",
-        "data.image_size=[32,32]", "data.batch_size=4", "trainer.max_epochs=1"]  # fmt: skip
+TINY = [
+    "backbone=timm",
+    "backbone.timm_name=test_convnext",
+    "logger=csv",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.precision=32-true",
+    "trainer.enable_progress_bar=false",
+    "data.num_workers=0",
+    "data.image_size=[32,32]",
+    "data.batch_size=4",
+    "trainer.max_epochs=1",
+]
 
 
 def _cfg(output: Path, *overrides: str):
@@ -37,9 +47,18 @@ def _cfg(output: Path, *overrides: str):
 def test_segmentation_two_variants_two_seeds_then_report(seg_data, tmp_path):
     weights = fake_pretraining_run(tmp_path / "sweep" / "0_dataset=cholec", "cholec", 1.0)["teacher_pth"]
     out = tmp_path / "out"
-    cfg = _cfg(out, "task=segmentation", f"weights='{weights}'", "random_init_baseline=true", "seeds=[0,1]",
-               f"data.train={seg_data / 'train'}", f"data.val={seg_data / 'val'}", "overlays=2",
-               "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1")  # fmt: skip
+    cfg = _cfg(
+        out,
+        "task=segmentation",
+        f"weights='{weights}'",
+        "random_init_baseline=true",
+        "seeds=[0,1]",
+        f"data.train={seg_data / 'train'}",
+        f"data.val={seg_data / 'val'}",
+        "overlays=2",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.log_every_n_steps=1",
+    )
     results = run_finetune(cfg, overrides=[])
     saved = json.loads((out / "results.json").read_text())
     assert saved["primary_metric"] == "mIoU" and saved["task"] == "segmentation" and saved["seeds"] == [0, 1]
@@ -76,10 +95,24 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SURGENET_SSL_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "surgenet_ssl.finetune", "task=segmentation", "weights=null",
-                           f"data.train={tmp_path / 'nowhere'}", f"data.val={tmp_path / 'nowhere'}", "logger=csv",
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "surgenet_ssl.finetune",
+            "task=segmentation",
+            "weights=null",
+            f"data.train={tmp_path / 'nowhere'}",
+            f"data.val={tmp_path / 'nowhere'}",
+            "logger=csv",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: Segmentation data not found: {tmp_path / 'nowhere'}" in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "runs").exists()
@@ -94,11 +127,28 @@ def test_cli_demo_compares_the_demo_teacher_with_random_init(tmp_path):
 
     fake_pretraining_run(tmp_path / "outputs" / "demo_timm" / "2026-11-25_10-00-00", "demo", 1.0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SURGENET_SSL_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "surgenet_ssl.finetune", "task=segmentation", "backbone=timm",
-                           "backbone.timm_name=test_convnext", "logger=csv", "data.train_fraction=0.3",
-                           "data.image_size=[64,64]", "trainer.max_epochs=1", "overlays=1",
-                           "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "surgenet_ssl.finetune",
+            "task=segmentation",
+            "backbone=timm",
+            "backbone.timm_name=test_convnext",
+            "logger=csv",
+            "data.train_fraction=0.3",
+            "data.image_size=[64,64]",
+            "trainer.max_epochs=1",
+            "overlays=1",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("mIoU=") and any(line.startswith("random_init") for line in lines)
@@ -120,9 +170,18 @@ def test_multilabel_csv_linear_probe_with_fraction(tmp_path):
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "val.csv").write_text("\n".join(rows[:1] + rows[1:7]) + "\n")
     out = tmp_path / "out"
-    cfg = _cfg(out, "task=classification", "task.mode=linear", "weights=null", "seeds=[3]",
-               f"data.train={tmp_path / 'train.csv'}", f"data.val={tmp_path / 'val.csv'}", "data.train_fraction=0.5",
-               "trainer.check_val_every_n_epoch=0", "trainer.log_every_n_steps=1")  # fmt: skip
+    cfg = _cfg(
+        out,
+        "task=classification",
+        "task.mode=linear",
+        "weights=null",
+        "seeds=[3]",
+        f"data.train={tmp_path / 'train.csv'}",
+        f"data.val={tmp_path / 'val.csv'}",
+        "data.train_fraction=0.5",
+        "trainer.check_val_every_n_epoch=0",
+        "trainer.log_every_n_steps=1",
+    )
     results = run_finetune(cfg, overrides=[])
     assert results["task"] == "multilabel_classification" and results["primary_metric"] == "mAP"
     assert list(results["variants"]) == ["random_init"] and results["class_names"] == ["c1", "c2"]
@@ -150,16 +209,23 @@ def test_bad_input_fails_before_anything_is_written(seg_data, tmp_path):
     assert not out.exists()
     # weights of another architecture: refused before training, naming the backbone
     other = save_timm_teacher(tmp_path / "resnet.pth", timm_name="test_resnet")
-    cfg = _cfg(out, "task=segmentation", f"weights={other}", f"data.train={seg_data / 'train'}",
-               f"data.val={seg_data / 'val'}")  # fmt: skip
+    cfg = _cfg(
+        out, "task=segmentation", f"weights={other}", f"data.train={seg_data / 'train'}", f"data.val={seg_data / 'val'}"
+    )
     with pytest.raises(ValueError, match="cannot be loaded into backbone=test_convnext"):
         run_finetune(cfg, overrides=[])
     assert not (out / "results.json").exists()
     # an unknown validation label names the CSV and the image
     (tmp_path / "t.csv").write_text("path,label\na.png,x\nb.png,y\n")
     (tmp_path / "v.csv").write_text("path,label\nc.png,z\n")
-    cfg = _cfg(out, "task=classification", "weights=null", f"data.train={tmp_path / 't.csv'}",
-               f"data.val={tmp_path / 'v.csv'}", "data.validate=false")  # fmt: skip
+    cfg = _cfg(
+        out,
+        "task=classification",
+        "weights=null",
+        f"data.train={tmp_path / 't.csv'}",
+        f"data.val={tmp_path / 'v.csv'}",
+        "data.validate=false",
+    )
     with pytest.raises(ValueError, match=r"v\.csv: label 'z' of .*c\.png is not a known class"):
         run_finetune(cfg, overrides=[])
     cfg = _cfg(out, "task=segmentation", f"weights={other}", f"data.train={seg_data / 'train'}")
@@ -169,7 +235,9 @@ def test_bad_input_fails_before_anything_is_written(seg_data, tmp_path):
 
 def test_weights_auto_finds_the_demo_teacher_and_demo_defaults_yield_to_the_command_line(tmp_path):
     cfg = _cfg(tmp_path / "o", "task=segmentation", f"demo_runs_dir={tmp_path / 'outputs'}")
-    with pytest.raises(FileNotFoundError, match=r"No demo teacher found for backbone=timm.*python -m surgenet_ssl.train"):
+    with pytest.raises(
+        FileNotFoundError, match=r"No demo teacher found for backbone=timm.*python -m surgenet_ssl.train"
+    ):
         resolve_variants(cfg, demo=True)
     with pytest.raises(ValueError, match="weights=auto only finds the demo teacher"):
         resolve_variants(cfg, demo=False)
@@ -177,8 +245,9 @@ def test_weights_auto_finds_the_demo_teacher_and_demo_defaults_yield_to_the_comm
     paths = fake_pretraining_run(run, dataset="demo", fraction=1.0)
     assert find_demo_teacher(cfg) == paths["teacher_pth"]
     assert resolve_variants(cfg, demo=True) == [("pretrained", str(paths["teacher_pth"])), ("random_init", None)]
-    other = _cfg(tmp_path / "o", "task=segmentation", "backbone.timm_name=test_resnet",
-                 f"demo_runs_dir={tmp_path / 'outputs'}")  # fmt: skip
+    other = _cfg(
+        tmp_path / "o", "task=segmentation", "backbone.timm_name=test_resnet", f"demo_runs_dir={tmp_path / 'outputs'}"
+    )
     assert find_demo_teacher(other) is None  # a teacher of another timm model is not taken
     applied = apply_demo_defaults(cfg, {"trainer.max_epochs", "data.augment"})
     assert cfg.data.image_size == [96, 128] and cfg.trainer.max_epochs == 1 and cfg.data.augment.scale == [0.5, 2.0]
@@ -191,8 +260,10 @@ def test_lr_schedule_and_aggregation_by_hand():
     assert lr_factor(55, 100, 10, "poly", power=1.0) == pytest.approx(0.5)
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
     assert lr_factor(100, 100, 10, "cosine", min_ratio=0.1) == pytest.approx(0.1)
-    runs = [{"metrics": {"mIoU": 0.5, "iou": {"a": 0.4, "b": float("nan")}}},
-            {"metrics": {"mIoU": 0.7, "iou": {"a": 0.6, "b": 0.2}}}]  # fmt: skip
+    runs = [
+        {"metrics": {"mIoU": 0.5, "iou": {"a": 0.4, "b": float("nan")}}},
+        {"metrics": {"mIoU": 0.7, "iou": {"a": 0.6, "b": 0.2}}},
+    ]
     mean, std = aggregate_runs(runs)
     assert mean["mIoU"] == pytest.approx(0.6) and std["mIoU"] == pytest.approx(0.2 / 2**0.5)
     assert mean["iou"]["b"] == pytest.approx(0.2) and std["iou"]["b"] is None  # one defined value: no spread

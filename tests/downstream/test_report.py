@@ -11,26 +11,38 @@ import sys
 from pathlib import Path
 
 import pytest
-from downstream.helpers import fake_pretraining_run
 
+from downstream.helpers import fake_pretraining_run
 from surgenet_ssl.reporting import find_runs, make_report, parse_model_card
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _finetune_results(path: Path, variants: dict, task: str = "segmentation", metric: str = "mIoU",
-                      fraction: float = 1.0) -> Path:  # fmt: skip
+def _finetune_results(
+    path: Path, variants: dict, task: str = "segmentation", metric: str = "mIoU", fraction: float = 1.0
+) -> Path:
     """A results.json in the format of surgenet_ssl.finetune (variants -> weights, sha256, mean/std, runs)."""
     body = {
-        "kind": "finetune", "task": task, "mode": "full", "primary_metric": metric, "backbone": "timm",
-        "timm_name": "test_convnext", "demo": False, "seeds": [0, 1],
+        "kind": "finetune",
+        "task": task,
+        "mode": "full",
+        "primary_metric": metric,
+        "backbone": "timm",
+        "timm_name": "test_convnext",
+        "demo": False,
+        "seeds": [0, 1],
         "data": {"train": {"root": "/data/cholecseg8k/train"}, "train_fraction": fraction},
         "variants": {
-            name: {"weights": w, "weights_sha256": sha, "mean": {metric: m}, "std": {metric: s},
-                   "runs": [{"seed": 0}, {"seed": 1}]}
+            name: {
+                "weights": w,
+                "weights_sha256": sha,
+                "mean": {metric: m},
+                "std": {metric: s},
+                "runs": [{"seed": 0}, {"seed": 1}],
+            }
             for name, (w, sha, m, s) in variants.items()
         },
-    }  # fmt: skip
+    }
     path.mkdir(parents=True, exist_ok=True)
     (path / "results.json").write_text(json.dumps(body))
     return path / "results.json"
@@ -44,19 +56,39 @@ def sweep(tmp_path_factory) -> dict:
     full = fake_pretraining_run(multirun / "1_dataset=surgenet", "surgenet", 1.0, seed=1, knn=0.72)
     sha = lambda p: parse_model_card((p.parent / "README.md").read_text())["files"][p.name]  # noqa: E731
     finetunes = root / "outputs"
-    _finetune_results(finetunes / "seg_small", {"pretrained": (str(small["teacher_pth"]), sha(small["teacher_pth"]), 0.50, 0.02),
-                                                "random_init": (None, None, 0.30, 0.01)})  # fmt: skip
+    _finetune_results(
+        finetunes / "seg_small",
+        {
+            "pretrained": (str(small["teacher_pth"]), sha(small["teacher_pth"]), 0.50, 0.02),
+            "random_init": (None, None, 0.30, 0.01),
+        },
+    )
     # a copy of the file elsewhere still matches by sha256
-    _finetune_results(finetunes / "seg_full", {"pretrained": ("/moved/teacher.pth", sha(full["teacher_pth"]), 0.60, 0.03)})
-    _finetune_results(finetunes / "phase_full", {"pretrained": (str(full["teacher_pth"]), None, 0.40, None)},
-                      task="classification", metric="macro_f1")  # fmt: skip
+    _finetune_results(
+        finetunes / "seg_full", {"pretrained": ("/moved/teacher.pth", sha(full["teacher_pth"]), 0.60, 0.03)}
+    )
+    _finetune_results(
+        finetunes / "phase_full",
+        {"pretrained": (str(full["teacher_pth"]), None, 0.40, None)},
+        task="classification",
+        metric="macro_f1",
+    )
     # an evaluate result with a path relative to the sweep root
     ev = finetunes / "knn_small"
     ev.mkdir()
     rel = os.path.relpath(small["teacher_pth"], root)
-    (ev / "results.json").write_text(json.dumps({"knn_top1": 0.8, "linear_probe_accuracy": 0.7, "weights": rel,
-                                                 "backbone": "timm", "timm_name": "test_convnext",
-                                                 "val": {"root": "/data/frames/val"}}))  # fmt: skip
+    (ev / "results.json").write_text(
+        json.dumps(
+            {
+                "knn_top1": 0.8,
+                "linear_probe_accuracy": 0.7,
+                "weights": rel,
+                "backbone": "timm",
+                "timm_name": "test_convnext",
+                "val": {"root": "/data/frames/val"},
+            }
+        )
+    )
     return {"root": root, "small": small, "full": full}
 
 
@@ -97,8 +129,14 @@ def test_report_tables_figures_and_ranks(sweep, tmp_path):
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "surgenet_ssl.report", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "surgenet_ssl.report", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_single_run_dir_and_bad_input(sweep, tmp_path):

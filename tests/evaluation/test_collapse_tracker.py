@@ -32,16 +32,19 @@ def test_measured_uniform_collapse_warns_once_per_window():
     assert "uniform" in message and "dino.loss.teacher_temp" in message and "last 1 diagnostics" in message
 
 
-@pytest.mark.parametrize("name, seq", [
-    # near-uniform but the outputs still differ between images (measured small-image runs: info >= 0.037 log K)
-    ("high entropy, informative", [_m(0.96, 0.04, 0.2) for _ in range(20)]),
-    # what issue 13 reported: above 0.95 log K while k-NN rose; sharpening over the window
-    ("high entropy, sharpening", [_m(0.99 - 0.004 * i, 0.01, 0.05) for i in range(10)]),
-    # the student is still far from the teacher: something left to learn
-    ("high entropy, student behind", [_m(0.97, 0.01, 0.3) for _ in range(20)]),
-    # one collapsed-looking batch among healthy ones
-    ("isolated batch", [_m(0.6, 0.2, 0.5)] * 4 + [_m(0.99, 0.005, 0.01)] + [_m(0.6, 0.2, 0.5)] * 4),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, seq",
+    [
+        # near-uniform but the outputs still differ between images (measured small-image runs: info >= 0.037 log K)
+        ("high entropy, informative", [_m(0.96, 0.04, 0.2) for _ in range(20)]),
+        # what issue 13 reported: above 0.95 log K while k-NN rose; sharpening over the window
+        ("high entropy, sharpening", [_m(0.99 - 0.004 * i, 0.01, 0.05) for i in range(10)]),
+        # the student is still far from the teacher: something left to learn
+        ("high entropy, student behind", [_m(0.97, 0.01, 0.3) for _ in range(20)]),
+        # one collapsed-looking batch among healthy ones
+        ("isolated batch", [_m(0.6, 0.2, 0.5)] * 4 + [_m(0.99, 0.005, 0.01)] + [_m(0.6, 0.2, 0.5)] * 4),
+    ],
+)
 def test_learning_runs_do_not_warn(name, seq):
     assert _warnings(seq) == [], name
 

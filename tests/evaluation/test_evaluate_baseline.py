@@ -11,15 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from evaluation.helpers import make_image_folder
 from hydra import compose, initialize_config_dir
 
+from evaluation.helpers import make_image_folder
 from surgenet_ssl.backbones import build_backbone
 from surgenet_ssl.evaluate import baseline_mode, evaluate
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["backbone=timm", "backbone.timm_name=test_resnet", "data.image_size=32", "data.num_workers=0",
-        "data.batch_size=8", "tsne.max_points=50"]  # fmt: skip
+TINY = [
+    "backbone=timm",
+    "backbone.timm_name=test_resnet",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "tsne.max_points=50",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,10 @@ def folders(tmp_path_factory) -> Path:
 
 def _cfg(root: Path, out: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("evaluate", overrides=[f"output={out}", f"data.train={root / 'train'}",
-                                              f"data.val={root / 'val'}", *TINY, *overrides])  # fmt: skip
+        return compose(
+            "evaluate",
+            overrides=[f"output={out}", f"data.train={root / 'train'}", f"data.val={root / 'val'}", *TINY, *overrides],
+        )
 
 
 def test_baseline_is_the_weights_null_run_and_gain_is_the_difference(folders, tmp_path):
@@ -63,16 +71,29 @@ def test_baseline_option_values(folders, tmp_path):
 def test_cli_prints_both_and_the_gain_before_the_last_line(folders, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "surgenet_ssl.evaluate", f"weights={folders / 'weights.pth'}",
-         f"data.train={folders / 'train'}", f"data.val={folders / 'val'}", *TINY, f"output={tmp_path / 'out'}",
-         f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "surgenet_ssl.evaluate",
+            f"weights={folders / 'weights.pth'}",
+            f"data.train={folders / 'train'}",
+            f"data.val={folders / 'val'}",
+            *TINY,
+            f"output={tmp_path / 'out'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     values = dict(line.split("=", 1) for line in lines if "=" in line and " " not in line.split("=", 1)[0])
     assert lines[-1].startswith("knn_top1=")
     assert float(values["knn_top1_gain"]) == pytest.approx(
-        float(values["knn_top1"]) - float(values["random_init_knn_top1"]), abs=2e-4)
+        float(values["knn_top1"]) - float(values["random_init_knn_top1"]), abs=2e-4
+    )
     summary = [line for line in lines if line.startswith("k-NN top-1:")]
     assert summary and "at random init ->" in summary[0] and lines.index(summary[0]) < len(lines) - 1

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from backbones.surgenet_keyfile import surgenet_keys
-from evaluation.helpers import make_image_folder
 from hydra import compose, initialize_config_dir
 
+from backbones.surgenet_keyfile import surgenet_keys
+from evaluation.helpers import make_image_folder
 from surgenet_ssl.backbones import build_backbone
 from surgenet_ssl.evaluate import build_model, evaluate
 
@@ -23,8 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "surgenet_ssl.evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "surgenet_ssl.evaluate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _dino_checkpoint(path: Path) -> Path:
@@ -49,10 +55,21 @@ def folders(tmp_path_factory) -> Path:
 
 def test_cli_end_to_end(folders, tmp_path):
     out = tmp_path / "results"
-    proc = _run(["weights=" + str(folders / "resnet_dino.pth"), "backbone=timm", "backbone.timm_name=test_resnet",
-                 f"data.train={folders / 'train'}", f"data.val={folders / 'val'}", "data.image_size=32",
-                 "data.num_workers=0", "data.batch_size=5", f"output={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
-                cwd=tmp_path)
+    proc = _run(
+        [
+            "weights=" + str(folders / "resnet_dino.pth"),
+            "backbone=timm",
+            "backbone.timm_name=test_resnet",
+            f"data.train={folders / 'train'}",
+            f"data.val={folders / 'val'}",
+            "data.image_size=32",
+            "data.num_workers=0",
+            "data.batch_size=5",
+            f"output={out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("knn_top1="), proc.stdout[-2000:]
@@ -70,10 +87,20 @@ def test_cli_end_to_end(folders, tmp_path):
 
 
 def test_cli_weights_for_another_backbone_is_a_short_error(folders, tmp_path):
-    proc = _run(["weights=" + str(folders / "resnet_dino.pth"), "backbone=timm", "backbone.timm_name=test_convnext",
-                 f"data.train={folders / 'train'}", f"data.val={folders / 'val'}", "data.image_size=32",
-                 "data.num_workers=0", f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
-                cwd=tmp_path)
+    proc = _run(
+        [
+            "weights=" + str(folders / "resnet_dino.pth"),
+            "backbone=timm",
+            "backbone.timm_name=test_convnext",
+            f"data.train={folders / 'train'}",
+            f"data.val={folders / 'val'}",
+            "data.image_size=32",
+            "data.num_workers=0",
+            f"output={tmp_path / 'out'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert "cannot be loaded into backbone=test_convnext" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
@@ -87,14 +114,22 @@ def _cfg(tmp_path: Path, *overrides: str):
 def test_single_class_and_missing_settings_are_clear_errors(tmp_path):
     make_image_folder(tmp_path / "one", 2, classes=["red"])
     make_image_folder(tmp_path / "val", 1)
-    cfg = _cfg(tmp_path, "weights=null", "backbone=timm", "backbone.timm_name=test_resnet",
-               f"data.train={tmp_path / 'one'}", f"data.val={tmp_path / 'val'}")
+    cfg = _cfg(
+        tmp_path,
+        "weights=null",
+        "backbone=timm",
+        "backbone.timm_name=test_resnet",
+        f"data.train={tmp_path / 'one'}",
+        f"data.val={tmp_path / 'val'}",
+    )
     with pytest.raises(ValueError, match="only 1 class folder"):
         evaluate(cfg)
     with pytest.raises(ValueError, match=r"missing required setting\(s\) weights, data.train"):
         evaluate(_cfg(tmp_path, f"data.val={tmp_path / 'val'}"))
     with pytest.raises(FileNotFoundError, match="Weights file not found"):
-        build_model(_cfg(tmp_path, f"weights={tmp_path / 'nope.pth'}", "backbone=timm", "backbone.timm_name=test_resnet"))
+        build_model(
+            _cfg(tmp_path, f"weights={tmp_path / 'nope.pth'}", "backbone=timm", "backbone.timm_name=test_resnet")
+        )
 
 
 def _published_teacher(backbone: str) -> dict[str, torch.Tensor]:

@@ -7,17 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from evaluation.helpers import make_image_folder
 from hydra import compose, initialize_config_dir
 
+from evaluation.helpers import make_image_folder
 from support.tiny_training import tiny_dino
 from surgenet_ssl import evaluate as evaluate_mod
 from surgenet_ssl.module import DINOModule
 
 REPO = Path(__file__).resolve().parents[2]
 # A ViT with register tokens and a dynamic image size: options that change the weights / what the model accepts.
-VIT_OPTIONS = {"name": "timm", "timm_name": "test_vit", "drop_path_rate": 0.1, "reg_tokens": 2,
-               "dynamic_img_size": True}  # fmt: skip
+VIT_OPTIONS = {
+    "name": "timm",
+    "timm_name": "test_vit",
+    "drop_path_rate": 0.1,
+    "reg_tokens": 2,
+    "dynamic_img_size": True,
+}
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -36,8 +41,11 @@ def trained_vit(tmp_path_factory) -> tuple[Path, DINOModule]:
 
 
 def test_backbone_options_are_those_training_passes():
-    assert evaluate_mod.backbone_options(VIT_OPTIONS) == {"timm_name": "test_vit", "reg_tokens": 2,
-                                                          "dynamic_img_size": True}  # fmt: skip
+    assert evaluate_mod.backbone_options(VIT_OPTIONS) == {
+        "timm_name": "test_vit",
+        "reg_tokens": 2,
+        "dynamic_img_size": True,
+    }
     assert evaluate_mod.backbone_options({"name": "caformer_s18", "timm_name": None, "drop_path_rate": 0.1}) == {}
 
 
@@ -45,9 +53,18 @@ def test_model_trained_with_extra_backbone_options_is_scored(trained_vit, tmp_pa
     weights, module = trained_vit
     make_image_folder(tmp_path / "train", 4)
     make_image_folder(tmp_path / "val", 2, seed=1)
-    overrides = [f"weights={weights}", "backbone=timm", "backbone.timm_name=test_vit", "+backbone.reg_tokens=2",
-                 "+backbone.dynamic_img_size=true", f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}",
-                 "data.image_size=32", "data.num_workers=0", "tsne.perplexity=2"]  # fmt: skip
+    overrides = [
+        f"weights={weights}",
+        "backbone=timm",
+        "backbone.timm_name=test_vit",
+        "+backbone.reg_tokens=2",
+        "+backbone.dynamic_img_size=true",
+        f"data.train={tmp_path / 'train'}",
+        f"data.val={tmp_path / 'val'}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "tsne.perplexity=2",
+    ]
     model, summary = evaluate_mod.build_model(_cfg(tmp_path, *overrides))
     assert "Loaded" in summary and "0 missing, 0 unexpected" in summary
     x = torch.randn(2, 3, 32, 32)
@@ -68,7 +85,14 @@ def test_unwritable_output_fails_before_feature_extraction(tmp_path, monkeypatch
 
     monkeypatch.setattr(evaluate_mod, "extract_features", must_not_run)
     monkeypatch.setattr(evaluate_mod, "build_model", must_not_run)
-    cfg = _cfg(tmp_path, "weights=null", "backbone=timm", "backbone.timm_name=test_resnet",
-               f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}", f"output={blocker / 'results'}")
+    cfg = _cfg(
+        tmp_path,
+        "weights=null",
+        "backbone=timm",
+        "backbone.timm_name=test_resnet",
+        f"data.train={tmp_path / 'train'}",
+        f"data.val={tmp_path / 'val'}",
+        f"output={blocker / 'results'}",
+    )
     with pytest.raises(ValueError, match=r"output=.*a_file/results is not a writable directory"):
         evaluate_mod.evaluate(cfg)

@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-from evaluation.helpers import make_image_folder
 from PIL import Image
 from torch import nn
 
+from evaluation.helpers import make_image_folder
 from surgenet_ssl.evaluation import ImageFolderDataset, extract_features, resolve_device
 
 # "backbone" whose features are the per-channel means of the normalised image: hand-checkable

@@ -23,9 +23,9 @@ def test_weighted_vote_matches_hand_computation():
     train, labels = _three_points()
     query = torch.tensor([[2.0, 0.0]])  # cosine 1 to a, cos(40 deg) = 0.7660 to b and c
     pred, scores = knn_classify(train, labels, query, num_classes=2, k=3, temperature=0.07)
-    w_a = math.exp(1.0 / 0.07)                 # 1.598e6
-    w_bc = math.exp(math.cos(DEG40) / 0.07)    # 5.648e4 each
-    expected0 = w_a / (w_a + 2 * w_bc)         # 0.93394
+    w_a = math.exp(1.0 / 0.07)  # 1.598e6
+    w_bc = math.exp(math.cos(DEG40) / 0.07)  # 5.648e4 each
+    expected0 = w_a / (w_a + 2 * w_bc)  # 0.93394
     assert scores[0, 0].item() == pytest.approx(expected0, rel=1e-5)
     assert scores[0, 1].item() == pytest.approx(1 - expected0, rel=1e-4)
     assert expected0 == pytest.approx(0.93394, abs=1e-4)
@@ -34,7 +34,9 @@ def test_weighted_vote_matches_hand_computation():
     # ... but not at T = 1: e^1 = 2.718 < 2 e^0.766 = 4.303
     pred_t1, scores_t1 = knn_classify(train, labels, query, num_classes=2, k=3, temperature=1.0)
     assert pred_t1[0, 0].item() == 1
-    assert scores_t1[0, 1].item() == pytest.approx(2 * math.exp(math.cos(DEG40)) / (math.e + 2 * math.exp(math.cos(DEG40))), rel=1e-5)
+    assert scores_t1[0, 1].item() == pytest.approx(
+        2 * math.exp(math.cos(DEG40)) / (math.e + 2 * math.exp(math.cos(DEG40))), rel=1e-5
+    )
 
 
 def test_k_limits_the_neighbours_and_is_clamped_to_the_train_set():

@@ -45,8 +45,9 @@ def test_perplexity_is_clamped_for_small_sets():
 
 def test_embedding_map_png(tmp_path):
     x, y = _blobs(4, 3)
-    path = save_embedding_map(x, y, tmp_path / "maps" / "tsne.png", label_names=["cholec80", "heichole", "lapgyn4"],
-                              max_points=10)
+    path = save_embedding_map(
+        x, y, tmp_path / "maps" / "tsne.png", label_names=["cholec80", "heichole", "lapgyn4"], max_points=10
+    )
     data = path.read_bytes()
     assert path == tmp_path / "maps" / "tsne.png" and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     with pytest.raises(ValueError, match="N labels"):

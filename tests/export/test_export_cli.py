@@ -19,8 +19,9 @@ from surgenet_ssl.module import DINOModule
 
 
 def _export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "surgenet_ssl.export", *args], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "surgenet_ssl.export", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,16 @@ def trained(tmp_path_factory) -> tuple[Path, DINOModule]:
     torch.manual_seed(0)
     model = DINOModule({"name": "caformer_s18", "drop_path_rate": 0.1}, tiny_dino(), batch_size=2)
     run_config = {"dataset": {"name": "cholec"}, "backbone": {"name": "caformer_s18"}, "data": {"batch_size": 2}}
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                         callbacks=[TeacherExport(root / "auto_export", "cholec", run_config)])  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[TeacherExport(root / "auto_export", "cholec", run_config)],
+    )
     trainer.fit(model, train_dataloaders=crop_batches(2, batch_size=2))
     ckpt = root / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -108,9 +116,16 @@ def test_export_full_dino_checkpoint_of_a_timm_backbone(tmp_path):
     torch.manual_seed(0)
     model = DINOModule({"name": "timm", "timm_name": "test_resnet", "drop_path_rate": 0.0}, tiny_dino(), batch_size=2)
     run_config = {"dataset": {"name": "demo"}, "backbone": {"name": "timm", "timm_name": "test_resnet"}}
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[TeacherExport(tmp_path / "export", "demo", run_config)])  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[TeacherExport(tmp_path / "export", "demo", run_config)],
+    )
     trainer.fit(model, train_dataloaders=crop_batches(1, batch_size=2))
     full = tmp_path / "export" / "demo_test_resnet_epoch0001_checkpoint.pth"
     proc = _export(f"ckpt={full}", f"output={tmp_path / 'again'}")

@@ -21,8 +21,9 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_library_module_imports_the_export_entry_point():
-    importers = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
-                 if "surgenet_ssl.export" in _imports(p)]  # fmt: skip
+    importers = [
+        str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py")) if "surgenet_ssl.export" in _imports(p)
+    ]
     assert importers == []
 
 

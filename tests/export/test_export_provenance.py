@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from evaluation.helpers import make_image_folder
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from evaluation.helpers import make_image_folder
 from support.tiny_training import crop_batches, tiny_dino
 from surgenet_ssl import export as export_mod
 from surgenet_ssl import provenance, teacher_export
@@ -24,8 +24,12 @@ from surgenet_ssl.callbacks.knn_monitor import KNNMonitor
 from surgenet_ssl.module import DINOModule
 
 REPO = Path(__file__).resolve().parents[2]
-PROVENANCE = {"command": "python -m surgenet_ssl.train dataset=cholec 'data.train=a b'",
-              "overrides": ["dataset=cholec", "data.train=a b"], "git_commit": "0123abcd", "version": "9.9"}
+PROVENANCE = {
+    "command": "python -m surgenet_ssl.train dataset=cholec 'data.train=a b'",
+    "overrides": ["dataset=cholec", "data.train=a b"],
+    "git_commit": "0123abcd",
+    "version": "9.9",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +41,24 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     model = DINOModule({"name": "timm", "timm_name": "test_resnet", "drop_path_rate": 0.0}, tiny_dino(), batch_size=2)
     run_config = {"dataset": {"name": "demo"}, "backbone": {"name": "timm", "timm_name": "test_resnet"}}
-    knn = KNNMonitor(every_n_epochs=1, k=3, image_size=32, train_dir=str(root / "knn_train"),
-                     val_dir=str(root / "knn_val"), embedding_map=False)  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                         callbacks=[knn, TeacherExport(root / "export", "demo", run_config, provenance=PROVENANCE)])
+    knn = KNNMonitor(
+        every_n_epochs=1,
+        k=3,
+        image_size=32,
+        train_dir=str(root / "knn_train"),
+        val_dir=str(root / "knn_val"),
+        embedding_map=False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[knn, TeacherExport(root / "export", "demo", run_config, provenance=PROVENANCE)],
+    )
     trainer.fit(model, train_dataloaders=crop_batches(2, batch_size=2))
     assert knn.last_result
     ckpt = root / "checkpoints" / "last.ckpt"
@@ -59,8 +76,12 @@ def test_reexporting_the_same_checkpoint_gives_identical_bytes(run, tmp_path):
     for out in outputs:
         assert export_mod.main([f"ckpt={ckpt}", f"output={out}"]) == 0
     first = _files(outputs[0])
-    assert {n.rsplit("_", 1)[-1] for n in first} == {"teacher.pth", "teacher.safetensors", "checkpoint.pth",
-                                                     "README.md"}  # fmt: skip
+    assert {n.rsplit("_", 1)[-1] for n in first} == {
+        "teacher.pth",
+        "teacher.safetensors",
+        "checkpoint.pth",
+        "README.md",
+    }
     for out in outputs[1:]:
         again = _files(out)
         assert again.keys() == first.keys()
@@ -73,7 +94,7 @@ def test_safetensors_metadata_is_sorted_and_file_loads(tmp_path):
     path = tmp_path / "w.safetensors"
     teacher_export.save_safetensors(tensors, path, meta)
     size = int.from_bytes(path.read_bytes()[:8], "little")
-    header = json.loads(path.read_bytes()[8:8 + size])
+    header = json.loads(path.read_bytes()[8 : 8 + size])
     assert list(header["__metadata__"]) == sorted(meta)
     loaded = load_file(path)
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from backbones.surgenet_keyfile import surgenet_keys  # tests/ is on pythonpath (pyproject)
 
 torch.set_num_threads(1)

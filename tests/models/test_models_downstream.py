@@ -23,18 +23,18 @@ def test_published_loading_snippet_runs_with_our_import_line(published_files):
     results = []
 
     # CAFormer model
-    classification_model = caformer_s18(num_classes=12, pretrained='SurgeNet', pretrained_weights=urls['SurgeNetXL'])
-    segmentation_model = MetaFormerFPN(num_classes=12, pretrained='SurgeNet', pretrained_weights=urls['SurgeNetXL'])
+    classification_model = caformer_s18(num_classes=12, pretrained="SurgeNet", pretrained_weights=urls["SurgeNetXL"])
+    segmentation_model = MetaFormerFPN(num_classes=12, pretrained="SurgeNet", pretrained_weights=urls["SurgeNetXL"])
     results.append((classification_model, segmentation_model, 152))
 
     # ConvNextv2 model
-    classification_model = convnextv2_tiny(num_classes=12, pretrained_weights=urls['SurgeNet-ConvNextv2'])
-    segmentation_model = ConvNextFPN(num_classes=12, pretrained_weights=urls['SurgeNet-ConvNextv2'])
+    classification_model = convnextv2_tiny(num_classes=12, pretrained_weights=urls["SurgeNet-ConvNextv2"])
+    segmentation_model = ConvNextFPN(num_classes=12, pretrained_weights=urls["SurgeNet-ConvNextv2"])
     results.append((classification_model, segmentation_model, 198))
 
     # PVTv2 model
-    classification_model = pvt_v2_b2(num_classes=12, pretrained_weights=urls['SurgeNet-PVTv2'])
-    segmentation_model = PVTV2FPN(num_classes=12, pretrained_weights=urls['SurgeNet-PVTv2'])
+    classification_model = pvt_v2_b2(num_classes=12, pretrained_weights=urls["SurgeNet-PVTv2"])
+    segmentation_model = PVTV2FPN(num_classes=12, pretrained_weights=urls["SurgeNet-PVTv2"])
     results.append((classification_model, segmentation_model, 332))
 
     with torch.no_grad():
@@ -50,8 +50,11 @@ def test_published_loading_snippet_runs_with_our_import_line(published_files):
 
 @pytest.mark.parametrize(
     "fpn_cls, backbone, channels",
-    [(MetaFormerFPN, "caformer_s18", [64, 128, 320, 512]), (ConvNextFPN, "convnextv2_tiny", [96, 192, 384, 768]),
-     (PVTV2FPN, "pvt_v2_b2", [64, 128, 320, 512])],
+    [
+        (MetaFormerFPN, "caformer_s18", [64, 128, 320, 512]),
+        (ConvNextFPN, "convnextv2_tiny", [96, 192, 384, 768]),
+        (PVTV2FPN, "pvt_v2_b2", [64, 128, 320, 512]),
+    ],
 )
 def test_fpn_output_shape_and_stage_features(tmp_path, fpn_cls, backbone, channels):
     torch.manual_seed(0)
@@ -87,9 +90,10 @@ def test_fpn_rejects_input_not_divisible_by_32():
         model(torch.randn(1, 3, 70, 64))
 
 
-@pytest.mark.parametrize("builder, backbone, width", [(caformer_s18, "caformer_s18", 512),
-                                                      (convnextv2_tiny, "convnextv2_tiny", 768),
-                                                      (pvt_v2_b2, "pvt_v2_b2", 512)])
+@pytest.mark.parametrize(
+    "builder, backbone, width",
+    [(caformer_s18, "caformer_s18", 512), (convnextv2_tiny, "convnextv2_tiny", 768), (pvt_v2_b2, "pvt_v2_b2", 512)],
+)
 def test_num_classes_zero_returns_pooled_normalized_features(published_files, builder, backbone, width):
     model = builder(num_classes=0, pretrained_weights=published_files[backbone]).eval()
     reference = build_backbone(backbone).eval()
@@ -118,9 +122,13 @@ def test_caformer_variant_is_inferred_from_weights_and_validated(tmp_path):
 
 def test_every_model_accepts_the_caformer_call_form(published_files):
     """Changing only the import line of the CaFormer snippet must work for the other backbones too."""
-    from surgenet_ssl.models import ConvNextFPN, PVTV2FPN, convnextv2_tiny, pvt_v2_b2
+    from surgenet_ssl.models import PVTV2FPN, ConvNextFPN, convnextv2_tiny, pvt_v2_b2
 
-    for build, key in ((convnextv2_tiny, "convnextv2_tiny"), (pvt_v2_b2, "pvt_v2_b2"),
-                       (ConvNextFPN, "convnextv2_tiny"), (PVTV2FPN, "pvt_v2_b2")):  # fmt: skip
+    for build, key in (
+        (convnextv2_tiny, "convnextv2_tiny"),
+        (pvt_v2_b2, "pvt_v2_b2"),
+        (ConvNextFPN, "convnextv2_tiny"),
+        (PVTV2FPN, "pvt_v2_b2"),
+    ):
         model = build(num_classes=12, pretrained="SurgeNet", pretrained_weights=str(published_files[key]))
         assert model.load_report.loaded > 100 and not model.load_report.missing

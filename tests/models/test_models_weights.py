@@ -110,8 +110,14 @@ def test_lightning_checkpoint_prefers_teacher(tmp_path, teacher):
         **dino_head_state("teacher."),
         "dino_loss.center": torch.zeros(1, 16),
     }
-    ckpt = {"state_dict": state, "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
-            "optimizer_states": [], "hyper_parameters": {"backbone": "caformer_s18", "lr": 5e-4}}
+    ckpt = {
+        "state_dict": state,
+        "epoch": 3,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.4.0",
+        "optimizer_states": [],
+        "hyper_parameters": {"backbone": "caformer_s18", "lr": 5e-4},
+    }
     path = tmp_path / "last.ckpt"
     torch.save(ckpt, path)
     model = fresh()
@@ -124,8 +130,13 @@ def test_lightning_checkpoint_prefers_teacher(tmp_path, teacher):
 def test_lightning_checkpoint_without_teacher_falls_back_to_student(tmp_path, teacher, caplog):
     _, s = teacher
     path = tmp_path / "student_only.ckpt"
-    torch.save({"state_dict": {f"student.backbone.{k}": v for k, v in s.state_dict().items()},
-                "pytorch-lightning_version": "2.4.0"}, path)
+    torch.save(
+        {
+            "state_dict": {f"student.backbone.{k}": v for k, v in s.state_dict().items()},
+            "pytorch-lightning_version": "2.4.0",
+        },
+        path,
+    )
     model = fresh()
     load_backbone_weights(model, path, "caformer_s18")
     assert_same_weights(model, s)

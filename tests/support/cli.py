@@ -25,14 +25,21 @@ FAST_TRAIN = [
 ]
 
 
-def run_module(module: str, *args: str, cache: Path, timeout: int = 600, env: dict | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+def run_module(
+    module: str, *args: str, cache: Path, timeout: int = 600, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "SURGENET_SSL_CACHE": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, env=full_env,
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
         cwd=str(cache.parent),
-    )  # fmt: skip
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc

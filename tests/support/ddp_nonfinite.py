@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino  # noqa: E402
-
 from surgenet_ssl.module import DINOModule  # noqa: E402
 
 
@@ -29,9 +27,17 @@ def main() -> None:
     pl.seed_everything(0)
     model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=2)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        use_distributed_sampler=False,
+    )
     try:
         trainer.fit(model, datamodule=PerRankData())
         result = f"finished at step {trainer.global_step}"

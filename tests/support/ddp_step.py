@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.tiny_training import tiny_dino  # noqa: E402
-
 from surgenet_ssl.module import DINOModule  # noqa: E402
 
 BACKBONE = {"name": "timm", "timm_name": "test_vit", "drop_path_rate": 0.0}  # LayerNorm only: no batch statistics
@@ -30,7 +29,9 @@ class GradRecorder(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0:
-            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None}
+            self.grads = {
+                n: p.grad.detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None
+            }
 
 
 class SlicedData(pl.LightningDataModule):
@@ -48,7 +49,7 @@ class SlicedData(pl.LightningDataModule):
         batches = []
         for crops in self.steps:
             b = crops[0].shape[0] // world
-            batches.append({"crops": [c[rank * b:(rank + 1) * b] for c in crops]})
+            batches.append({"crops": [c[rank * b : (rank + 1) * b] for c in crops]})
         return DataLoader(batches, batch_size=None, shuffle=False)
 
 
@@ -61,17 +62,30 @@ def main() -> None:
     recorder = GradRecorder()
     trainer = pl.Trainer(
         callbacks=[recorder],
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=out, use_distributed_sampler=False,  # each rank slices the batch itself
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        use_distributed_sampler=False,  # each rank slices the batch itself
+    )
     trainer.fit(model, datamodule=SlicedData(per_rank * devices, steps))
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
-         "center": model.dino_loss.center, "grads": recorder.grads, "global_step": trainer.global_step, "world": trainer.world_size},
+        {
+            "student": model.student.state_dict(),
+            "teacher": model.teacher.state_dict(),
+            "center": model.dino_loss.center,
+            "grads": recorder.grads,
+            "global_step": trainer.global_step,
+            "world": trainer.world_size,
+        },
         out / f"rank{trainer.global_rank}.pt",
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

@@ -12,14 +12,32 @@ def tiny_dino(out_dim: int = 32, local_number: int = 2) -> dict:
     return {
         "out_dim": out_dim,
         "head": {"hidden_dim": 16, "bottleneck_dim": 8, "nlayers": 3, "use_bn": False, "norm_last_layer": True},
-        "crops": {"global_size": 32, "local_size": 16, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4],
-                  "local_number": local_number},
-        "loss": {"student_temp": 0.1, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
-                 "warmup_teacher_temp_epochs": 0, "center_momentum": 0.9},
-        "optimizer": {"base_lr": 5e-4, "reference_batch": 256, "min_lr": 1e-6, "warmup_epochs": 1,
-                      "weight_decay": 0.04, "weight_decay_end": 0.4, "clip_grad": 3.0, "freeze_last_layer": 1},
+        "crops": {
+            "global_size": 32,
+            "local_size": 16,
+            "global_scale": [0.4, 1.0],
+            "local_scale": [0.05, 0.4],
+            "local_number": local_number,
+        },
+        "loss": {
+            "student_temp": 0.1,
+            "teacher_temp": 0.04,
+            "warmup_teacher_temp": 0.04,
+            "warmup_teacher_temp_epochs": 0,
+            "center_momentum": 0.9,
+        },
+        "optimizer": {
+            "base_lr": 5e-4,
+            "reference_batch": 256,
+            "min_lr": 1e-6,
+            "warmup_epochs": 1,
+            "weight_decay": 0.04,
+            "weight_decay_end": 0.4,
+            "clip_grad": 3.0,
+            "freeze_last_layer": 1,
+        },
         "teacher": {"momentum": 0.996, "momentum_end": 1.0},
-    }  # fmt: skip
+    }
 
 
 def crop_batches(n_batches: int, batch_size: int, local_number: int = 2, seed: int = 0, nan_at: int | None = None):

@@ -10,17 +10,24 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import save_file
 
+from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.backbones import timm_to_surgenet
-from surgenet_ssl.teacher_export import export_checkpoint
 from surgenet_ssl.init_weights import dino_head_and_center, initialize_dino
 from surgenet_ssl.module import DINOModule
-
-from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
+from surgenet_ssl.teacher_export import export_checkpoint
 
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 
@@ -42,8 +49,12 @@ def _fresh(**backbone) -> DINOModule:
 
 
 def _lightning_checkpoint(m: DINOModule) -> dict:
-    return {"state_dict": m.state_dict(), "global_step": 7, "pytorch-lightning_version": pl.__version__,
-            "hyper_parameters": {"backbone": dict(TINY_BACKBONE), "dino": tiny_dino(), "batch_size": 4}}  # fmt: skip
+    return {
+        "state_dict": m.state_dict(),
+        "global_step": 7,
+        "pytorch-lightning_version": pl.__version__,
+        "hyper_parameters": {"backbone": dict(TINY_BACKBONE), "dino": tiny_dino(), "batch_size": 4},
+    }
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -85,8 +96,10 @@ def test_official_dino_layout_with_ddp_prefixed_student(tmp_path):
     teacher = {f"backbone.{k}": v for k, v in src.teacher.backbone.state_dict().items()}
     teacher.update({f"head.{k}": v for k, v in src.teacher.head.state_dict().items()})
     student = {f"module.{k}": v for k, v in src.student.state_dict().items()}
-    torch.save({"student": student, "teacher": teacher, "epoch": 100, "dino_loss": {"center": src.dino_loss.center}},
-               tmp_path / "checkpoint.pth")  # fmt: skip
+    torch.save(
+        {"student": student, "teacher": teacher, "epoch": 100, "dino_loss": {"center": src.dino_loss.center}},
+        tmp_path / "checkpoint.pth",
+    )
     head, center, kind = dino_head_and_center(torch.load(tmp_path / "checkpoint.pth", weights_only=True))
     assert kind == "full DINO checkpoint" and _same(head, src.teacher.head.state_dict())
     m = _fresh()
@@ -122,8 +135,9 @@ def test_mismatches_are_errors_and_init_head_false_keeps_a_fresh_head(tmp_path):
     with pytest.raises(ValueError, match="init_head=false"):
         initialize_dino(other.student, other.teacher, tmp_path / "run.ckpt", "timm", center=other.dino_loss.center)
     fresh_head = {k: v.clone() for k, v in other.student.head.state_dict().items()}
-    report = initialize_dino(other.student, other.teacher, tmp_path / "run.ckpt", "timm",
-                             center=other.dino_loss.center, load_head=False)  # fmt: skip
+    report = initialize_dino(
+        other.student, other.teacher, tmp_path / "run.ckpt", "timm", center=other.dino_loss.center, load_head=False
+    )
     assert report.head_tensors == 0 and _same(other.student.head.state_dict(), fresh_head)
     assert _same(other.teacher.backbone.state_dict(), src.teacher.backbone.state_dict())
 
@@ -163,5 +177,6 @@ def test_resumed_run_keeps_its_checkpoint_and_never_reads_init_weights(tmp_path)
     _trainer(tmp_path, max_epochs=1).fit(resumed, train_dataloaders=crop_batches(2, batch_size=4), ckpt_path=ckpt)
     assert _same(resumed.state_dict(), saved)
     with pytest.raises(FileNotFoundError):  # and the same module on a fresh run does read it
-        _trainer(tmp_path, max_epochs=1).fit(_fresh(init_weights=str(tmp_path / "gone.pth")),
-                                            train_dataloaders=crop_batches(2, batch_size=4))  # fmt: skip
+        _trainer(tmp_path, max_epochs=1).fit(
+            _fresh(init_weights=str(tmp_path / "gone.pth")), train_dataloaders=crop_batches(2, batch_size=4)
+        )

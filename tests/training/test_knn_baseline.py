@@ -7,12 +7,11 @@ import logging
 
 import pytorch_lightning as pl
 import torch
-from evaluation.helpers import make_image_folder
 
+from evaluation.helpers import make_image_folder
+from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.callbacks import KNNMonitor
 from surgenet_ssl.module import DINOModule
-
-from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 
 
 class _Recorder(pl.loggers.Logger):
@@ -32,14 +31,27 @@ class _Recorder(pl.loggers.Logger):
 def test_step_zero_baseline_and_final_line(tmp_path, caplog):
     make_image_folder(tmp_path / "train", 4)
     make_image_folder(tmp_path / "val", 2, seed=1)
-    monitor = KNNMonitor(every_n_epochs=1, k=3, image_size=32, train_dir=str(tmp_path / "train"),
-                         val_dir=str(tmp_path / "val"), embedding_map=False)  # fmt: skip
+    monitor = KNNMonitor(
+        every_n_epochs=1,
+        k=3,
+        image_size=32,
+        train_dir=str(tmp_path / "train"),
+        val_dir=str(tmp_path / "val"),
+        embedding_map=False,
+    )
     recorder = _Recorder()
     torch.manual_seed(0)
     module = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, diagnostics_every_n_steps=0)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=recorder, callbacks=[monitor],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=recorder,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with caplog.at_level(logging.INFO, logger="surgenet_ssl"):
         trainer.fit(module, train_dataloaders=crop_batches(2, batch_size=4))
     knn = [(step, m["knn/top1"]) for step, m in recorder.rows if "knn/top1" in m]
@@ -53,11 +65,26 @@ def test_step_zero_baseline_and_final_line(tmp_path, caplog):
     again = KNNMonitor(every_n_epochs=1)
     again.load_state_dict(state)
     assert again.baseline_result == monitor.baseline_result
-    off = KNNMonitor(every_n_epochs=1, baseline=False, train_dir=str(tmp_path / "train"),
-                     val_dir=str(tmp_path / "val"), image_size=32, embedding_map=False)  # fmt: skip
+    off = KNNMonitor(
+        every_n_epochs=1,
+        baseline=False,
+        train_dir=str(tmp_path / "train"),
+        val_dir=str(tmp_path / "val"),
+        image_size=32,
+        embedding_map=False,
+    )
     rec2 = _Recorder()
-    pl.Trainer(accelerator="cpu", max_epochs=1, logger=rec2, callbacks=[off], enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path).fit(
+    pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=rec2,
+        callbacks=[off],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).fit(
         DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, diagnostics_every_n_steps=0),
-        train_dataloaders=crop_batches(2, batch_size=4))  # fmt: skip
+        train_dataloaders=crop_batches(2, batch_size=4),
+    )
     assert [s for s, m in rec2.rows if "knn/top1" in m] == [2]

@@ -41,16 +41,19 @@ def _trainer(**kw) -> dict:
     return {"accelerator": "auto", "devices": "auto", "strategy": "auto"} | kw
 
 
-@pytest.mark.parametrize("cores, gpus, trainer, cap, expected", [
-    (2, 0, _trainer(), None, 1),                                    # the 2-core box: 1 worker, not 8
-    (1, 0, _trainer(), None, 0),                                    # one core: load in the training process
-    (32, 0, _trainer(), None, 8),                                   # at most 8
-    (64, 0, _trainer(), "2", 2),                                    # ${surgenet.auto_workers:2}
-    (4, 0, _trainer(accelerator="cpu", devices=2), None, 1),        # 2 CPU processes share 4 cores
-    (16, 4, _trainer(), None, 3),                                   # all 4 GPUs of a 16-core node: 4 cores each
-    (16, 4, _trainer(accelerator="gpu", devices=[0, 1]), None, 7),  # 2 of them
-    (16, 0, None, None, 8),                                         # no trainer config known: one process
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "cores, gpus, trainer, cap, expected",
+    [
+        (2, 0, _trainer(), None, 1),  # the 2-core box: 1 worker, not 8
+        (1, 0, _trainer(), None, 0),  # one core: load in the training process
+        (32, 0, _trainer(), None, 8),  # at most 8
+        (64, 0, _trainer(), "2", 2),  # ${surgenet.auto_workers:2}
+        (4, 0, _trainer(accelerator="cpu", devices=2), None, 1),  # 2 CPU processes share 4 cores
+        (16, 4, _trainer(), None, 3),  # all 4 GPUs of a 16-core node: 4 cores each
+        (16, 4, _trainer(accelerator="gpu", devices=[0, 1]), None, 7),  # 2 of them
+        (16, 0, None, None, 8),  # no trainer config known: one process
+    ],
+)
 def test_auto_workers(machine, cores, gpus, trainer, cap, expected):
     machine(cores, gpus)
     root = OmegaConf.create({"trainer": trainer} if trainer is not None else {})
@@ -81,8 +84,9 @@ def test_configs_default_to_the_machine(machine):
     assert _compose("dataset=cholec", "trainer=cpu", "trainer.devices=4").data.num_workers == 7
 
 
-@pytest.mark.parametrize("cores, workers, processes, expected", [(2, 1, 1, 1), (2, 2, 1, 1), (2, 0, 1, 2),
-                                                                 (16, 3, 4, 1), (16, 3, 1, 13)])  # fmt: skip
+@pytest.mark.parametrize(
+    "cores, workers, processes, expected", [(2, 1, 1, 1), (2, 2, 1, 1), (2, 0, 1, 2), (16, 3, 4, 1), (16, 3, 1, 13)]
+)
 def test_auto_torch_threads(machine, cores, workers, processes, expected):
     machine(cores, gpus=processes if processes > 1 else 0)
     assert resources.auto_torch_threads(workers, _trainer(devices=processes)) == expected
@@ -98,8 +102,10 @@ def test_apply_torch_threads_sets_and_logs_once(machine, caplog):
             assert resources.apply_torch_threads(3, 1, _trainer(), announce=False) == 3
             assert torch.get_num_threads() == 3
         budget = [r.getMessage() for r in caplog.records if "CPU budget" in r.getMessage()]
-        assert budget == ["CPU budget: 2 usable cores, 1 training process(es) on this node, 1 loader worker(s) and 1 "
-                          "torch thread(s) per process (auto; data.num_workers / data.torch_threads override)"]
+        assert budget == [
+            "CPU budget: 2 usable cores, 1 training process(es) on this node, 1 loader worker(s) and 1 "
+            "torch thread(s) per process (auto; data.num_workers / data.torch_threads override)"
+        ]
         with pytest.raises(ValueError, match="data.torch_threads must be >= 1"):
             resources.apply_torch_threads(0, 1, _trainer())
     finally:
@@ -109,8 +115,11 @@ def test_apply_torch_threads_sets_and_logs_once(machine, caplog):
 def test_more_cpu_devices_than_cores_fails_with_the_fix(machine):
     machine(2)
     for trainer in (_trainer(accelerator="cpu", devices=3), _trainer(devices="4")):
-        with pytest.raises(ValueError, match=r"only 2 CPU core\(s\) are usable here. Use trainer.devices=2 .*"
-                                             r"trainer.strategy=ddp"):
+        with pytest.raises(
+            ValueError,
+            match=r"only 2 CPU core\(s\) are usable here. Use trainer.devices=2 .*"
+            r"trainer.strategy=ddp",
+        ):
             train_mod.check_devices(OmegaConf.create(trainer))
     train_mod.check_devices(OmegaConf.create(_trainer(accelerator="cpu", devices=3, strategy="ddp")))  # on purpose
     train_mod.check_devices(OmegaConf.create(_trainer(accelerator="cpu", devices=2)))
@@ -121,8 +130,14 @@ def test_more_cpu_devices_than_cores_fails_with_the_fix(machine):
 
 def test_cli_cpu_devices_beyond_cores_fails_at_once(demo_cache, tmp_path):
     wanted = resources.usable_cpus() + 1
-    proc = run_module("surgenet_ssl.train", "trainer=cpu", f"trainer.devices={wanted}", f"hydra.run.dir={tmp_path}",
-                      cache=demo_cache, check=False)  # fmt: skip
+    proc = run_module(
+        "surgenet_ssl.train",
+        "trainer=cpu",
+        f"trainer.devices={wanted}",
+        f"hydra.run.dir={tmp_path}",
+        cache=demo_cache,
+        check=False,
+    )
     assert proc.returncode == 1
     assert f"trainer.devices={wanted} asks for {wanted} CPU training processes" in proc.stderr + proc.stdout
     assert not (tmp_path / "checkpoints").exists()
@@ -153,8 +168,14 @@ def _fit_and_record(silenced: bool) -> list[str]:
     data_connector.warning_cache.clear()
     torch.manual_seed(0)
     module = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=2)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if silenced:

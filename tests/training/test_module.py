@@ -7,17 +7,22 @@ import pytorch_lightning as pl
 import torch
 
 import surgenet_ssl.module as module_lib
+from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.dino import DINOLoss
 from surgenet_ssl.module import DINOModule
-
-from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 
@@ -61,8 +66,13 @@ def test_lr_warmup_and_weight_decay_applied_per_step(tmp_path):
 
     class Spy(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"],
-                         optimizer.param_groups[1]["weight_decay"]))  # fmt: skip
+            seen.append(
+                (
+                    optimizer.param_groups[0]["lr"],
+                    optimizer.param_groups[0]["weight_decay"],
+                    optimizer.param_groups[1]["weight_decay"],
+                )
+            )
 
     _trainer(tmp_path, max_epochs=2, callbacks=[Spy()]).fit(model, train_dataloaders=crop_batches(4, batch_size=4))
     peak = 5e-4 * 4 / 256

@@ -9,14 +9,22 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.module import DINOModule
 from surgenet_ssl.performance import performance_options, use_fused_adamw
-from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 
 
 def _fit(model: DINOModule, tmp_path, batches: int = 2, **kwargs) -> pl.Trainer:
-    args = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     args.update(kwargs)
     trainer = pl.Trainer(**args)
     trainer.fit(model, train_dataloaders=crop_batches(batches, batch_size=4))
@@ -63,8 +71,9 @@ def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplo
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     # aot_eager: dynamo's graph capture and AOT autograd as with inductor, without minutes of C++ code generation on CPU
-    model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True,
-                                                                               "compile_backend": "aot_eager"})
+    model = DINOModule(
+        TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True, "compile_backend": "aot_eager"}
+    )
     keys = list(model.state_dict())
     with caplog.at_level(logging.WARNING, logger="surgenet_ssl.performance"):
         trainer = _fit(model, tmp_path)
@@ -90,8 +99,9 @@ def test_compile_setup_failure_leaves_the_backbone_eager(tmp_path, monkeypatch, 
 def test_compile_true_compiles_or_falls_back_and_training_runs(tmp_path, caplog) -> None:
     torch.manual_seed(0)
     # aot_eager: dynamo's graph capture and AOT autograd as with inductor, without minutes of C++ code generation on CPU
-    model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True,
-                                                                               "compile_backend": "aot_eager"})
+    model = DINOModule(
+        TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True, "compile_backend": "aot_eager"}
+    )
     keys = list(model.state_dict())
     with caplog.at_level(logging.WARNING, logger="surgenet_ssl.performance"):
         trainer = _fit(model, tmp_path)
@@ -103,8 +113,9 @@ def test_compile_true_compiles_or_falls_back_and_training_runs(tmp_path, caplog)
     x = torch.randn(2, 3, 32, 32)
     model.student.backbone.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model.student.backbone(x), model.student.backbone._call_impl(x), rtol=1e-4,
-                                   atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            model.student.backbone(x), model.student.backbone._call_impl(x), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_fused_adamw_only_on_cuda_without_the_fp16_scaler() -> None:

@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from surgenet_ssl.module import DINOModule
 from support.tiny_training import crop_batches, tiny_dino
+from surgenet_ssl.module import DINOModule
 
 BACKBONE = {"name": "timm", "timm_name": "test_vit", "drop_path_rate": 0.0}
 
@@ -30,8 +30,16 @@ class Recorder(DINOModule):
 
 def _fit(model: DINOModule, batches: int, scaler: torch.amp.GradScaler | None = None) -> pl.Trainer:
     plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler)] if scaler is not None else []
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, plugins=plugins, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        plugins=plugins,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, train_dataloaders=crop_batches(batches, batch_size=4))
     return trainer
 

@@ -16,17 +16,27 @@ import torch
 from support.cli import FAST_TRAIN, run_module
 
 # 3 epochs x 4 steps = 12 optimizer steps; a step checkpoint after every step.
-RESUME_ARGS = [*FAST_TRAIN, "data.steps_per_epoch=4", "trainer.max_epochs=3", "logger=csv",
-               "logger.csv.flush_logs_every_n_steps=1",
-               "callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.knn_monitor.every_n_epochs=0"]  # fmt: skip
+RESUME_ARGS = [
+    *FAST_TRAIN,
+    "data.steps_per_epoch=4",
+    "trainer.max_epochs=3",
+    "logger=csv",
+    "logger.csv.flush_logs_every_n_steps=1",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "callbacks.knn_monitor.every_n_epochs=0",
+]
 
 
 def _start(run_dir: Path, cache: Path, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "SURGENET_SSL_CACHE": str(cache), "WANDB_MODE": "offline", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "surgenet_ssl.train", f"hydra.run.dir={run_dir}", *RESUME_ARGS],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=str(cache.parent),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=str(cache.parent),
+    )
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -35,7 +45,9 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"training ended (rc={proc.returncode}) before the awaited state:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(
+                f"training ended (rc={proc.returncode}) before the awaited state:\n{proc.stdout.read()[-4000:]}"
+            )
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("timed out waiting for training to reach the awaited state")

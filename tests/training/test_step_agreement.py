@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 
+from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.module import DINOModule
 from surgenet_ssl.step_agreement import StepAgreement
 
@@ -48,8 +48,15 @@ def test_pipelined_module_still_never_checkpoints_a_non_finite_step(tmp_path):
     model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4)
     model._agreement = StepAgreement(pipelined=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[ckpt], default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ckpt],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(FloatingPointError, match="optimizer step 2"):
         trainer.fit(model, train_dataloaders=crop_batches(4, batch_size=4, nan_at=2))
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)

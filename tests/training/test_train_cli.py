@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import math
+import re
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ def test_cfg_job_prints_composed_config(demo_cache):
     assert "batch_size: 7" in out
     assert "name: caformer_s18" in out and "name: demo" in out
     # dataset=demo brings its short schedule; a real mixture keeps the recipe.
-    assert "max_epochs: 3" in out
+    assert "max_epochs: 8" in out
     xl = run_module("surgenet_ssl.train", "--cfg", "job", "dataset=surgenetxl", cache=demo_cache).stdout
     assert "max_epochs: 50" in xl and "out_dim: 65536" in xl and "local_number: 8" in xl
 
@@ -32,8 +34,14 @@ def test_unknown_group_option_lists_valid_choices(demo_cache, override, choices)
 
 
 def test_unknown_timm_model_fails_before_training(demo_cache, tmp_path):
-    proc = run_module("surgenet_ssl.train", "backbone=timm", "backbone.timm_name=resnet_does_not_exist",
-                      f"hydra.run.dir={tmp_path / 'run'}", cache=demo_cache, check=False)  # fmt: skip
+    proc = run_module(
+        "surgenet_ssl.train",
+        "backbone=timm",
+        "backbone.timm_name=resnet_does_not_exist",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cache=demo_cache,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "is not a timm model" in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -50,13 +58,35 @@ def test_gpu_request_beyond_what_exists_fails_at_once(demo_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_run_end_to_end_exports_surgenet_teacher(demo_cache, tmp_path):
+def test_default_demo_run_learns_and_exports_surgenet_teacher(demo_cache, tmp_path):
+    """The README's main command, unchanged but for where it writes (and the loader/thread counts pinned, which
+    the auto defaults size to the machine): the teacher visibly learns, and the export is the published format.
+
+    The margin: with the fixed seed the online k-NN goes 0.683 at init -> 0.850 after 96 steps on the 2-core VM
+    (README); untrained CaFormer-S18s of other seeds score 0.68-0.82 on the same queries, so a rise of 0.10
+    (6 of the 60 queries) is beyond what a different initialisation would give and leaves room for the float
+    summation order of other machines. The student must also close most of its gap to the teacher after warm-up:
+    KL(teacher || student) 0.49 at the start -> ~0.12 (the cross-entropy itself stays near log K early in DINO:
+    it is dominated by the teacher's entropy, see the README).
+    """
     run_dir = tmp_path / "run"
-    proc = run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *FAST_TRAIN, cache=demo_cache)
+    proc = run_module(
+        "surgenet_ssl.train",
+        f"hydra.run.dir={run_dir}",
+        "data.num_workers=1",
+        "data.torch_threads=1",
+        "trainer.enable_progress_bar=false",
+        cache=demo_cache,
+        timeout=1200,
+    )
     last_line = proc.stdout.strip().splitlines()[-1]
     assert last_line == f"export_dir={run_dir / 'export'}"
+    summary = re.search(r"k-NN top-1: ([0-9.]+) at init -> ([0-9.]+) after 96 steps", proc.stdout + proc.stderr)
+    assert summary, proc.stderr[-3000:]
+    at_init, final = float(summary.group(1)), float(summary.group(2))
+    assert final >= at_init + 0.10, (at_init, final)
     export = run_dir / "export"
-    stem = "demo_caformer_s18_epoch0002"
+    stem = "demo_caformer_s18_epoch0008"
 
     # SurgeNet-format teacher: exactly the published 152 tensors with the published shapes, CPU, no head/prefix.
     teacher = torch.load(export / f"{stem}_teacher.pth", weights_only=True)
@@ -74,8 +104,8 @@ def test_demo_run_end_to_end_exports_surgenet_teacher(demo_cache, tmp_path):
     # Full checkpoint in the official DINO layout.
     full = torch.load(export / f"{stem}_checkpoint.pth", weights_only=False)
     assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(full)
-    assert full["epoch"] == 2 and isinstance(full["args"], dict)
-    assert full["dino_loss"]["center"].shape == (1, 512)
+    assert full["epoch"] == 8 and isinstance(full["args"], dict)
+    assert full["dino_loss"]["center"].shape == (1, 4096)
     assert all(k.startswith(("backbone.", "head.")) for k in full["teacher"])
     assert torch.equal(full["teacher"]["backbone.norm.weight"], teacher["norm.weight"])
     assert "head.last_layer.weight_g" in full["teacher"]
@@ -83,24 +113,38 @@ def test_demo_run_end_to_end_exports_surgenet_teacher(demo_cache, tmp_path):
 
     # Lightning checkpoints; re-exporting the end-of-epoch checkpoint names the same number of completed epochs.
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
-    again = run_module("surgenet_ssl.export", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
-                       f"output={tmp_path / 'again'}", cache=demo_cache)  # fmt: skip
+    again = run_module(
+        "surgenet_ssl.export",
+        f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"output={tmp_path / 'again'}",
+        cache=demo_cache,
+    )
     assert (tmp_path / "again" / f"{stem}_teacher.pth").is_file(), again.stdout
     # The saved config, the CSV log with the recipe's schedules, wandb offline files.
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     columns = set(rows[0])
-    for col in ("train/loss", "train/lr", "train/weight_decay", "train/teacher_momentum", "train/teacher_temp",
-                "perf/images_per_s", "perf/data_wait_fraction"):  # fmt: skip
+    for col in (
+        "train/loss",
+        "train/lr",
+        "train/weight_decay",
+        "train/teacher_momentum",
+        "train/teacher_temp",
+        "perf/images_per_s",
+        "perf/data_wait_fraction",
+    ):
         assert col in columns, col
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(losses) == 6 and all(0 < x < 20 for x in losses)
-    # Collapse diagnostics every 2 steps; the online k-NN on the demo's procedure labels at init and after each epoch.
-    entropies = [float(r["diag/teacher_entropy"]) for r in rows if r.get("diag/teacher_entropy")]
-    assert len(entropies) == 3 and all(0 <= e <= torch.log(torch.tensor(512.0)) + 1e-4 for e in entropies)
+    assert len(losses) == 48 and all(0 < x < 20 for x in losses)  # every 2nd of 96 steps
+    # Collapse diagnostics every 4 steps; the online k-NN on the demo's procedure labels at init and after each epoch.
+    diag = [r for r in rows if r.get("diag/teacher_entropy")]
+    assert len(diag) == 24
+    assert all(0 <= float(r["diag/teacher_entropy"]) <= math.log(4096) + 1e-4 for r in diag)
+    kl = [float(r["diag/kl_teacher_student"]) for r in diag]
+    assert sum(kl[12:]) / 12 < 0.5 * kl[0], kl  # the second half of training, against the first measurement
     knn = [float(r["knn/top1"]) for r in rows if r.get("knn/top1")]
-    assert len(knn) == 3 and all(0.0 <= x <= 1.0 for x in knn)  # at init (step 0), then after each epoch
-    assert (run_dir / "embeddings" / "epoch0002.png").is_file()
+    assert len(knn) == 9 and knn[0] == pytest.approx(at_init, abs=1e-4) and knn[-1] == pytest.approx(final, abs=1e-4)
+    assert (run_dir / "embeddings" / "epoch0008.png").is_file()
     assert (run_dir / "wandb").is_dir()
 
 
@@ -108,9 +152,17 @@ def test_demo_run_end_to_end_exports_surgenet_teacher(demo_cache, tmp_path):
 def test_two_process_cpu_ddp_through_the_entry_point(demo_cache, tmp_path):
     """`trainer.accelerator=cpu trainer.devices=2 trainer.strategy=ddp`: gloo DDP with the real loader and export."""
     run_dir = tmp_path / "ddp"
-    proc = run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *FAST_TRAIN, "logger=csv",
-                      "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-                      "callbacks.knn_monitor.every_n_epochs=0", cache=demo_cache)  # fmt: skip
+    proc = run_module(
+        "surgenet_ssl.train",
+        f"hydra.run.dir={run_dir}",
+        *FAST_TRAIN,
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "callbacks.knn_monitor.every_n_epochs=0",
+        cache=demo_cache,
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == f"export_dir={run_dir / 'export'}"
     assert sum(line.startswith("export_dir=") for line in lines) == 1  # printed by rank 0 only
@@ -124,9 +176,17 @@ def test_two_process_cpu_ddp_through_the_entry_point(demo_cache, tmp_path):
 def test_gpu_augmentation_mode_runs_end_to_end_on_cpu_tensors(demo_cache, tmp_path):
     """`data.augment_on=gpu`: workers ship uint8 frames; the module makes the crops on the training device."""
     run_dir = tmp_path / "gpu_aug"
-    proc = run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *FAST_TRAIN, "logger=csv",
-                      "trainer.max_epochs=1", "data.augment_on=gpu", "data.gpu_frame_size=[240,320]",
-                      "callbacks.knn_monitor.every_n_epochs=0", cache=demo_cache)  # fmt: skip
+    proc = run_module(
+        "surgenet_ssl.train",
+        f"hydra.run.dir={run_dir}",
+        *FAST_TRAIN,
+        "logger=csv",
+        "trainer.max_epochs=1",
+        "data.augment_on=gpu",
+        "data.gpu_frame_size=[240,320]",
+        "callbacks.knn_monitor.every_n_epochs=0",
+        cache=demo_cache,
+    )
     assert proc.stdout.strip().splitlines()[-1] == f"export_dir={run_dir / 'export'}"
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert len([r for r in rows if r.get("train/loss")]) == 3
@@ -141,8 +201,9 @@ def test_gpu_augmentation_mode_runs_end_to_end_on_cpu_tensors(demo_cache, tmp_pa
     ],
 )
 def test_incomplete_or_impossible_configs_fail_at_once_with_the_fix(demo_cache, tmp_path, overrides, message):
-    proc = run_module("surgenet_ssl.train", *overrides, f"hydra.run.dir={tmp_path}", "logger=csv", cache=demo_cache,
-                      check=False)  # fmt: skip
+    proc = run_module(
+        "surgenet_ssl.train", *overrides, f"hydra.run.dir={tmp_path}", "logger=csv", cache=demo_cache, check=False
+    )
     assert proc.returncode == 1
     assert message in proc.stderr + proc.stdout
     assert not (tmp_path / "checkpoints").exists()
