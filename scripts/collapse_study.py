@@ -8,6 +8,9 @@ the online k-NN per epoch (step 0 = untrained) and how many warnings the old per
 
     python scripts/collapse_study.py --runs learning uniform onehot --epochs 6
     python scripts/collapse_study.py --runs locals32 nolocals --out /tmp/study      # small-data drift (item 5)
+    python scripts/collapse_study.py --epochs 8 --runs preset preset_seed1 preset_seed2 preset_lr5e-4   # the preset
+
+The out_dim of a run is read from its saved config.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgenet_ssl.evaluation.diagnostics import UNIFORM_RATIO, CollapseTracker  # noqa: E402
@@ -33,11 +38,18 @@ COMMON = [
     "export.enabled=false",
     "data.steps_per_epoch=12",
 ]
-# name -> (what it shows, overrides). The demo schedule (schedule/demo.yaml) is the base.
-SMALL = ["dino.crops.global_size=64", "dino.crops.local_size=32"]
+# name -> (what it shows, overrides). The demo schedule (schedule/demo.yaml = schedule/small_data.yaml: 64/32-px
+# crops, 2 local crops, peak lr 2e-3 at batch 16) is the base. The runs before the small-data preset (learning ...
+# locals32_lr: the CollapseTracker's evidence, measured on demo version 1 without camera looks) pin the old demo
+# recipe: 112/48-px crops, 4 local crops, the recipe's lr rule 5e-4 x batch / 256.
+OLD = ["dino.crops.local_number=4", "dino.optimizer.base_lr=5e-4", "dino.optimizer.reference_batch=256"]
+SMALL = [*OLD, "dino.crops.global_size=64", "dino.crops.local_size=32"]
 RUNS: dict[str, tuple[str, list[str]]] = {
-    "learning": ("the demo recipe (112/48 px, 4 local crops)", []),
-    "nolocals": ("64-px global crops, no local crops", ["dino.crops.global_size=64", "dino.crops.local_number=0"]),
+    "learning": (
+        "the demo recipe before the preset (112/48 px, 4 local crops)",
+        [*OLD, "dino.crops.global_size=112", "dino.crops.local_size=48"],
+    ),
+    "nolocals": ("64-px global crops, no local crops", [*SMALL, "dino.crops.local_number=0"]),
     "locals32": ("64-px global + 4 x 32-px local crops", SMALL),
     "uniform": (
         "64/32 px, no sharpening (teacher temp 0.1 = student temp): uniform collapse",
@@ -50,9 +62,30 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     # the same small-image runs with the lr of batch 256 (5e-4) instead of 5e-4 x 16 / 256
     "nolocals_lr": (
         "as nolocals, peak lr 5e-4",
-        ["dino.crops.global_size=64", "dino.crops.local_number=0", "dino.optimizer.reference_batch=16"],
+        [*SMALL, "dino.crops.local_number=0", "dino.optimizer.reference_batch=16"],
     ),
     "locals32_lr": ("as locals32, peak lr 5e-4", [*SMALL, "dino.optimizer.reference_batch=16"]),
+    # The small-data preset (README "Small data"), 8 epochs x 12 steps: seeds, lr, teacher temperature and momentum.
+    "preset": ("the demo schedule (small-data preset), seed 0", []),
+    "preset_seed1": ("the preset, seed 1", ["seed=1"]),
+    "preset_seed2": ("the preset, seed 2", ["seed=2"]),
+    "preset_lr5e-4": ("the preset at peak lr 5e-4", ["dino.optimizer.base_lr=5e-4"]),
+    "preset_lr5e-4_seed1": ("the preset at peak lr 5e-4, seed 1", ["dino.optimizer.base_lr=5e-4", "seed=1"]),
+    "preset_lr5e-4_k1024": (
+        "the preset at peak lr 5e-4, out_dim 1024",
+        ["dino.optimizer.base_lr=5e-4", "dino.out_dim=1024"],
+    ),
+    "preset_lr5e-4_m0.96": (
+        "the preset at peak lr 5e-4, teacher momentum 0.96",
+        ["dino.optimizer.base_lr=5e-4", "dino.teacher.momentum=0.96"],
+    ),
+    "preset_temp0.02": (
+        "the preset, teacher temperature 0.02",
+        ["dino.loss.teacher_temp=0.02", "dino.loss.warmup_teacher_temp=0.02"],
+    ),
+    "preset_m0.996_seed1": ("the preset, teacher momentum 0.996, seed 1", ["dino.teacher.momentum=0.996", "seed=1"]),
+    "preset_m0.996_seed2": ("the preset, teacher momentum 0.996, seed 2", ["dino.teacher.momentum=0.996", "seed=2"]),
+    "preset_warmup2_seed1": ("the preset, 2 warm-up epochs, seed 1", ["dino.optimizer.warmup_epochs=2", "seed=1"]),
 }
 
 
@@ -117,13 +150,15 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=["learning", "uniform", "onehot"], choices=sorted(RUNS))
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("outputs/collapse_study"))
-    ap.add_argument("--out-dim", type=int, default=4096, help="dino.out_dim of the runs (demo: 4096)")
+    ap.add_argument("--out-dim", type=int, default=None, help="dino.out_dim of every run (default: each run's own)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
     summary = {}
     for name in args.runs:
-        extra = [*args.overrides, f"dino.out_dim={args.out_dim}"]
-        summary[name] = summarise(run(name, args.out, args.epochs, extra), args.out_dim)
+        extra = [*args.overrides, *([f"dino.out_dim={args.out_dim}"] if args.out_dim else [])]
+        metrics = run(name, args.out, args.epochs, extra)
+        out_dim = int(OmegaConf.load(metrics.parents[1] / "config.yaml").dino.out_dim)
+        summary[name] = summarise(metrics, out_dim)
         print(f"{name} ({RUNS[name][0]}): {json.dumps(summary[name])}", flush=True)
     print(json.dumps(summary))
 
