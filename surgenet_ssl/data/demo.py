@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEMO_VERSION = 2  # bump when the generator changes: cached copies are rebuilt (2: camera looks)
 _CONTENT_SEED = 1  # seeds the rendered scenes (unchanged since version 1); the looks have their own seed
 _LOOK_SEED = 7
-LOOK_SEGMENTS = 4  # camera looks per video
+LOOK_SEGMENTS = 4  # camera looks per video (0: none)
 DEMO_DIRNAME = "demo"
 WIDTH, HEIGHT = 320, 240
 VIDEO_FPS = 8
@@ -184,8 +184,8 @@ def _render_video(name: str, style: _Style, index: int) -> list[np.ndarray]:
             img = img * 0.8 + 255 * 0.2 * (0.5 + 0.5 * np.sin(0.5 * t + phase[5]))
         frames.append((img * vignette).clip(0, 255).astype(np.uint8))
     look_rng = np.random.default_rng([_LOOK_SEED, list(DEMO_PROCEDURES).index(name), index])
-    per_look = n // LOOK_SEGMENTS
-    for k in range(LOOK_SEGMENTS):
+    per_look = n // max(LOOK_SEGMENTS, 1)
+    for k in range(LOOK_SEGMENTS):  # 0: no looks (version 1's frames)
         look = _CameraLook.draw(look_rng)
         frames[k * per_look : (k + 1) * per_look] = [look.apply(f) for f in frames[k * per_look : (k + 1) * per_look]]
     return frames

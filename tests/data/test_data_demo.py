@@ -58,6 +58,35 @@ def test_demo_procedures_look_different(demo_cache: Path) -> None:
             assert np.abs(means[names[i]] - means[names[j]]).max() > 15  # mean colour differs per procedure
 
 
+def test_each_recording_segment_has_its_own_camera_look() -> None:
+    """A video's four segments differ in colour balance far more than frames within a segment do (the nuisance the
+    demo's k-NN baseline rests on), while the scene under the look is the same rendering."""
+    from surgenet_ssl.data import demo as D
+
+    name = "cholecystectomy"
+    frames = D._render_video(name, D.DEMO_PROCEDURES[name], 0)
+    per = len(frames) // D.LOOK_SEGMENTS
+    # channel ratios (R/G, B/G) of the frame means: white balance, independent of the scene's brightness
+    ratios = np.array([f.reshape(-1, 3).mean(0) for f in frames])
+    ratios = ratios[:, [0, 2]] / ratios[:, [1]]
+    segments = [ratios[k * per : (k + 1) * per] for k in range(D.LOOK_SEGMENTS)]
+    within = max(float(np.ptp(seg, axis=0).max()) for seg in segments)
+    between = [float(np.abs(a.mean(0) - b.mean(0)).max()) for a, b in zip(segments, segments[1:], strict=False)]
+    assert min(between) > within, (between, within)
+
+    # The same scene: with the looks switched off the frames are version 1's rendering, which differs only by them.
+    plain = D.LOOK_SEGMENTS
+    try:
+        D.LOOK_SEGMENTS = 0
+        unlooked = D._render_video(name, D.DEMO_PROCEDURES[name], 0)
+    finally:
+        D.LOOK_SEGMENTS = plain
+    assert len(unlooked) == len(frames) and not np.array_equal(unlooked[0], frames[0])
+    # a look is a per-pixel colour transform: the edges (instrument outlines) stay where they were
+    edges = [np.abs(np.diff(f.astype(np.float32).mean(-1), axis=1)) > 40 for f in (unlooked[5], frames[5])]
+    assert (edges[0] & edges[1]).sum() > 0.5 * edges[0].sum()
+
+
 def test_concurrent_callers_share_one_build(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     with ctx.Pool(2) as pool:
