@@ -277,34 +277,35 @@ class GpuMultiCrop(CropGeometry):
         # sampling_ratio=0: ceil(box/out) bilinear points per output pixel, chosen per box inside the kernel.
         out = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
         out = out.clamp_(0.0, 1.0)
-        u = torch.rand(b, 8, generator=g, device=dev)
-        flip = u[:, 0] < self.p["flip"]
+        # the per-crop draws, named after the recipe step that uses each (one (b, 8) draw: same seed, same crops)
+        flip_u, jitter_u, bri_u, con_u, sat_u, hue_u, gray_u, _ = torch.rand(b, 8, generator=g, device=dev).unbind(1)
+        flip = flip_u < self.p["flip"]
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
-        jitter = u[:, 1] < self.p["jitter"]
+        jitter = jitter_u < self.p["jitter"]
         bri, con, sat, hue = self.p["jitter_strength"]  # dino.crops.color_jitter (recipe: JITTER)
         factors = torch.stack(
             [
-                1 - bri + 2 * bri * u[:, 2],
-                1 - con + 2 * con * u[:, 3],
-                1 - sat + 2 * sat * u[:, 4],
-                -hue + 2 * hue * u[:, 5],
+                1 - bri + 2 * bri * bri_u,
+                1 - con + 2 * con * con_u,
+                1 - sat + 2 * sat * sat_u,
+                -hue + 2 * hue * hue_u,
             ],
             1,
         )
         order = torch.argsort(torch.rand(b, 4, generator=g, device=dev), dim=1)  # random permutation per sample
         if self.p["jitter"] > 0:
             out = color_jitter(out, jitter, factors, order)
-        gray = u[:, 6] < self.p["gray"]
+        gray = gray_u < self.p["gray"]
         if self.p["gray"] > 0:
             out = torch.where(gray.view(-1, 1, 1, 1), rgb_to_gray(out).expand_as(out), out)
         blur_p = self.p["blur"][min(index, 2)]
-        v = torch.rand(b, 3, generator=g, device=dev)
-        blur = v[:, 0] < blur_p
+        blur_u, sigma_u, solarize_u = torch.rand(b, 3, generator=g, device=dev).unbind(1)
+        blur = blur_u < blur_p
         lo, hi = self.p["blur_sigma"]  # dino.crops.blur_sigma (recipe: SIGMA)
-        sigma = torch.where(blur, lo + v[:, 1] * (hi - lo), torch.zeros_like(v[:, 1]))
+        sigma = torch.where(blur, lo + sigma_u * (hi - lo), torch.zeros_like(sigma_u))
         if blur_p > 0:
             out = gaussian_blur(out, sigma, radius=math.ceil(3.0 * hi))  # sigma 0 (not drawn): identity kernel
-        sol = (v[:, 2] < self.p["solarize"]) if index == 1 else torch.zeros_like(blur)
+        sol = (solarize_u < self.p["solarize"]) if index == 1 else torch.zeros_like(blur)
         if index == 1 and self.p["solarize"] > 0:
             threshold = self.p["solarize_threshold"] / 255.0  # dino.crops.solarize_threshold (recipe: 128)
             out = torch.where(sol.view(-1, 1, 1, 1) & (out >= threshold), 1.0 - out, out)
