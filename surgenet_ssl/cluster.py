@@ -122,6 +122,17 @@ class PreemptionSignals:
 PREEMPTION = PreemptionSignals()
 
 
+class TrainingPreempted(Exception):
+    """Training stopped for a preemption/time-limit signal after writing ``checkpoint`` at ``step``.
+
+    Raised by ``callbacks.PreemptionCheckpoint``; defined here, with the signals, so that the entry point can catch
+    it without importing Lightning first."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"preempted at optimizer step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 def ignore_preemption_signals_in_worker(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: the job's signals reach the workers too; only the main process acts on them."""
     for sig in PREEMPTION.signals or tuple(_signum(n) for n in DEFAULT_SIGNALS):

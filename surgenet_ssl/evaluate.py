@@ -21,20 +21,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.evaluation import (
-    ImageFolderDataset,
-    extract_features,
-    knn_accuracy,
-    linear_probe_accuracy,
-    resolve_device,
-    save_embedding_map,
-)
+# torch and surgenet_ssl.evaluation (torchvision, sklearn, matplotlib) take seconds to import: they are imported
+# inside the functions that use them, so that `--cfg job`, Hydra's errors and missing settings answer at once.
+if TYPE_CHECKING:
+    import torch
+
+    from surgenet_ssl.evaluation import ImageFolderDataset
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +88,8 @@ def build_model(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
 def build_random_model(cfg: DictConfig, like: torch.nn.Module | None = None) -> torch.nn.Module:
     """The same architecture as ``like`` (the loaded model; for caformer_s18 the same ReLU/StarReLU variant) at
     random initialisation, seeded by ``cfg.seed``: the ``baseline=random`` reference."""
+    import torch
+
     from surgenet_ssl.backbones import build_backbone
     from surgenet_ssl.models.classification import resolve_caformer_variant
 
@@ -128,6 +127,8 @@ def check_writable(output: Path) -> None:
 
 
 def _split_summary(dataset: ImageFolderDataset, feats) -> dict[str, Any]:
+    import torch
+
     return {
         "root": str(dataset.root),
         "images": len(feats.labels),
@@ -152,6 +153,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"missing required setting(s) {', '.join(missing)}. Usage: python -m surgenet_ssl.evaluate "
             "weights=PATH|null backbone=NAME [backbone.timm_name=NAME] data.train=DIR data.val=DIR [output=DIR]"
         )
+    import torch
+
+    from surgenet_ssl.evaluation import (
+        ImageFolderDataset,
+        extract_features,
+        knn_accuracy,
+        linear_probe_accuracy,
+        resolve_device,
+        save_embedding_map,
+    )
+
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.device)
     output = Path(cfg.output)

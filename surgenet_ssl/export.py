@@ -18,10 +18,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from surgenet_ssl.teacher_export import export_checkpoint, export_dino_checkpoint
-
 USAGE = "usage: python -m surgenet_ssl.export ckpt=PATH [output=DIR] [dataset=NAME] [backbone=NAME]"
 
 
@@ -46,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if not ckpt_path.is_file():
         print(f"error: checkpoint not found: {ckpt_path}\n{USAGE}", file=sys.stderr)
         return 2
+    # Imported here, after the argument checks: torch and the export code take seconds to import.
+    import torch
+
+    from surgenet_ssl.teacher_export import export_checkpoint, export_dino_checkpoint
+
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as err:  # pickle/zip errors: not a checkpoint at all

@@ -19,7 +19,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.downstream.runner import format_summary, run_finetune
 from surgenet_ssl.resources import auto_workers
 
 log = logging.getLogger("surgenet_ssl.finetune")
@@ -45,6 +44,10 @@ for _name, _function in (("surgenet.auto_precision", "auto_precision"), ("surgen
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="finetune")
 def main(cfg: DictConfig) -> None:
+    # Imported here, not at the top: it imports torch, torchvision and sklearn (seconds), which `--cfg job` and
+    # Hydra's errors for a bad override do not need.
+    from surgenet_ssl.downstream.runner import format_summary, run_finetune
+
     try:
         results = run_finetune(cfg)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

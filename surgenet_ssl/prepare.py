@@ -14,7 +14,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, prepare_source
 from surgenet_ssl.data.sources import SOURCES, canonical_source_name, get_source
 
 log = logging.getLogger("surgenet_ssl.prepare")
@@ -47,6 +46,9 @@ def run(cfg: DictConfig) -> int:
     OmegaConf.update(cfg, "source", source)
     if not cfg.input:
         _fail("input=DIR is required: the folder with the source's videos and/or frame folders (or one video).")
+    # Imported once the command line is checked: the preparation code (numpy, PIL, video readers) is not light.
+    from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, prepare_source
+
     reg = get_source(source)
     procedure = cfg.procedure or (reg.procedure if reg else "unknown")
     output = Path(str(cfg.output)).expanduser()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
+# torch is imported inside the functions that use it: `surgenet.auto_workers` is a config resolver, registered by
+# the entry points before Hydra composes the config, and importing torch takes seconds.
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,31 @@ def _as_count(devices: Any, available: int) -> int | None:
     return None
 
 
+# /dev entries without which no CUDA/ROCm device can be seen: NVIDIA (desktop/server, Jetson), AMD ROCm, WSL2.
+_GPU_DEVICE_NODES = ("nvidia", "nvhost", "nvgpu", "nvmap", "kfd", "dxg")
+
+
+def no_gpu_before_torch() -> bool:
+    """True when torch is not imported yet and this is a Linux machine without any GPU device node, where torch
+    could see no GPU: the config resolvers answer then without importing torch (seconds), for Hydra calls them
+    already while it composes the config (e.g. for ``--cfg job``). Once torch is imported, it is always asked."""
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return not any(name.startswith(_GPU_DEVICE_NODES) for name in os.listdir("/dev"))
+    except OSError:
+        return False
+
+
+def cuda_device_count() -> int:
+    """``torch.cuda.device_count()`` (0 without importing torch where :func:`no_gpu_before_torch`)."""
+    if no_gpu_before_torch():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def local_training_processes(trainer_cfg: Mapping | None) -> int:
     """Training processes this node runs for ``trainer_cfg`` (one per device), sharing this process' CPU set.
 
@@ -61,7 +88,7 @@ def local_training_processes(trainer_cfg: Mapping | None) -> int:
         return 1
     accelerator = str(trainer_cfg.get("accelerator", "auto") or "auto")
     devices = trainer_cfg.get("devices", "auto")
-    gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+    gpus = cuda_device_count() if accelerator in ("auto", "gpu", "cuda") else 0
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0):
         count = _as_count(devices, gpus)
     elif accelerator == "auto" and devices in ("auto", -1, "-1"):
@@ -103,6 +130,8 @@ def apply_torch_threads(
     threads = auto_torch_threads(num_workers, trainer_cfg) if requested is None else int(requested)
     if threads < 1:
         raise ValueError(f"data.torch_threads must be >= 1 or null (auto), got {requested}")
+    import torch
+
     torch.set_num_threads(threads)
     if announce:
         processes = local_training_processes(trainer_cfg)
@@ -122,6 +151,8 @@ def limit_worker_threads() -> None:
     """Inside a loader worker: one torch thread (each worker already is one of the process' cores). OpenCV's thread
     count is set in the parent before the fork (:func:`single_threaded_opencv_fork`): changing it inside a forked
     child can deadlock on the pool threads the child does not have."""
+    import torch
+
     torch.set_num_threads(1)
 
 

@@ -13,21 +13,20 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.callbacks import PreemptionCheckpoint, TeacherExport
-from surgenet_ssl.callbacks.preemption import TrainingPreempted
-from surgenet_ssl.checkpointing import AtomicCheckpointIO, checkpoint_step, find_resume_checkpoint
-from surgenet_ssl.cluster import PREEMPTION, RunDirInUseError, RunDirLock, is_global_rank_zero
-from surgenet_ssl.datamodule import StreamingDataModule
+# Only light modules at the top: torch, Lightning, timm and the module/data module/callbacks built on them take
+# seconds to import, so they are imported inside the functions that use them. `--cfg job`, a bad group option
+# (Hydra's "Available options") and a missing required value then fail or print without paying for them.
+from surgenet_ssl.cluster import PREEMPTION, RunDirInUseError, RunDirLock, TrainingPreempted, is_global_rank_zero
 from surgenet_ssl.io_utils import write_text_atomic
-from surgenet_ssl.module import DINOModule
-from surgenet_ssl.resources import apply_torch_threads, auto_workers, usable_cpus
+from surgenet_ssl.resources import apply_torch_threads, auto_workers, no_gpu_before_torch, usable_cpus
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 log = logging.getLogger("surgenet_ssl.train")
 
@@ -36,6 +35,10 @@ DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
 
 def auto_precision() -> str:
     """bf16-mixed where a GPU supports it, else full fp32 (CPU autocast would only slow the demo down)."""
+    if no_gpu_before_torch():  # (a resolver: torch only where there may be a GPU, see the imports at the top)
+        return "32-true"
+    import torch
+
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
@@ -74,6 +77,9 @@ BENIGN_WARNINGS = (
 def silence_benign_warnings() -> None:
     """Keep the console (and the progress bar) free of the warnings listed in ``BENIGN_WARNINGS``."""
     import warnings
+
+    # Lightning adds warning filters of its own when imported: import it first so that ours stay in front of them.
+    import pytorch_lightning  # noqa: F401
 
     for pattern in BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
@@ -116,6 +122,8 @@ def trainer_kwargs(trainer_cfg: DictConfig) -> dict:
     default (null), so the config works across the supported Lightning versions."""
     import inspect
 
+    import pytorch_lightning as pl
+
     accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     kwargs = {str(k): v for k, v in trainer_cfg.items() if k != "_target_"}  # (config keys are strings)
     for key in list(kwargs):
@@ -141,6 +149,8 @@ def check_devices(trainer_cfg: DictConfig) -> None:
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     devices = trainer_cfg.get("devices", "auto")
     if accelerator in ("gpu", "cuda"):
+        import torch
+
         available = torch.cuda.device_count()
         if available == 0:
             raise ValueError(
@@ -161,6 +171,8 @@ def check_devices(trainer_cfg: DictConfig) -> None:
 def check_cpu_processes(trainer_cfg: DictConfig) -> None:
     """CPU training with ``trainer.devices=N`` starts N processes: more than the usable cores fails at once with the
     fix (each process would get a fraction of a core), unless the DDP strategy was asked for explicitly."""
+    import torch
+
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.device_count() > 0):
         return
@@ -187,6 +199,8 @@ def _is_local_zero() -> bool:
 
 def _multi_gpu_auto(trainer_cfg: DictConfig) -> bool:
     """True when ``accelerator``/``devices`` left on auto will start several GPU processes on this node."""
+    import torch
+
     accelerator, devices = str(trainer_cfg.get("accelerator", "auto")), trainer_cfg.get("devices", "auto")
     gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
     return gpus > 1 and (devices in ("auto", -1, "-1") or (isinstance(devices, int) and devices > 1))
@@ -211,6 +225,8 @@ def build_strategy(cfg: DictConfig):
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
+    from surgenet_ssl.callbacks import PreemptionCheckpoint, TeacherExport
+
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if not node or "_target_" not in node:
@@ -273,10 +289,10 @@ def run(cfg: DictConfig) -> tuple[Path, bool]:
     """
     # First, so that a preemption signal during start-up does not kill the process (the default action).
     PREEMPTION.install(cfg.cluster.preemption_signals)
-    silence_benign_warnings()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_required_values(cfg)
+    silence_benign_warnings()  # imports Lightning: after the check above, which does not need it
     kwargs = trainer_kwargs(cfg.trainer)
     check_devices(cfg.trainer)
     rank_zero = is_global_rank_zero()
@@ -293,6 +309,12 @@ def run(cfg: DictConfig) -> tuple[Path, bool]:
 
 
 def _train(cfg: DictConfig, run_dir: Path, kwargs: dict) -> tuple[Path, bool]:
+    import pytorch_lightning as pl
+
+    from surgenet_ssl.checkpointing import checkpoint_step, find_resume_checkpoint
+    from surgenet_ssl.datamodule import StreamingDataModule
+    from surgenet_ssl.module import DINOModule
+
     pl.seed_everything(cfg.seed, workers=True)
     apply_torch_threads(cfg.data.get("torch_threads"), int(cfg.data.num_workers), cfg.trainer, _is_local_zero())
 
@@ -329,6 +351,8 @@ def build_plugins(user_plugins) -> list:
     """The user's ``trainer.plugins`` plus ours: atomic checkpoint writes in the destination directory, and on SLURM
     the cluster environment without Lightning's own requeue handler (ours checkpoints outside the signal handler)."""
     from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    from surgenet_ssl.checkpointing import AtomicCheckpointIO
 
     plugins = list(user_plugins) if isinstance(user_plugins, (list, tuple)) else [user_plugins] if user_plugins else []
     if not any(hasattr(p, "save_checkpoint") for p in plugins):

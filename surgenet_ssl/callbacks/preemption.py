@@ -14,16 +14,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from surgenet_ssl.checkpointing import PREEMPTION_PREFIX, link_atomically
+from surgenet_ssl.cluster import TrainingPreempted
+
+__all__ = ["PreemptionCheckpoint", "TrainingPreempted"]
 
 log = logging.getLogger(__name__)
-
-
-class TrainingPreempted(Exception):
-    """Training stopped for a preemption/time-limit signal after writing ``checkpoint`` at ``step``."""
-
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"preempted at optimizer step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
 
 
 class PreemptionCheckpoint(pl.Callback):

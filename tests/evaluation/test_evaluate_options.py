@@ -83,7 +83,8 @@ def test_unwritable_output_fails_before_feature_extraction(tmp_path, monkeypatch
     def must_not_run(*args, **kwargs):
         raise AssertionError("features extracted (or model built) before the output dir was checked")
 
-    monkeypatch.setattr(evaluate_mod, "extract_features", must_not_run)
+    # (evaluate imports extract_features from the evaluation package when it runs: patch it there)
+    monkeypatch.setattr("surgenet_ssl.evaluation.extract_features", must_not_run)
     monkeypatch.setattr(evaluate_mod, "build_model", must_not_run)
     cfg = _cfg(
         tmp_path,
