@@ -1,7 +1,8 @@
 """The code-health gate: ruff (lint + format) and mypy, configured in pyproject.toml, pass on the whole tree.
 
 They run here so that the README's test command (``python -m pytest -q``, which CI runs) covers them. The tools come
-with the ``test`` extra (``pip install -e ".[test]"``); without them these tests are skipped, saying so.
+with the ``test`` extra (``pip install -e ".[test]"``); a missing tool fails the test, saying how to install it
+(a skip would let the suite pass with no gate at all).
 To fix a finding: ``ruff check --fix`` (safe fixes), ``ruff format``, then what ``mypy`` still reports.
 """
 
@@ -20,7 +21,7 @@ LINTED = ["surgenet_ssl", "scripts", "tests"]  # mypy checks the package: [tool.
 
 def _run(tool: str, *args: str, timeout: float) -> None:
     if importlib.util.find_spec(tool) is None:
-        pytest.skip(f"{tool} is not installed: pip install -e '.[test]' installs it")
+        pytest.fail(f"{tool} is not installed: pip install -e '.[test]' installs it")
     proc = subprocess.run(
         [sys.executable, "-m", tool, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
