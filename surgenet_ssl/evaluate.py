@@ -200,45 +200,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
 
     num_classes = len(train.classes)
-    top1, top5 = knn_accuracy(
-        train.features,
-        train.labels,
-        val.features,
-        val.labels,
-        num_classes,
-        k=int(cfg.knn.k),
-        temperature=float(cfg.knn.temperature),
-    )
-    probe = linear_probe_accuracy(
-        train.features,
-        train.labels,
-        val.features,
-        val.labels,
-        C=float(cfg.linear_probe.C),
-        max_iter=int(cfg.linear_probe.max_iter),
-    )
+
+    def score(tr: Any, va: Any) -> tuple[float, float, float]:
+        """k-NN top-1, top-5 and linear-probe accuracy of one model's features (the same settings for both)."""
+        knn = knn_accuracy(
+            tr.features,
+            tr.labels,
+            va.features,
+            va.labels,
+            num_classes,
+            k=int(cfg.knn.k),
+            temperature=float(cfg.knn.temperature),
+        )
+        probe = linear_probe_accuracy(
+            tr.features,
+            tr.labels,
+            va.features,
+            va.labels,
+            C=float(cfg.linear_probe.C),
+            max_iter=int(cfg.linear_probe.max_iter),
+        )
+        return knn[0], knn[1], probe
+
+    top1, top5, probe = score(train, val)
     reference: dict[str, Any] | None = None
     if baseline == "random" and cfg.weights is not None:  # weights=null is the random baseline itself
         random_model = build_random_model(cfg, like=model)
         r_train = extract_features(random_model, train_set, **loader_kw)
         r_val = extract_features(random_model, val_set, **loader_kw)
-        r_top1, r_top5 = knn_accuracy(
-            r_train.features,
-            r_train.labels,
-            r_val.features,
-            r_val.labels,
-            num_classes,
-            k=int(cfg.knn.k),
-            temperature=float(cfg.knn.temperature),
-        )
-        r_probe = linear_probe_accuracy(
-            r_train.features,
-            r_train.labels,
-            r_val.features,
-            r_val.labels,
-            C=float(cfg.linear_probe.C),
-            max_iter=int(cfg.linear_probe.max_iter),
-        )
+        r_top1, r_top5, r_probe = score(r_train, r_val)
         reference = {
             "weights": f"random initialisation (seed {int(cfg.seed)})",
             "knn_top1": r_top1,
