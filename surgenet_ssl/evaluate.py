@@ -145,6 +145,27 @@ def _is_missing(cfg: DictConfig, key: str) -> bool:
     return OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, leaf)
 
 
+def _with_batch_norm_statistics(model: Any, train_set: Any, loader_kw: dict[str, Any]) -> Any:
+    """A random-init model, or a copy whose BatchNorm layers hold statistics estimated on the train images: scored
+    with the running mean 0 / variance 1 of a fresh BatchNorm it would not be an honest baseline."""
+    from torch.utils.data import DataLoader
+
+    from surgenet_ssl.evaluation import calibrate_batch_norm, resolve_device, uncalibrated_batch_norms
+
+    if not uncalibrated_batch_norms(model):
+        return model
+    loader = DataLoader(train_set, batch_size=loader_kw["batch_size"], num_workers=loader_kw["num_workers"])
+    batches = (images[ok] for images, _, ok in loader)
+    calibrated, layers = calibrate_batch_norm(model, batches, resolve_device(loader_kw["device"]))
+    log.info(
+        "random init: %d BatchNorm layer(s) never saw data; their statistics were estimated on the %d train images "
+        "before scoring",
+        layers,
+        len(train_set),
+    )
+    return calibrated
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole evaluation described by ``cfg`` (see configs/evaluate.yaml); returns the results dict."""
     missing = [key for key in ("weights", "data.train", "data.val") if _is_missing(cfg, key)]
@@ -190,6 +211,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if workers is None:
         workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     loader_kw: dict[str, Any] = dict(batch_size=int(cfg.data.batch_size), num_workers=int(workers), device=device)
+    if cfg.weights is None:  # loaded weights keep the statistics they were trained with
+        model = _with_batch_norm_statistics(model, train_set, loader_kw)
     train = extract_features(model, train_set, **loader_kw)
     val = extract_features(model, val_set, **loader_kw)
     extract_s = time.perf_counter() - start
@@ -225,7 +248,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     top1, top5, probe = score(train, val)
     reference: dict[str, Any] | None = None
     if baseline == "random" and cfg.weights is not None:  # weights=null is the random baseline itself
-        random_model = build_random_model(cfg, like=model)
+        random_model = _with_batch_norm_statistics(build_random_model(cfg, like=model), train_set, loader_kw)
         r_train = extract_features(random_model, train_set, **loader_kw)
         r_val = extract_features(random_model, val_set, **loader_kw)
         r_top1, r_top5, r_probe = score(r_train, r_val)

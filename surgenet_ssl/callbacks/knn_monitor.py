@@ -8,7 +8,9 @@ its own video.
 
 With ``baseline=True`` (default) it also measures the teacher before the first step of a fresh run (logged at step
 0: the random-init baseline, or the ``backbone.init_weights`` starting point), and at the end of training logs
-``k-NN top-1: <baseline> at init -> <final> after N steps``.
+``k-NN top-1: <baseline> at init -> <final> after N steps``. BatchNorm layers that never saw data (a fresh BatchNorm
+backbone at step 0) are scored with statistics estimated on the memory images (``evaluation/batch_norm.py``): with
+their 0/1 initial statistics the baseline would be artificially low and the first epoch's "rise" an artefact.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from PIL import Image
 
 from surgenet_ssl.data.location import join
 from surgenet_ssl.data.shards import iter_shard
-from surgenet_ssl.evaluation import ImageFolderDataset, eval_transform, knn_accuracy, save_embedding_map
+from surgenet_ssl.evaluation import (
+    ImageFolderDataset,
+    calibrate_batch_norm,
+    eval_transform,
+    knn_accuracy,
+    save_embedding_map,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +199,16 @@ class KNNMonitor(pl.Callback):
             return
         memory, query, classes = sets
         backbone = pl_module.get_submodule("teacher.backbone")
+        step = self.batch_size
+        batches = (torch.stack(memory.images[i : i + step]) for i in range(0, len(memory.images), step))
+        backbone, calibrated = calibrate_batch_norm(backbone, batches, pl_module.device)
+        if calibrated:
+            log.info(
+                "k-NN monitor: %d BatchNorm layer(s) of the teacher never saw data (running mean 0, variance 1); "
+                "scored with their statistics estimated on the %d memory images (a copy; training is not affected)",
+                calibrated,
+                len(memory.images),
+            )
         was_training = backbone.training
         backbone.eval()
         try:

@@ -4,6 +4,7 @@ Plain PyTorch / numpy / scikit-learn / matplotlib: the training callbacks and ``
 both call these functions.
 """
 
+from .batch_norm import calibrate_batch_norm, uncalibrated_batch_norms
 from .diagnostics import (
     CONSTANT_RATIO,
     ONEHOT_RATIO,
@@ -46,4 +47,6 @@ __all__ = [
     "extract_features",
     "eval_transform",
     "resolve_device",
+    "calibrate_batch_norm",
+    "uncalibrated_batch_norms",
 ]

@@ -59,6 +59,8 @@ def test_step_zero_baseline_and_final_line(tmp_path, caplog):
     assert monitor.baseline_result["knn/top1"] == knn[0][1] and monitor.last_result["knn/top1"] == knn[-1][1]
     assert f"k-NN top-1: {knn[0][1]:.4f} at init -> {knn[-1][1]:.4f} after 4 steps" in caplog.text
     assert "step 0 (untrained teacher): k-NN top-1" in caplog.text
+    # test_resnet has BatchNorm: the untrained teacher is scored with statistics estimated on the memory images
+    assert "BatchNorm layer(s) of the teacher never saw data" in caplog.text
 
     # the baseline travels in checkpoints; a resumed run (global step > 0) does not measure it again
     state = monitor.state_dict()
