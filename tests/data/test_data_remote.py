@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
 from data.data_media import write_source
-from support.cli import FAST_TRAIN, run_module
+from support.cli import FAST_TRAIN, TINY_BACKBONE_ARGS, run_module
 from surgenet_ssl.data import location as L
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.data.mixture import MissingSourcesError
@@ -265,6 +265,7 @@ def test_train_cli_on_an_http_dataset(demo_cache: Path, tmp_path: Path) -> None:
             f"data.shard_cache_dir={cache}",
             f"hydra.run.dir={run_dir}",
             *FAST_TRAIN,
+            *TINY_BACKBONE_ARGS,
             "trainer.max_epochs=1",
             cache=demo_cache,
             env={

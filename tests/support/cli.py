@@ -24,6 +24,10 @@ FAST_TRAIN = [
     "monitor.diagnostics_every_n_steps=2",
 ]
 
+# A tiny timm backbone for entry-point tests of things other than the backbone (resume, DDP, loaders): seconds per
+# run and small checkpoints instead of CaFormer-S18's ~0.5 GB (exports are named demo_test_resnet_epochNNNN_*).
+TINY_BACKBONE_ARGS = ["backbone=timm", "backbone.timm_name=test_resnet", "backbone.drop_path_rate=0.0"]
+
 
 def run_module(
     module: str, *args: str, cache: Path, timeout: int = 600, env: dict | None = None, check: bool = True

@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.cli import FAST_TRAIN, run_module
+from support.cli import FAST_TRAIN, TINY_BACKBONE_ARGS, run_module
 
 # 3 epochs x 4 steps = 12 optimizer steps; a step checkpoint after every step. A tiny timm backbone: what is tested
 # is the resume (CaFormer-S18's ~0.5 GB checkpoints made this test 45 s; the CaFormer path is tested elsewhere).
 RESUME_ARGS = [
     *FAST_TRAIN,
-    "backbone=timm",
-    "backbone.timm_name=test_resnet",
-    "backbone.drop_path_rate=0.0",
+    *TINY_BACKBONE_ARGS,
     "data.steps_per_epoch=4",
     "trainer.max_epochs=3",
     "logger=csv",

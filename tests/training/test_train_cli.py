@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from backbones.surgenet_keyfile import surgenet_keys
-from support.cli import FAST_TRAIN, run_module
+from support.cli import FAST_TRAIN, TINY_BACKBONE_ARGS, run_module
 
 
 def test_cfg_job_prints_composed_config(demo_cache):
@@ -156,6 +156,7 @@ def test_two_process_cpu_ddp_through_the_entry_point(demo_cache, tmp_path):
         "surgenet_ssl.train",
         f"hydra.run.dir={run_dir}",
         *FAST_TRAIN,
+        *TINY_BACKBONE_ARGS,
         "logger=csv",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -168,7 +169,7 @@ def test_two_process_cpu_ddp_through_the_entry_point(demo_cache, tmp_path):
     assert sum(line.startswith("export_dir=") for line in lines) == 1  # printed by rank 0 only
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6  # 2 epochs x 3 steps on each rank: no rank ran short or hung
-    assert (run_dir / "export" / "demo_caformer_s18_epoch0002_teacher.pth").is_file()
+    assert (run_dir / "export" / "demo_test_resnet_epoch0002_teacher.pth").is_file()
     assert "global batch 8 (= 4 per device x 2 devices" in (run_dir / "train.log").read_text()
 
 
@@ -180,6 +181,7 @@ def test_gpu_augmentation_mode_runs_end_to_end_on_cpu_tensors(demo_cache, tmp_pa
         "surgenet_ssl.train",
         f"hydra.run.dir={run_dir}",
         *FAST_TRAIN,
+        *TINY_BACKBONE_ARGS,
         "logger=csv",
         "trainer.max_epochs=1",
         "data.augment_on=gpu",
