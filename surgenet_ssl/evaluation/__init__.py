@@ -13,6 +13,7 @@ from .diagnostics import (
     collapse_diagnostics,
     collapse_kind,
     collapse_warning,
+    effective_rank,
     entropy,
 )
 from .embedding_map import clamp_perplexity, save_embedding_map, tsne_embedding
@@ -36,6 +37,7 @@ __all__ = [
     "collapse_kind",
     "CollapseTracker",
     "entropy",
+    "effective_rank",
     "UNIFORM_RATIO",
     "ONEHOT_RATIO",
     "CONSTANT_RATIO",

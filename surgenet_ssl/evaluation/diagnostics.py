@@ -40,6 +40,7 @@ __all__ = [
     "collapse_diagnostics",
     "collapse_warning",
     "entropy",
+    "effective_rank",
 ]
 
 UNIFORM_RATIO = 0.95
@@ -50,6 +51,23 @@ CONSTANT_RATIO = 0.02
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
     """Shannon entropy in nats along ``dim`` (0 log 0 = 0)."""
     return -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(dim=dim)
+
+
+@torch.no_grad()
+def effective_rank(features: Tensor) -> float:
+    """RankMe (Garrido et al., ICML 2023) of centred features: ``exp`` of the entropy of the normalised singular
+    values of an (N, D) feature matrix minus its mean; 1 when every sample lies on one line, at most min(N - 1, D).
+    Why: the teacher-output diagnostics see the head; a backbone can collapse to a few feature dimensions
+    (dimensional collapse) while they look healthy, and its features then fine-tune badly (measured on the demo:
+    rank 81 at init -> 2 after 96 steps of the small-data preset, segmentation mIoU 0.78 -> 0.40)."""
+    centred = features.detach().double()
+    centred = centred - centred.mean(dim=0, keepdim=True)  # the shared mean direction is not a feature
+    s = torch.linalg.svdvals(centred)
+    total = s.sum()
+    if total <= 0:
+        return 1.0
+    p = s / total
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
 
 
 @torch.no_grad()

@@ -78,3 +78,18 @@ def test_thresholds_are_overridable():
     m = {"teacher_entropy": 0.9 * math.log(K), "teacher_mean_entropy": math.log(K)}
     assert collapse_warning(m, K) is None
     assert "uniform" in collapse_warning(m, K, uniform_ratio=0.85)
+
+
+def test_effective_rank_by_hand():
+    from surgenet_ssl.evaluation import effective_rank
+
+    # centred rows with singular values 3*sqrt(2) and sqrt(2): p = (0.75, 0.25), exp(H) = 1.7548
+    x = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    expected = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert effective_rank(x) == pytest.approx(expected, abs=1e-9)
+    assert effective_rank(x + 5.0) == pytest.approx(expected, abs=1e-9)  # the shared mean is not a dimension
+    eye = torch.cat([torch.eye(6), -torch.eye(6)])  # 6 equal directions
+    assert effective_rank(eye) == pytest.approx(6.0, abs=1e-9)
+    line = torch.arange(10.0)[:, None] * torch.tensor([[1.0, 2.0, -1.0]])  # every sample on one line
+    assert effective_rank(line) == pytest.approx(1.0, abs=1e-9)
+    assert effective_rank(torch.ones(4, 3)) == 1.0  # all identical

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -61,6 +62,9 @@ def test_step_zero_baseline_and_final_line(tmp_path, caplog):
     assert "step 0 (untrained teacher): k-NN top-1" in caplog.text
     # test_resnet has BatchNorm: the untrained teacher is scored with statistics estimated on the memory images
     assert "BatchNorm layer(s) of the teacher never saw data" in caplog.text
+    ranks = [m["knn/feature_rank"] for _, m in recorder.rows if "knn/feature_rank" in m]
+    assert len(ranks) == 3 and all(1.0 <= r <= 12 for r in ranks)  # at most min(memory images - 1, dim)
+    assert f"teacher feature rank (RankMe): {ranks[0]:.1f} at init -> {ranks[-1]:.1f} after 4 steps" in caplog.text
 
     # the baseline travels in checkpoints; a resumed run (global step > 0) does not measure it again
     state = monitor.state_dict()
@@ -90,3 +94,37 @@ def test_step_zero_baseline_and_final_line(tmp_path, caplog):
         train_dataloaders=crop_batches(2, batch_size=4),
     )
     assert [s for s, m in rec2.rows if "knn/top1" in m] == [2]
+
+
+class _Collapsed(torch.nn.Module):
+    """A 'teacher backbone' whose features all lie on one line: dimensional collapse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2, 3))[:, None] * torch.ones(1, 16)
+
+
+def test_feature_rank_is_logged_and_its_collapse_warned(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    make_image_folder(tmp_path / "train", 4)
+    make_image_folder(tmp_path / "val", 2, seed=1)
+    monitor = KNNMonitor(
+        every_n_epochs=1,
+        k=3,
+        image_size=32,
+        train_dir=str(tmp_path / "train"),
+        val_dir=str(tmp_path / "val"),
+        embedding_map=False,
+    )
+    recorder = _Recorder()
+    trainer = SimpleNamespace(loggers=[recorder], global_step=8, is_global_zero=True, default_root_dir=tmp_path)
+    module = torch.nn.Module()
+    module.teacher = torch.nn.Module()
+    module.teacher.backbone = _Collapsed()
+    module.device = torch.device("cpu")
+    monitor.baseline_result = {"knn/top1": 0.5, "knn/top5": 1.0, "knn/feature_rank": 20.0}
+    with caplog.at_level(logging.INFO, logger="surgenet_ssl"):
+        monitor._evaluate(trainer, module, 2)
+    assert recorder.rows[-1][1]["knn/feature_rank"] == pytest.approx(1.0)
+    assert "epoch 2: k-NN top-1" in caplog.text and "feature rank 1.0" in caplog.text
+    assert "dimensional collapse suspected" in caplog.text and "down from 20.0 at init" in caplog.text
