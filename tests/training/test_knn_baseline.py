@@ -29,10 +29,11 @@ class _Recorder(pl.loggers.Logger):
         pass
 
 
-def test_step_zero_baseline_and_final_line(tmp_path, caplog):
+def _folder_monitor(tmp_path) -> KNNMonitor:
+    """A monitor on two small labelled image folders (3 classes; 12 memory / 6 query images)."""
     make_image_folder(tmp_path / "train", 4)
     make_image_folder(tmp_path / "val", 2, seed=1)
-    monitor = KNNMonitor(
+    return KNNMonitor(
         every_n_epochs=1,
         k=3,
         image_size=32,
@@ -40,6 +41,10 @@ def test_step_zero_baseline_and_final_line(tmp_path, caplog):
         val_dir=str(tmp_path / "val"),
         embedding_map=False,
     )
+
+
+def test_step_zero_baseline_and_final_line(tmp_path, caplog):
+    monitor = _folder_monitor(tmp_path)
     recorder = _Recorder()
     torch.manual_seed(0)
     module = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, diagnostics_every_n_steps=0)
@@ -106,16 +111,7 @@ class _Collapsed(torch.nn.Module):
 def test_feature_rank_is_logged_and_its_collapse_warned(tmp_path, caplog):
     from types import SimpleNamespace
 
-    make_image_folder(tmp_path / "train", 4)
-    make_image_folder(tmp_path / "val", 2, seed=1)
-    monitor = KNNMonitor(
-        every_n_epochs=1,
-        k=3,
-        image_size=32,
-        train_dir=str(tmp_path / "train"),
-        val_dir=str(tmp_path / "val"),
-        embedding_map=False,
-    )
+    monitor = _folder_monitor(tmp_path)
     recorder = _Recorder()
     trainer = SimpleNamespace(loggers=[recorder], global_step=8, is_global_zero=True, default_root_dir=tmp_path)
     module = torch.nn.Module()
