@@ -123,6 +123,7 @@ class KNNMonitor(pl.Callback):
         self.max_per_class, self.train_dir, self.val_dir = max_per_class, train_dir, val_dir
         self.embedding_map, self.output_dir, self.batch_size = embedding_map, output_dir, batch_size
         self._sets: tuple[LabelledImages, LabelledImages, list[str]] | None = None
+        self._rank_warned = False
         self.last_result: dict[str, float] = {}
         self.last_epoch: int | None = None
         self.baseline = baseline
@@ -241,7 +242,8 @@ class KNNMonitor(pl.Callback):
             "%s: k-NN top-1 %.4f, top-5 %.4f (%d classes); feature rank %.1f", when, top1, top5, len(classes), rank
         )
         start_rank = self.baseline_result.get("knn/feature_rank") if epoch else None
-        if start_rank and rank < DIMENSIONAL_COLLAPSE_RATIO * start_rank:
+        if start_rank and rank < DIMENSIONAL_COLLAPSE_RATIO * start_rank and not self._rank_warned:
+            self._rank_warned = True  # once per run: the rank is logged at every evaluation anyway
             log.warning(
                 "dimensional collapse suspected: the teacher's features on the %d memory images span an effective rank "
                 "of %.1f, down from %.1f at init (RankMe); such features fine-tune badly. Check the peak lr "

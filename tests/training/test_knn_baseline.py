@@ -124,3 +124,7 @@ def test_feature_rank_is_logged_and_its_collapse_warned(tmp_path, caplog):
     assert recorder.rows[-1][1]["knn/feature_rank"] == pytest.approx(1.0)
     assert "epoch 2: k-NN top-1" in caplog.text and "feature rank 1.0" in caplog.text
     assert "dimensional collapse suspected" in caplog.text and "down from 20.0 at init" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="surgenet_ssl"):
+        monitor._evaluate(trainer, module, 3)
+    assert "feature rank 1.0" in caplog.text and "dimensional collapse" not in caplog.text  # warned once per run
