@@ -8,7 +8,8 @@ the online k-NN per epoch (step 0 = untrained) and how many warnings the old per
 
     python scripts/collapse_study.py --runs learning uniform onehot --epochs 6
     python scripts/collapse_study.py --runs locals32 nolocals --out /tmp/study      # small-data drift (item 5)
-    python scripts/collapse_study.py --epochs 8 --runs preset preset_seed1 preset_seed2 preset_lr5e-4   # the preset
+    python scripts/collapse_study.py --epochs 8 --runs koleo koleo_seed1 koleo_seed2   # the preset (with KoLeo)
+    python scripts/collapse_study.py --epochs 8 --runs preset preset_seed1 preset_seed2 preset_lr5e-4   # without it
 
 The out_dim of a run is read from its saved config.
 """
@@ -42,7 +43,14 @@ COMMON = [
 # crops, 2 local crops, peak lr 2e-3 at batch 16) is the base. The runs before the small-data preset (learning ...
 # locals32_lr: the CollapseTracker's evidence, measured on demo version 1 without camera looks) pin the old demo
 # recipe: 112/48-px crops, 4 local crops, the recipe's lr rule 5e-4 x batch / 256.
-OLD = ["dino.crops.local_number=4", "dino.optimizer.base_lr=5e-4", "dino.optimizer.reference_batch=256"]
+OLD = [
+    "dino.crops.local_number=4",
+    "dino.optimizer.base_lr=5e-4",
+    "dino.optimizer.reference_batch=256",
+    "dino.loss.koleo_weight=0",
+]
+# The preset_* runs measured the preset before it had KoLeo (README "Small data" table): pinned without it.
+NO_KOLEO = ["dino.loss.koleo_weight=0"]
 SMALL = [*OLD, "dino.crops.global_size=64", "dino.crops.local_size=32"]
 RUNS: dict[str, tuple[str, list[str]]] = {
     "learning": (
@@ -87,6 +95,15 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "preset_m0.996_seed2": ("the preset, teacher momentum 0.996, seed 2", ["dino.teacher.momentum=0.996", "seed=2"]),
     "preset_warmup2_seed1": ("the preset, 2 warm-up epochs, seed 1", ["dino.optimizer.warmup_epochs=2", "seed=1"]),
 }
+RUNS = {name: (what, [*NO_KOLEO, *x] if name.startswith("preset") else x) for name, (what, x) in RUNS.items()}
+# The preset as it is now (KoLeo 0.1 on the student's pooled features: the demo schedule).
+RUNS.update(
+    {
+        "koleo": ("the preset with KoLeo 0.1 (the demo schedule), seed 0", []),
+        "koleo_seed1": ("the preset with KoLeo 0.1, seed 1", ["seed=1"]),
+        "koleo_seed2": ("the preset with KoLeo 0.1, seed 2", ["seed=2"]),
+    }
+)
 
 
 def run(name: str, out: Path, epochs: int, extra: list[str]) -> Path:
