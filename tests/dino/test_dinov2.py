@@ -278,12 +278,16 @@ def test_two_ranks_with_different_row_counts_match_one_process():
 
 
 def test_dinov2_recipe_composes_with_the_dinov2_values_and_default_is_off():
+    """The full recipe (a real mixture) has every DINOv2 option off; the demo's small-data preset adds KoLeo only."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base="1.3"):
-        v2, v1 = compose("train", overrides=["dino=dinov2"]).dino.loss, compose("train").dino.loss
+        v2 = compose("train", overrides=["dataset=surgenetxl", "dino=dinov2"]).dino.loss
+        v1 = compose("train", overrides=["dataset=surgenetxl"]).dino.loss
+        demo = compose("train").dino.loss
     assert (v2.centering, v2.koleo_weight, v2.ibot_weight, v2.sinkhorn_iterations) == ("sinkhorn_knopp", 0.1, 1.0, 3)
     assert list(v2.ibot_mask_ratio) == [0.1, 0.5] and v2.ibot_mask_probability == 0.5 and v2.teacher_temp == 0.04
     assert (v1.centering, v1.koleo_weight, v1.ibot_weight) == ("centering", 0.0, 0.0)
+    assert (demo.centering, demo.koleo_weight, demo.ibot_weight) == ("centering", 0.1, 0.0)
