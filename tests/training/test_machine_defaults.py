@@ -44,11 +44,14 @@ def _trainer(**kw) -> dict:
 @pytest.mark.parametrize(
     "cores, gpus, trainer, cap, expected",
     [
-        (2, 0, _trainer(), None, 1),  # the 2-core box: 1 worker, not 8
+        (2, 0, _trainer(), None, 0),  # the 2-core box training on its CPU: load between steps, compute on both
+        (2, 0, None, None, 1),  # 2 cores, trainer unknown: 1 worker, not 8
+        (2, 1, _trainer(), None, 1),  # 2 cores feeding a GPU: the worker overlaps with the GPU's step
+        (4, 0, _trainer(accelerator="cpu"), None, 3),  # more cores: workers
         (1, 0, _trainer(), None, 0),  # one core: load in the training process
         (32, 0, _trainer(), None, 8),  # at most 8
         (64, 0, _trainer(), "2", 2),  # ${surgenet.auto_workers:2}
-        (4, 0, _trainer(accelerator="cpu", devices=2), None, 1),  # 2 CPU processes share 4 cores
+        (4, 0, _trainer(accelerator="cpu", devices=2), None, 0),  # 2 CPU processes share 4 cores: 2 each, compute
         (16, 4, _trainer(), None, 3),  # all 4 GPUs of a 16-core node: 4 cores each
         (16, 4, _trainer(accelerator="gpu", devices=[0, 1]), None, 7),  # 2 of them
         (16, 0, None, None, 8),  # no trainer config known: one process
@@ -74,8 +77,11 @@ def _compose(*overrides: str):
 
 def test_configs_default_to_the_machine(machine):
     machine(2)
-    assert _compose("dataset=cholec").data.num_workers == 1
+    assert _compose("dataset=cholec").data.num_workers == 0  # CPU training on 2 cores: load between steps
     assert _compose("dataset=cholec").data.torch_threads is None
+    assert _compose().data.num_workers == 0
+    machine(2, gpus=1)
+    assert _compose("dataset=cholec").data.num_workers == 1
     assert _compose().data.num_workers == 1  # the demo: at most 2
     assert _compose("dataset=cholec", "data.num_workers=5").data.num_workers == 5
     machine(32)
