@@ -40,6 +40,7 @@ __all__ = [
     "ResolvedMixture",
     "MissingSourcesError",
     "resolve_mixture",
+    "check_dataset_config",
     "check_source_dir",
 ]
 
@@ -177,27 +178,36 @@ def _discover(base: L.Location) -> tuple[dict[str, L.Location], str | None]:
     return {}, why
 
 
-def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> ResolvedMixture:
-    """Turn a dataset config into prepared sources with weights. Raises :class:`MissingSourcesError` (every
-    missing source, where it was expected and how to prepare it) unless ``allow_missing`` is true."""
+def check_dataset_config(dataset_cfg: Mapping[str, Any]) -> None:
+    """The checks of a dataset config that need no data and no torch (keys, fraction, a custom dataset without a
+    path): the training entry point runs them first, so that such a mistake fails in a second, not after start-up."""
     cfg = _plain(dataset_cfg)
     if not isinstance(cfg, Mapping):
         raise TypeError(f"dataset config must be a mapping, got {type(cfg).__name__}")
     check_keys(cfg, _KNOWN_KEYS, "dataset")  # a misspelt key fails, naming the closest valid one
-    name = str(cfg.get("name") or "custom")
     fraction = float(cfg.get("fraction", 1.0) if cfg.get("fraction") is not None else 1.0)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"dataset.fraction must be in (0, 1], got {fraction}")
-    allow_missing = bool(cfg.get("allow_missing", False))
-
+    name = str(cfg.get("name") or "custom")
     if cfg.get("path") == "???" or (name == "custom" and not cfg.get("path") and not cfg.get("sources")):
         raise ValueError(
             "dataset=custom needs dataset.path=DIR: a directory prepared by `python -m surgenet_ssl.prepare` "
             "(it holds manifest.json) or a folder of such directories."
         )
+    if cfg.get("generate") and cfg["generate"] != "demo":
+        raise ValueError(f"dataset.generate must be 'demo' or null, got {cfg['generate']!r}")
+
+
+def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> ResolvedMixture:
+    """Turn a dataset config into prepared sources with weights. Raises :class:`MissingSourcesError` (every
+    missing source, where it was expected and how to prepare it) unless ``allow_missing`` is true."""
+    check_dataset_config(dataset_cfg)
+    cfg = _plain(dataset_cfg)
+    name = str(cfg.get("name") or "custom")
+    fraction = float(cfg.get("fraction", 1.0) if cfg.get("fraction") is not None else 1.0)
+    allow_missing = bool(cfg.get("allow_missing", False))
+
     if cfg.get("generate"):
-        if cfg["generate"] != "demo":
-            raise ValueError(f"dataset.generate must be 'demo' or null, got {cfg['generate']!r}")
         from surgenet_ssl.data.demo import ensure_demo_dataset
 
         base: L.Location = ensure_demo_dataset(cfg.get("root") or data_root)

@@ -202,17 +202,21 @@ def test_gpu_augmentation_mode_runs_end_to_end_on_cpu_tensors(demo_cache, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
+    "overrides, message, before_start_up",
     [
-        (["backbone=timm"], "backbone.timm_name=<name>"),
-        (["dataset=custom"], "dataset.path=DIR"),
-        (["backbone=vit_small", "dino.crops.global_size=60"], "cannot take 60-px crops"),
+        (["backbone=timm"], "backbone.timm_name=<name>", True),
+        (["dataset=custom"], "dataset.path=DIR", True),
+        (["backbone=vit_small", "dino.crops.global_size=60"], "cannot take 60-px crops", False),
     ],
 )
-def test_incomplete_or_impossible_configs_fail_at_once_with_the_fix(demo_cache, tmp_path, overrides, message):
+def test_incomplete_or_impossible_configs_fail_at_once_with_the_fix(
+    demo_cache, tmp_path, overrides, message, before_start_up
+):
     proc = run_module(
         "surgenet_ssl.train", *overrides, f"hydra.run.dir={tmp_path}", "logger=csv", cache=demo_cache, check=False
     )
     assert proc.returncode == 1
     assert message in proc.stderr + proc.stdout
     assert not (tmp_path / "checkpoints").exists()
+    if before_start_up:  # config mistakes fail before torch and Lightning start (a second, not ten)
+        assert "CPU budget" not in proc.stderr + proc.stdout and "GPU available" not in proc.stderr + proc.stdout
