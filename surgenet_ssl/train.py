@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, cast
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.cluster import PREEMPTION, RunDirInUseError, RunDirLock, TrainingPreempted, is_global_rank_zero
-
 # Only light modules at the top: torch, Lightning, timm and the module/data module/callbacks built on them take
 # seconds to import, so they are imported inside the functions that use them. `--cfg job`, a bad group option
-# (Hydra's "Available options") and a missing required value then fail or print without paying for them.
+# (Hydra's "Available options"), a missing required value and a dataset config mistake then fail or print without
+# paying for them.
+from surgenet_ssl.cluster import PREEMPTION, RunDirInUseError, RunDirLock, TrainingPreempted, is_global_rank_zero
 from surgenet_ssl.data.mixture import check_dataset_config
 from surgenet_ssl.io_utils import write_text_atomic
 from surgenet_ssl.resources import apply_torch_threads, auto_workers, no_gpu_before_torch, usable_cpus
