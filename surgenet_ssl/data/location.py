@@ -2,14 +2,20 @@
 
 Why this module exists:
 - ``Path("http://host/x")`` collapses ``//`` into ``/``, so URL locations stay ``str`` while local ones stay
-  ``Path``; :func:`join` appends a manifest's relative names to either (an absolute URL in a manifest wins).
-- Remote files are opened through ``webdataset.gopen``: curl for http(s), gsutil for gs, the shell for ``pipe:``
-  (``pipe:CMD`` reads the output of CMD; joined names are appended to the command, so ``pipe:cat /data/src`` reads
-  ``cat /data/src/manifest.json``). The installed webdataset has no s3 handler: s3 URLs run ``aws s3 cp URL -``.
+  ``Path``; :func:`join` appends a manifest's relative names to either (an absolute http(s)/s3/gs URL in a
+  manifest wins).
+- Names inside manifests are data, not commands (see README "Security model"): :func:`join` accepts only relative,
+  normalised names in the character set prepare writes (no scheme, no leading ``/``, no ``..``, no shell
+  characters), or absolute ``http(s)``/``s3``/``gs`` URLs; never ``pipe:``. A ``pipe:`` command comes only from the
+  user's own config or command line; a name joined to it is shell-quoted.
+- Remote files are read by a tool run with an argument list (never a shell): curl for http(s) (``--globoff``: a
+  name is never a glob pattern; ``--proto =http,https`` also for redirects; a stall limit, so a server that accepts
+  and never answers fails the read instead of hanging training), gsutil for gs, ``aws s3 cp URL -`` for s3, and
+  ``sh -c`` for the user's own ``pipe:CMD`` (``pipe:cat /data/src`` reads ``cat /data/src/manifest.json``).
+  Any other scheme is a configuration error.
 - Those tools report failures only through their exit status (curl -f exits 22 on a 404, 18 on a cut transfer,
-  with no output), and webdataset checks it only when a read happens to see the process end. :class:`RemoteStream`
-  reads the tool's output itself and checks the status at the end of the data, so a 404 is an error (never an
-  empty file) and a cut transfer is an error (never a silently short file).
+  with no output). :class:`RemoteStream` reads the tool's output itself and checks the status at the end of the
+  data, so a 404 is an error (never an empty file) and a cut transfer is an error (never a silently short file).
 - A remote shard can be cached while it streams: the bytes go to a temporary file in the cache dir that is renamed
   into place only when the whole transfer succeeded and matches the manifest's size and sha256, so a cut or
   abandoned download never leaves a partial cached shard.
@@ -23,22 +29,28 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 __all__ = [
+    "MANIFEST_URL_SCHEMES",
     "Location",
     "RemoteNotFoundError",
     "RemoteReadError",
     "RemoteStream",
+    "UnsafeNameError",
     "as_location",
+    "check_manifest_name",
     "basename",
     "cache_file",
     "is_url",
     "join",
     "read_bytes",
+    "remote_command",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,7 +59,19 @@ Location = str | Path  # str: a URL; Path: a local file or directory
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(//)?")  # 2+ letters: never a Windows drive letter
 
-# Exit statuses of the tools gopen runs, in words (curl's are documented in `man curl`, EXIT CODES).
+MANIFEST_URL_SCHEMES = ("http", "https", "s3", "gs")  # what an absolute URL inside a manifest may use
+_CONFIG_SCHEMES = (*MANIFEST_URL_SCHEMES, "pipe")  # what the user's own config may use (plus local paths)
+# A relative name inside a manifest: path components of the characters prepare writes, none starting with a dot or
+# a dash (so no ``..``, no hidden files, no command-line options), separated by single slashes.
+_NAME_PART = r"[A-Za-z0-9_][A-Za-z0-9_.+-]*"
+_SAFE_NAME = re.compile(rf"{_NAME_PART}(/{_NAME_PART})*")
+_URL_TEXT = re.compile(r"[!#-~]+")  # printable ASCII without spaces or quotes: nothing a tool could misread
+
+# Remote reads give up when no data has come for this long (curl --speed-time), and connecting for this long.
+STALL_SECONDS = float(os.environ.get("SURGENET_SSL_REMOTE_STALL_S", "60"))
+CONNECT_SECONDS = float(os.environ.get("SURGENET_SSL_REMOTE_CONNECT_S", "30"))
+
+# Exit statuses of the tools that read URLs, in words (curl's are documented in `man curl`, EXIT CODES).
 _CURL_STATUS = {
     6: "could not resolve the host",
     7: "could not connect to the server",
@@ -73,6 +97,37 @@ class RemoteNotFoundError(RemoteReadError, FileNotFoundError):
     """The URL does not exist (HTTP 4xx, missing object) or may not be read."""
 
 
+class UnsafeNameError(ValueError):
+    """A name inside a manifest breaks the rule for data (a command, an absolute path, ``..``, odd characters)."""
+
+
+NAME_RULE = (
+    "a name inside a manifest must be a relative path of letters, digits and _ . + - (no leading '/', no '..', no "
+    "component starting with '.' or '-'), or an absolute URL with one of the schemes "
+    + ", ".join(MANIFEST_URL_SCHEMES)
+    + "; never a pipe: command (commands come only from your own config or command line)"
+)
+
+
+def check_manifest_name(name: object, where: str = "") -> str:
+    """``name`` if it may be joined to a source location, else :class:`UnsafeNameError` naming ``where`` and the
+    rule. Accepts what prepare writes (``shards/<video>-00000.tar``, a collection's ``<source>``) and absolute
+    ``http(s)``/``s3``/``gs`` URLs."""
+    at = f"{where}: " if where else ""
+    if not isinstance(name, str):
+        raise UnsafeNameError(f"{at}expected a string, got {type(name).__name__} {name!r}. Rule: {NAME_RULE}.")
+    m = _SCHEME.match(name)
+    if m is not None and (m.group(2) is not None or m.group(1).lower() == "pipe"):
+        scheme = m.group(1).lower()
+        host = urlsplit(name).netloc if m.group(2) else ""
+        if scheme in MANIFEST_URL_SCHEMES and host and _URL_TEXT.fullmatch(name) and "'" not in name:
+            return name
+        raise UnsafeNameError(f"{at}{name!r} is not allowed. Rule: {NAME_RULE}.")
+    if len(name) > 4096 or not _SAFE_NAME.fullmatch(name):
+        raise UnsafeNameError(f"{at}{name!r} is not allowed. Rule: {NAME_RULE}.")
+    return name
+
+
 def is_url(location: object) -> bool:
     """True for ``scheme://...`` and ``pipe:...`` strings (``file://`` counts as local, see :func:`as_location`)."""
     if isinstance(location, Path) or not isinstance(location, str):
@@ -85,24 +140,40 @@ def is_url(location: object) -> bool:
 
 
 def as_location(value: str | Path) -> Location:
-    """A config value as a location: URLs stay strings, local paths become ``Path`` (``~`` and ``file://`` too)."""
+    """A value of the user's own config as a location: URLs stay strings, local paths become ``Path`` (``~`` and
+    ``file://`` too). A URL scheme that cannot be read (``ftp://``, a typo) is a :class:`ValueError`."""
     if isinstance(value, Path):
         return value.expanduser()
     text = str(value)
     if text.lower().startswith("file://"):
         return Path(url2pathname(urlsplit(text).path))
-    return text if is_url(text) else Path(text).expanduser()
+    if not is_url(text):
+        return Path(text).expanduser()
+    scheme = text.split(":", 1)[0].lower()
+    if scheme not in _CONFIG_SCHEMES:
+        raise ValueError(
+            f"{text}: URLs with the scheme {scheme!r} cannot be read. Use a local path (or file://), "
+            + ", ".join(f"{s}://" for s in MANIFEST_URL_SCHEMES)
+            + " or pipe:COMMAND."
+        )
+    return text
 
 
-def join(base: Location, name: str) -> Location:
-    """``base``/``name`` for a local directory or a URL; ``name`` may itself be an absolute URL (used as is)."""
-    if is_url(name):
-        return name
+def join(base: Location, name: str, *, trusted: bool = False) -> Location:
+    """``base``/``name`` for a local directory or a URL.
+
+    ``name`` comes from a manifest unless ``trusted`` (the user's own config, e.g. a source name): it must pass
+    :func:`check_manifest_name`, and an absolute http(s)/s3/gs URL is used as is. Joined to a ``pipe:`` command,
+    the name is shell-quoted."""
+    if not trusted:
+        check_manifest_name(name)
+        if is_url(name):
+            return name
     if not is_url(base):
         return Path(base) / name
     text = str(base)
     if text.lower().startswith("pipe:"):
-        return f"{text.rstrip('/')}/{name}"
+        return f"{text.rstrip('/')}/{shlex.quote(name.lstrip('/'))}"
     parts = urlsplit(text)  # keep a query string (signed URLs) after the joined path
     return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name.lstrip('/')}"))
 
@@ -121,6 +192,50 @@ def _tool(url: str) -> str:
     return {"gs": "gsutil", "s3": "aws", "pipe": "shell command"}.get(scheme, "curl")
 
 
+def remote_command(url: str) -> list[str]:
+    """The argument list that reads ``url`` to standard output (run without a shell, except the user's own
+    ``pipe:`` command). http(s): curl with no URL globbing, no protocol but http(s) (redirects too), a connect
+    timeout and a stall limit (:data:`STALL_SECONDS` without a byte: exit 28), a few retries of transient errors."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "pipe":  # only ever from the user's own config or command line (join never returns one)
+        return ["/bin/sh", "-c", url[len("pipe:") :]]
+    if scheme in ("http", "https"):
+        return [
+            "curl",
+            "--globoff",
+            "--proto",
+            "=http,https",
+            "--proto-redir",
+            "=http,https",
+            "--max-redirs",
+            "5",
+            "--fail",
+            "--silent",
+            "--location",
+            "--connect-timeout",
+            f"{CONNECT_SECONDS:g}",
+            "--speed-limit",
+            "1",
+            "--speed-time",
+            f"{max(1, round(STALL_SECONDS))}",
+            "--retry",
+            "2",
+            "--retry-delay",
+            "1",
+            "--",
+            url,
+        ]
+    if scheme == "gs":
+        return ["gsutil", "-q", "cat", "--", url]
+    if scheme == "s3":
+        return ["aws", "s3", "cp", "--only-show-errors", url, "-"]
+    raise ValueError(
+        f"{url}: URLs with the scheme {scheme!r} cannot be read; use "
+        + ", ".join(f"{s}://" for s in MANIFEST_URL_SCHEMES)
+        + ", pipe:COMMAND or a local path."
+    )
+
+
 def _explain(tool: str, status: int) -> str:
     if tool == "curl" and status in _CURL_STATUS:
         return f"curl exit status {status}: {_CURL_STATUS[status]}"
@@ -132,7 +247,7 @@ def _explain(tool: str, status: int) -> str:
 
 
 class RemoteStream:
-    """Binary read stream of one URL via ``webdataset.gopen``, with the tool's exit status checked at the end.
+    """Binary read stream of one URL (the output of :func:`remote_command`), the tool's exit status checked at the end.
 
     ``tee_to``: also write the bytes into this cache file; :meth:`finish` reads the rest, checks ``size`` and
     ``sha256`` (when given) and renames the temporary file into place. :meth:`close` without a successful
@@ -142,26 +257,18 @@ class RemoteStream:
     def __init__(
         self, url: str, tee_to: Path | None = None, size: int | None = None, sha256: str | None = None
     ) -> None:
-        from webdataset.gopen import Pipe, gopen, gopen_schemes
-
         self.url, self.tool = url, _tool(url)
         self.bytes_read = 0
         self._eof = self._closed = False
-        if self.tool != "shell command" and shutil.which(self.tool) is None:  # fail loudly, not "file missing"
+        command = remote_command(url)
+        if self.tool != "shell command" and shutil.which(command[0]) is None:  # fail loudly, not "file missing"
             raise RuntimeError(
-                f"Cannot read {url}: {url.split(':', 1)[0]} URLs are read with `{self.tool}` (through "
-                f"webdataset.gopen), which is not on PATH. Install it (and its credentials), or copy the data locally."
+                f"Cannot read {url}: {url.split(':', 1)[0]} URLs are read with `{self.tool}`, which is not on PATH. "
+                "Install it (and its credentials), or copy the data locally."
             )
-        target = url
-        if url.lower().startswith("s3://") and "s3" not in gopen_schemes:
-            target = f"pipe:aws s3 cp {shlex.quote(url)} -"
-        handle = gopen(target, "rb")
-        self._pipe = handle if isinstance(handle, Pipe) else None
-        if self._pipe is not None:
-            self._pipe.ignore_errors = True  # the status is checked here, at the end of the data
-            self._raw = self._pipe.stream
-        else:  # a handler that returns a plain stream
-            self._raw = handle
+        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, bufsize=1 << 16)
+        assert self._proc.stdout is not None
+        self._raw: IO[bytes] = self._proc.stdout
         self._size, self._sha256 = size, sha256
         self._target, self._tmp, self._tmp_file, self._hash = tee_to, None, None, None
         if tee_to is not None:
@@ -189,10 +296,8 @@ class RemoteStream:
         return b""
 
     def _check_status(self) -> None:
-        if self._pipe is None:
-            return
-        status = self._pipe.proc.wait()
-        if status in self._pipe.ignore_status:
+        status = self._proc.wait()
+        if status == 0:
             return
         error = RemoteNotFoundError if (self.tool, status) in _NOT_FOUND else RemoteReadError
         raise error(self.url, _explain(self.tool, status))
@@ -230,14 +335,13 @@ class RemoteStream:
             self._tmp_file.close()
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
-        if self._pipe is not None and self._pipe.proc.poll() is None:
-            self._pipe.proc.kill()  # an abandoned read: do not wait for the rest of a large file
+        if self._proc.poll() is None:
+            self._proc.kill()  # an abandoned read: do not wait for the rest of a large file
         try:
             self._raw.close()
         except OSError:
             pass
-        if self._pipe is not None:
-            self._pipe.proc.wait()
+        self._proc.wait()
 
     def __enter__(self) -> RemoteStream:
         return self
@@ -252,13 +356,20 @@ class RemoteStream:
             pass
 
 
-def read_bytes(location: Location) -> bytes:
-    """The whole content of a local file or URL (raises OSError, :class:`RemoteNotFoundError` for a 404)."""
+def read_bytes(location: Location, max_bytes: int | None = None) -> bytes:
+    """The whole content of a local file or URL (raises OSError, :class:`RemoteNotFoundError` for a 404). With
+    ``max_bytes``, a larger file is an ``OSError`` before more than that is read."""
     if not is_url(location):
-        return Path(location).read_bytes()
+        path = Path(location)
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise OSError(f"{path} is {path.stat().st_size} bytes, more than the {max_bytes} allowed")
+        return path.read_bytes()
     with RemoteStream(str(location)) as stream:
-        chunks = []
+        chunks, total = [], 0
         while chunk := stream.read(1 << 20):
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                raise RemoteReadError(str(location), f"more than the {max_bytes} bytes allowed for this file")
             chunks.append(chunk)
         return b"".join(chunks)
 

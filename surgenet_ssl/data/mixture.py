@@ -123,6 +123,8 @@ def check_source_dir(name: str, directory: L.Location) -> tuple[dict[str, Any] |
     if L.is_url(directory):
         try:
             manifest = S.read_manifest(directory)
+        except S.ManifestSchemaError:
+            raise  # a manifest that breaks the rules is never "not prepared": the run stops, naming the field
         except S.ManifestError as e:
             cause = e.__cause__
             if isinstance(cause, FileNotFoundError):
@@ -139,6 +141,8 @@ def check_source_dir(name: str, directory: L.Location) -> tuple[dict[str, Any] |
             return None, MissingSource(name, manifest_path, "not prepared (directory missing)", hint)
         try:
             manifest = S.read_manifest(directory)
+        except S.ManifestSchemaError:
+            raise
         except S.ManifestError as e:
             problem = "not prepared (no manifest.json)" if not manifest_path.exists() else f"unusable manifest: {e}"
             if not manifest_path.exists() and (directory / ".state").is_dir():
@@ -167,6 +171,8 @@ def _discover(base: L.Location) -> tuple[dict[str, L.Location], str | None]:
     (local only: a remote folder cannot be listed). Also returns why ``base``'s own manifest could not be read."""
     try:
         manifest, why = S.read_manifest(base), None
+    except S.ManifestSchemaError:
+        raise
     except S.ManifestError as e:
         manifest, why = None, str(e)
     if manifest is not None and manifest.get("format") == S.MANIFEST_FORMAT:
@@ -196,6 +202,17 @@ def check_dataset_config(dataset_cfg: Mapping[str, Any]) -> None:
         )
     if cfg.get("generate") and cfg["generate"] != "demo":
         raise ValueError(f"dataset.generate must be 'demo' or null, got {cfg['generate']!r}")
+    locations = {f"dataset.{k}": cfg.get(k) for k in ("path", "root")}
+    if isinstance(cfg.get("sources"), Mapping):
+        for n, entry in cfg["sources"].items():
+            if isinstance(entry, Mapping):
+                locations[f"dataset.sources.{n}.path"] = entry.get("path")
+    for key, value in locations.items():
+        if value not in (None, "", "???"):
+            try:
+                L.as_location(str(value))  # an unreadable URL scheme (ftp://, a typo) fails here, named
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
 
 
 def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> ResolvedMixture:
@@ -231,7 +248,7 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
             if isinstance(entry, Mapping):
                 check_keys(entry, _SOURCE_KEYS, f"dataset.sources.{n}")
             path = entry.get("path") if isinstance(entry, Mapping) else None
-            dirs[n] = L.as_location(str(path)) if path else L.join(base, n)
+            dirs[n] = L.as_location(str(path)) if path else L.join(base, n, trusted=True)  # n: the user's config
 
     weights: dict[str, float | None] = {}
     for n, entry in entries.items():

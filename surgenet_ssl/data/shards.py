@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from surgenet_ssl.data import location as L
+from surgenet_ssl.data.manifest_schema import MAX_MANIFEST_BYTES, ManifestError, ManifestSchemaError, validate_manifest
 from surgenet_ssl.io_utils import atomic_path, sha256_file
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
     "ManifestError",
+    "ManifestSchemaError",
     "ShardInfo",
     "ShardWriter",
     "iter_shard",
@@ -58,10 +60,6 @@ MANIFEST_FORMAT = "surgenet-ssl/source-shards"
 COLLECTION_FORMAT = "surgenet-ssl/collection"
 MANIFEST_VERSION = 1
 _SUBSAMPLE_SALT = b"surgenet-ssl/subsample/v1"
-
-
-class ManifestError(RuntimeError):
-    """A manifest.json is missing, unreadable or not one of ours."""
 
 
 # ----------------------------------------------------------------------------------------------------------- keys
@@ -294,7 +292,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if L.is_url(directory):
         url = str(L.join(directory, MANIFEST_NAME))
         try:
-            text = L.read_bytes(url).decode("utf-8", errors="replace")
+            text = L.read_bytes(url, max_bytes=MAX_MANIFEST_BYTES).decode("utf-8", errors="replace")
         except FileNotFoundError as e:
             raise ManifestError(f"No {MANIFEST_NAME} at {url} ({getattr(e, 'reason', e)})") from e
         except OSError as e:
@@ -311,6 +309,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ManifestError(f"No {MANIFEST_NAME} in {directory}")
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, more than any manifest ({MAX_MANIFEST_BYTES} at most)")
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ManifestError(
@@ -321,12 +321,14 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def _check_manifest(manifest: Any, path: str | Path) -> dict[str, Any]:
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    if fmt not in (MANIFEST_FORMAT, COLLECTION_FORMAT):
-        raise ManifestError(f"{path} is not a surgenet-ssl manifest (format={fmt!r}, expected {MANIFEST_FORMAT!r}).")
-    if int(manifest.get("version", 0)) > MANIFEST_VERSION:
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and version > MANIFEST_VERSION:
         raise ManifestError(
             f"{path} has manifest version {manifest.get('version')}, newer than this surgenet-ssl understands "
             f"({MANIFEST_VERSION}). Update surgenet-ssl."
         )
-    return manifest
+    if not isinstance(manifest, dict) or manifest.get("format") not in (MANIFEST_FORMAT, COLLECTION_FORMAT):
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ManifestError(f"{path} is not a surgenet-ssl manifest (format={fmt!r}, expected {MANIFEST_FORMAT!r}).")
+    formats = {MANIFEST_FORMAT: "source", COLLECTION_FORMAT: "collection"}
+    return validate_manifest(manifest, str(path), formats, MANIFEST_VERSION)
