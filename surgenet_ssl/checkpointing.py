@@ -20,6 +20,7 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from surgenet_ssl.io_utils import atomic_path
+from surgenet_ssl.models.weights import refuses_pickled_objects
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,25 @@ def link_atomically(target: Path, link: Path) -> None:
     _fsync_dir(link.parent)
 
 
+def load_checkpoint(path: str | Path) -> Any:
+    """A checkpoint file read as data: ``torch.load(weights_only=True)``, memory-mapped. Our checkpoints hold tensors
+    and plain containers only; a file that needs any other object (a pickled payload) is refused, never run."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be resumed from (truncated, corrupt, not a training checkpoint), or None if it loads."""
+    """Why ``path`` cannot be resumed from (truncated, corrupt, holds objects other than tensors and plain data, not
+    a training checkpoint), or None if it loads."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = load_checkpoint(path)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
-        return f"file is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        first = str(err).splitlines()[0] if str(err) else ""
+        if refuses_pickled_objects(err):
+            return (
+                "it holds pickled Python objects besides tensors and plain data, which are refused (never run); "
+                "surgenet-ssl never writes such a file"
+            )
+        return f"file is truncated or corrupt ({type(err).__name__}: {first})"
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return "not a Lightning training checkpoint (no state_dict/global_step)"
     return None
@@ -119,5 +133,4 @@ def find_resume_checkpoint(run_dir: Path, set_aside: bool = False) -> Path | Non
 
 def checkpoint_step(path: Path) -> int:
     """The optimizer step a checkpoint was written at (memory-mapped: only the small header is read)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(ckpt.get("global_step", 0))
+    return int(load_checkpoint(path).get("global_step", 0))

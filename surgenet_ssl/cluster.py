@@ -9,8 +9,8 @@ Why it is built this way (how SLURM really behaves):
 - The requeue happens after training has stopped and the checkpoint is on disk: ``scontrol requeue`` for sbatch
   jobs, or submitit's own handler (which also records its requeue count) for ``hydra/launcher=submitit_slurm``.
 - A run dir is used by one training at a time (:class:`RunDirLock`): a second one refuses to start, naming the
-  first; a lock of a dead process is free (``flock`` is released by the kernel), and a requeued run of the same
-  SLURM job takes over.
+  first; a lock of a dead process is free (a POSIX record lock, released by the kernel and never held by forked
+  loader workers), and a requeued run of the same SLURM job takes over.
 """
 
 from __future__ import annotations
@@ -146,18 +146,28 @@ class RunDirInUseError(RuntimeError):
     """Another live training holds the run dir."""
 
 
-class RunDirLock:
-    """``<run dir>/.train.lock``: held (``flock``) by global rank 0 for the whole training.
+# Run-dir locks this process holds, by (device, inode) of the lock file: POSIX record locks do not conflict within
+# one process, and closing *any* descriptor of the file would drop them, so a second lock in this process is
+# refused from here, without opening the file.
+_HELD_HERE: dict[tuple[int, int], dict[str, Any]] = {}
 
-    The kernel releases the lock when the holder dies, so a killed or preempted run never blocks its rerun. The
-    file names the holder (host, pid, SLURM job) for the error message. A requeued run of the same SLURM job takes
-    over from a holder that is still shutting down (it waits ``takeover_wait_s`` for it, then proceeds).
+
+class RunDirLock:
+    """``<run dir>/.train.lock``: held by global rank 0 for the whole training.
+
+    A POSIX record lock (``fcntl.lockf``): it belongs to the process alone, so forked DataLoader workers do not hold
+    it (with ``flock``, workers orphaned by a SIGKILL of the main process kept the lock for seconds and the rerun
+    was refused), and the kernel releases it when the process dies, so a killed or preempted run never blocks its
+    rerun. The file names the holder (host, pid, SLURM job) for the error message. A requeued run of the same SLURM
+    job takes over from a holder that is still shutting down (it waits ``takeover_wait_s`` for it, then proceeds).
     """
 
     def __init__(self, run_dir: str | Path, takeover_wait_s: float = 60.0) -> None:
         self.path = Path(run_dir) / ".train.lock"
         self.takeover_wait_s = takeover_wait_s
         self._fd: int | None = None
+        self._key: tuple[int, int] | None = None
+        self._me: dict[str, Any] = {}
 
     @staticmethod
     def _describe_self() -> dict[str, Any]:
@@ -168,46 +178,72 @@ class RunDirLock:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
 
-    def _holder(self) -> dict[str, Any]:
+    def _key_of(self) -> tuple[int, int] | None:
         try:
-            return json.loads(self.path.read_text() or "{}")
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    @staticmethod
+    def _read_holder(fd: int) -> dict[str, Any]:
+        try:  # through the descriptor in hand: opening the file again and closing it would drop a lock of ours
+            found = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         except (OSError, ValueError):
             return {}
+        return found if isinstance(found, dict) else {}
+
+    def _try_lock(self) -> tuple[int | None, dict[str, Any]]:
+        """(descriptor holding the lock, {}) or (None, what is known of the holder)."""
+        held = _HELD_HERE.get(self._key_of() or (-1, -1))
+        if held is not None:
+            return None, held
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, {}
+        except OSError:
+            holder = self._read_holder(fd)
+            os.close(fd)  # this process holds no lock on the file (checked above): closing drops nothing
+            return None, holder
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = None
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd, holder = self._try_lock()
+            if fd is not None:
                 break
-            except OSError:
-                holder = self._holder()
-                mine = slurm_job_id()
-                if mine and holder.get("slurm_job") == mine:  # our own requeued job: the old one is going away
-                    deadline = deadline or time.monotonic() + self.takeover_wait_s
-                    if time.monotonic() < deadline:
-                        time.sleep(0.5)
-                        continue
-                    log.warning("run dir lock still held by the previous run of SLURM job %s; taking over", mine)
-                    break
-                os.close(fd)
-                who = ", ".join(f"{k} {v}" for k, v in holder.items() if v) or "unknown process"
-                raise RunDirInUseError(
-                    f"run dir {self.path.parent} is in use by another training ({who}). Two trainings in one run dir "
-                    "would interleave checkpoints, logs and exports. Wait for it to finish, stop it, or choose another "
-                    "dir: hydra.run.dir=DIR."
-                ) from None
+            mine = slurm_job_id()
+            if mine and holder.get("slurm_job") == mine:  # our own requeued job: the old one is going away
+                deadline = deadline or time.monotonic() + self.takeover_wait_s
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                log.warning("run dir lock still held by the previous run of SLURM job %s; taking over", mine)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                break
+            who = ", ".join(f"{k} {v}" for k, v in holder.items() if v) or "unknown process"
+            raise RunDirInUseError(
+                f"run dir {self.path.parent} is in use by another training ({who}). Two trainings in one run dir "
+                "would interleave checkpoints, logs and exports. Wait for it to finish, stop it, or choose another "
+                "dir: hydra.run.dir=DIR."
+            )
+        self._me = self._describe_self()
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(self._describe_self()).encode())
+        os.pwrite(fd, json.dumps(self._me).encode(), 0)
         os.fsync(fd)
         self._fd = fd
+        self._key = self._key_of()
+        if self._key is not None:
+            _HELD_HERE[self._key] = self._me
 
     def release(self) -> None:
         if self._fd is not None:
+            if self._key is not None and _HELD_HERE.get(self._key) is self._me:
+                del _HELD_HERE[self._key]
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
             finally:
                 os.close(self._fd)
                 self._fd = None

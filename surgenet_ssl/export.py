@@ -43,17 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: checkpoint not found: {ckpt_path}\n{USAGE}", file=sys.stderr)
         return 2
     # Imported here, after the argument checks: torch and the export code take seconds to import.
-    import torch
-
+    from surgenet_ssl.models.weights import read_state_dict
     from surgenet_ssl.teacher_export import export_checkpoint, export_dino_checkpoint
 
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle/zip errors: not a checkpoint at all
-        print(f"error: {ckpt_path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})", file=sys.stderr)
-        return 2
-    if not isinstance(checkpoint, dict):
-        print(f"error: {ckpt_path} holds a {type(checkpoint).__name__}, not a checkpoint dict", file=sys.stderr)
+    try:  # the one weight loader: weights_only (a pickled payload is refused, never run), damaged files named
+        checkpoint = read_state_dict(ckpt_path)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         if "state_dict" in checkpoint:

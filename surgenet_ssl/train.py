@@ -345,8 +345,9 @@ def _train(cfg: DictConfig, run_dir: Path, kwargs: dict) -> tuple[Path, bool]:
     ckpt = find_resume_checkpoint(run_dir, set_aside=is_global_rank_zero())
     if ckpt is not None:
         log.info("resumed from %s at step %d", ckpt, checkpoint_step(ckpt))
-    # The run dir's own checkpoints (written by this code, trusted): full unpickling, no fallback message.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
+    # Checkpoints are data even in the run dir (a shared file system, a copied run): tensors and plain values only,
+    # as checkpoint_problem checked before choosing this one.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     return run_dir / "export", trainer.is_global_zero
 
 

@@ -136,10 +136,16 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
+def refuses_pickled_objects(err: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused an intact file's pickled objects (a class, a function: what
+    a payload needs) rather than failing on damaged bytes (truncated zip, cut-off pickle, not a checkpoint at all:
+    "Unsupported operand")."""
+    text = str(err)
+    return "Weights only load failed" in text and "Unsupported operand" not in text
+
+
 def _is_damaged_file_error(err: BaseException) -> bool:
-    """Whether torch.load failed on the bytes (truncated zip, cut-off legacy pickle, not a checkpoint at all) rather
-    than refusing an intact file's pickled objects (``weights_only``'s "Weights only load failed")."""
-    return "Weights only load failed" not in str(err)
+    return not refuses_pickled_objects(err)
 
 
 def _corrupt_message(path: Path, err: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,3 +87,26 @@ def test_second_training_into_the_same_run_dir_refuses_at_once(tmp_path, demo_ca
         assert first.procs[0].poll() is None  # the first one is untouched and still training
     finally:
         first.kill()
+
+
+def test_run_dir_lock_is_not_held_by_forked_children_of_a_killed_training(tmp_path):
+    """As after the OOM killer: the training's main process is SIGKILLed, its forked loader workers live on for a
+    while (they notice the dead parent seconds later). The rerun must get the lock at once."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from surgenet_ssl.cluster import RunDirLock\n"
+        f"RunDirLock({str(tmp_path)!r}).acquire()\n"
+        "if os.fork() == 0:\n"  # a loader worker: inherits every descriptor, outlives the parent
+        "    time.sleep(60); os._exit(0)\n"
+        "print('locked', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        lock = RunDirLock(tmp_path)
+        lock.acquire()  # flock: "run dir ... is in use by another training" while the child lives
+        lock.release()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the orphaned child

@@ -103,7 +103,7 @@ def test_export_bad_input_is_refused_clearly(tmp_path):
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
     proc = _export(f"ckpt={junk}")
-    assert proc.returncode == 2 and "not a readable PyTorch checkpoint" in proc.stderr
+    assert proc.returncode == 2 and f"Cannot read {junk}: file is truncated or corrupt" in proc.stderr
     torch.save({"model": {}}, tmp_path / "other.pth")
     proc = _export(f"ckpt={tmp_path / 'other.pth'}")
     assert proc.returncode == 2 and "neither a surgenet-ssl Lightning checkpoint" in proc.stderr
