@@ -1,5 +1,7 @@
 """``python -m surgenet_ssl.prepare source=NAME input=DIR [output=DIR] [fps=1]``: videos/frames -> shards.
 
+``input=[DIR1,DIR2]`` feeds one source from several locations; a later run with another input adds to it.
+
 Thin Hydra entry point around :func:`surgenet_ssl.data.preparation.prepare_source` (configs/prepare.yaml).
 """
 
@@ -45,7 +47,10 @@ def run(cfg: DictConfig) -> int:
         _fail(f"source={source!r}: use letters, digits, '_' and '-' only (it names a directory and the frame keys).")
     OmegaConf.update(cfg, "source", source)
     if not cfg.input:
-        _fail("input=DIR is required: the folder with the source's videos and/or frame folders (or one video).")
+        _fail(
+            "input=DIR is required: the folder with the source's videos and/or frame folders (or one video); "
+            "input=[DIR1,DIR2] for several."
+        )
     # Imported once the command line is checked: the preparation code (numpy, PIL, video readers) is not light.
     from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, prepare_source
 
@@ -67,14 +72,16 @@ def run(cfg: DictConfig) -> int:
     handler = logging.FileHandler(output / "prepare.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    inputs = [str(p) for p in cfg.input] if OmegaConf.is_list(cfg.input) else [str(cfg.input)]
     try:
         summary = prepare_source(
-            Path(str(cfg.input)).expanduser(),
+            [Path(p).expanduser() for p in inputs],
             output,
             settings,
             workers=workers,
             progress=bool(cfg.progress),
             overwrite=bool(cfg.overwrite),
+            input_prefix=bool(cfg.input_prefix),
         )
     except PrepareError as e:
         _fail(str(e))

@@ -30,7 +30,7 @@ import signal
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,7 @@ class Unit:
     video: str = ""  # key prefix and metadata "video" of its frames (= id, except for parts of big folders)
     keys: list[str] = field(default_factory=list)  # per image file: its key suffix (stable, from the file name)
     offset: int = 0  # position of files[0] in its folder (natural name order)
+    root: str = ""  # the input location it comes from (absolute): a source may be fed from several
 
     def __post_init__(self) -> None:
         self.video = self.video or self.id
@@ -117,6 +118,8 @@ class PrepareSummary:
     shards_total: int = 0
     images_corrupt: int = 0  # corrupt images skipped (this run)
     videos_with_warnings: int = 0  # decoded with problems, e.g. only partly (this run; see warnings)
+    units_kept: int = 0  # finished inputs of earlier runs from other input locations, kept in the manifest
+    frames_kept: int = 0
     files_ignored: dict[str, int] = field(default_factory=dict)  # extension -> count of non-video/image files
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -130,6 +133,11 @@ class PrepareSummary:
             f"source {self.source} -> {self.output}",
             f"  inputs: {self.units_total} ({self.units_done_before} already done, {self.units_done_now} done now, "
             f"{len(self.units_failed)} skipped as unreadable)",
+            *(
+                [f"  kept from earlier runs with other inputs: {self.units_kept} inputs, {self.frames_kept} frames"]
+                if self.units_kept
+                else []
+            ),
             f"  frames: {self.frames_total} in {self.shards_total} shards ({self.frames_written_now} written now, "
             f"{self.frames_per_second:.1f} frames/s)",
         ]
@@ -177,7 +185,7 @@ def discover_units(
     if root.is_file():
         if root.suffix.lower() not in VIDEO_EXTENSIONS:
             raise PrepareError(f"input={root} is a file but not a video ({', '.join(VIDEO_EXTENSIONS)}).")
-        return [Unit(S.sanitize_id(root.stem), "video", root.name, size=root.stat().st_size)]
+        return [Unit(S.sanitize_id(root.stem), "video", root.name, size=root.stat().st_size, root=str(root.resolve()))]
     excluded = {Path(p).resolve() for p in exclude}
     videos: dict[str, list[str]] = {}
     image_dirs: dict[str, list[str]] = {}
@@ -236,6 +244,8 @@ def discover_units(
                     offset=lo,
                 )
             )
+    for u in units:
+        u.root = str(root.resolve())
     return sorted(units, key=lambda u: u.id)
 
 
@@ -273,6 +283,7 @@ def process_unit(
         "id": unit.id,
         "kind": unit.kind,
         "input": unit.input,
+        "root": unit.root,
         "input_size": unit.size,
         "settings": settings.content(),
         "status": "ok",
@@ -406,8 +417,11 @@ def _load_records(out: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _record_is_done(out: Path, rec: dict[str, Any], unit: Unit, check_sizes: bool = True) -> bool:
-    if rec.get("status") != "ok" or rec.get("input") != unit.input or rec.get("input_size") != unit.size:
+def _record_is_done(out: Path, rec: dict[str, Any], unit: Unit | None, check_sizes: bool = True) -> bool:
+    """A finished record (of ``unit`` when given: same input path and size) whose shards are all on disk."""
+    if rec.get("status") != "ok":
+        return False
+    if unit is not None and (rec.get("input") != unit.input or rec.get("input_size") != unit.size):
         return False
     for s in rec.get("shards", []):
         p = out / s["file"]
@@ -463,9 +477,15 @@ def _remove_prepared(out: Path) -> None:
 
 
 def build_manifest(
-    out: Path, settings: PrepareSettings, units: list[Unit], records: dict[str, dict[str, Any]], summary: PrepareSummary
+    out: Path,
+    settings: PrepareSettings,
+    units: list[Unit],
+    records: dict[str, dict[str, Any]],
+    summary: PrepareSummary,
+    kept: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The manifest from completion records of the current units (orphans of vanished inputs are left out)."""
+    """The manifest from the completion records of the current units plus ``kept``: the finished records of
+    earlier runs from other input locations (a source fed from several folders or archives keeps them all)."""
     shards: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     videos_ok = pending = 0
@@ -478,12 +498,16 @@ def build_manifest(
             shards.extend(rec["shards"])
         else:
             failed.append({"input": u.input, "reason": rec.get("reason", "?")})
+    for rec in kept:
+        videos_ok += 1
+        shards.extend(rec["shards"])
     corrupt = sum(len(records[u.id].get("corrupt_images", [])) for u in units if u.id in records)
+    corrupt += sum(len(rec.get("corrupt_images", [])) for rec in kept)
     warned = [
         {"input": u.input, "warnings": records[u.id]["warnings"]}
         for u in units
         if u.id in records and records[u.id].get("warnings")
-    ]
+    ] + [{"input": rec["input"], "warnings": rec["warnings"]} for rec in kept if rec.get("warnings")]
     return {
         "format": S.MANIFEST_FORMAT,
         "version": S.MANIFEST_VERSION,
@@ -492,7 +516,7 @@ def build_manifest(
         "complete": pending == 0,
         "frames": sum(s["frames"] for s in shards),
         "videos": videos_ok,
-        "inputs": len(units),
+        "inputs": len(units) + len(kept),
         "pending": pending,
         "settings": settings.content() | {"backend": settings.backend},
         "skipped": {"inputs": failed, "corrupt_images": corrupt},
@@ -503,8 +527,87 @@ def build_manifest(
     }
 
 
+def _as_inputs(input_path: str | Path | Iterable[str | Path]) -> list[Path]:
+    paths = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
+    if not paths:
+        raise PrepareError("input= is empty: give the folder (or archive) with the source's videos or frames.")
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if path.resolve() not in [q.resolve() for q in out]:
+            out.append(path)
+    return out
+
+
+def _discover_all(inputs: list[Path], out: Path, ignored: Counter[str], input_prefix: bool) -> list[Unit]:
+    """The units of every input location; two inputs giving the same id are refused (their frames would share keys)."""
+    units: list[Unit] = []
+    owner: dict[str, Unit] = {}
+    for src in inputs:
+        found = discover_units(src, exclude=[out], ignored=ignored)
+        if input_prefix:
+            prefix = S.sanitize_id(src.name.split(".")[0] or "input")
+            for u in found:
+                u.id, u.video = f"{prefix}/{u.id}", f"{prefix}/{u.video}"
+        for u in found:
+            other = owner.get(u.id)
+            if other is not None:
+                raise PrepareError(
+                    f"{Path(other.root) / other.input} and {Path(u.root) / u.input} would both be video {u.id!r} of "
+                    "this source (same relative path in two inputs). Give their common parent folder as input=, or "
+                    "add input_prefix=true to put each input's name in front of its keys."
+                )
+            owner[u.id] = u
+        units.extend(found)
+    flats: dict[str, str] = {}
+    for u in units:  # flat_name is one-to-one; this guards against a crafted hash collision all the same
+        if flats.setdefault(S.flat_name(u.id), u.id) != u.id:
+            raise PrepareError(f"videos {flats[S.flat_name(u.id)]!r} and {u.id!r} map to one shard name; rename one")
+    return sorted(units, key=lambda u: u.id)
+
+
+def _earlier_records(
+    out: Path, units: list[Unit], roots: set[str], records: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Finished records of earlier runs that this run's inputs do not cover: kept in the manifest (merge).
+
+    A record from one of this run's input locations whose input is gone (deleted, or now excluded) is left out of
+    the manifest, with a warning; its shards stay on disk. A record of another location whose id a current unit
+    takes is a conflict (refused before anything is written)."""
+    current = {u.id: u for u in units}
+    kept: list[dict[str, Any]] = []
+    gone: list[str] = []
+    for rid, rec in sorted(records.items()):
+        root = rec.get("root", "")
+        unit = current.get(rid)
+        if unit is not None:
+            moved = root and root not in roots and rec.get("status") == "ok"
+            if moved and (rec.get("input") != unit.input or rec.get("input_size") != unit.size):
+                raise PrepareError(
+                    f"{Path(unit.root) / unit.input} would replace video {rid!r} prepared earlier from "
+                    f"{Path(root) / rec.get('input', '?')} (another input location). Nothing was written. Add "
+                    "input_prefix=true to keep both (each input's name in front of its keys), or use another output=."
+                )
+            continue
+        if rec.get("status") != "ok":
+            continue
+        if root in roots or not _record_is_done(out, rec, None):
+            gone.append(rec.get("input", rid))
+            continue
+        kept.append(rec)
+    if gone:
+        log.warning(
+            "%d inputs prepared earlier are not in this run's inputs any more (deleted, or excluded now): left out "
+            "of the manifest, their shards stay in %s: %s",
+            len(gone),
+            out,
+            ", ".join(gone[:10]) + (" ..." if len(gone) > 10 else ""),
+        )
+    return kept
+
+
 def prepare_source(
-    input_path: str | Path,
+    input_path: str | Path | Iterable[str | Path],
     output: str | Path,
     settings: PrepareSettings,
     workers: int = 1,
@@ -513,23 +616,28 @@ def prepare_source(
     manifest_every_s: float = 30.0,
     max_units: int | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    input_prefix: bool = False,
 ) -> PrepareSummary:
-    """Prepare one source. ``workers=0`` runs in this process (no pool). Returns the summary (also logged).
+    """Prepare one source from one or several input locations. ``workers=0`` runs in this process (no pool).
 
+    The manifest lists every finished input of ``output``: those of this run's inputs and those prepared earlier
+    from other locations (running again with a new ``input`` adds to the source; nothing is dropped silently).
     ``max_units`` stops after that many new units (used to simulate an interrupted run in tests/benchmarks).
+    Returns the summary (also logged).
     """
     t0 = time.time()
-    src, out = Path(input_path), Path(output)
+    inputs, out = _as_inputs(input_path), Path(output)
     if settings.fps is not None and settings.fps < 0:
         raise PrepareError(f"fps must be > 0 (or null for every frame), got {settings.fps}")
     if not 1 <= settings.jpeg_quality <= 100:
         raise PrepareError(f"jpeg_quality must be in 1..100, got {settings.jpeg_quality}")
     ignored: Counter[str] = Counter()
-    units = discover_units(src, exclude=[out], ignored=ignored)
+    units = _discover_all(inputs, out, ignored, input_prefix)
+    where = ", ".join(str(p) for p in inputs)
     if not units:
         raise PrepareError(
             f"No videos ({', '.join(VIDEO_EXTENSIONS)}) or images ({', '.join(IMAGE_EXTENSIONS)}) found under "
-            f"input={src}."
+            f"input={where}."
         )
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings, overwrite)
@@ -538,6 +646,7 @@ def prepare_source(
         log.info("removed %d temporary files left by an interrupted run in %s", swept, out)
     summary = PrepareSummary(settings.source, str(out), units_total=len(units), files_ignored=dict(ignored))
     records = _load_records(out)
+    kept = _earlier_records(out, units, {str(p.resolve()) for p in inputs}, records)
     todo = []
     for u in units:
         rec = records.get(u.id)
@@ -552,11 +661,20 @@ def prepare_source(
         "%s: %d inputs under %s (%d done before, %d to do) -> %s",
         settings.source,
         len(units),
-        src,
+        where,
         summary.units_done_before,
         len(todo),
         out,
     )
+    if kept:
+        roots = sorted({str(rec.get("root") or "?") for rec in kept})
+        log.info(
+            "%s: keeping %d inputs (%d frames) prepared earlier from %s",
+            settings.source,
+            len(kept),
+            sum(int(rec.get("frames", 0)) for rec in kept),
+            ", ".join(roots),
+        )
 
     last_write = time.time()
 
@@ -568,7 +686,7 @@ def prepare_source(
             summary.frames_written_now += rec["frames"]
         else:
             summary.units_failed.append({"input": rec["input"], "reason": rec.get("reason", "?")})
-            log.warning("skipped %s: %s", src / rec["input"] if src.is_dir() else src, rec.get("reason"))
+            log.warning("skipped %s: %s", _input_path(rec), rec.get("reason"))
             if rec.get("traceback"):
                 log.debug(rec["traceback"])
         if rec.get("warnings"):
@@ -582,36 +700,43 @@ def prepare_source(
         if on_record is not None:
             on_record(rec)
         if time.time() - last_write > manifest_every_s:
-            S.write_json_atomic(out / S.MANIFEST_NAME, build_manifest(out, settings, units, records, summary))
+            S.write_json_atomic(out / S.MANIFEST_NAME, build_manifest(out, settings, units, records, summary, kept))
             last_write = time.time()
 
     bar = _progress(total=len(todo), enabled=progress, desc=f"prepare {settings.source}")
-    root_arg = str(src)
     try:
         if workers <= 0 or len(todo) <= 1:
             for u in todo:
-                handle(_process_unit_safe(u, root_arg, str(out), settings, 0))
+                handle(_process_unit_safe(u, u.root, str(out), settings, 0))
                 _tick(bar, records, u)
         else:
-            _run_pool(todo, root_arg, str(out), settings, workers, handle, bar, records)
+            _run_pool(todo, str(out), settings, workers, handle, bar, records)
     finally:
         if bar is not None:
             bar.close()
-        manifest = build_manifest(out, settings, units, records, summary)
+        manifest = build_manifest(out, settings, units, records, summary, kept)
         manifest["last_run"] = {
             "finished": _now(),
             "seconds": round(time.time() - t0, 2),
             "frames_written": summary.frames_written_now,
             "failed": len(summary.units_failed),
             "corrupt_images": summary.images_corrupt,
+            "inputs_kept_from_earlier_runs": len(kept),
         }
         S.write_json_atomic(out / S.MANIFEST_NAME, manifest)
     summary.frames_total = manifest["frames"]
     summary.shards_total = len(manifest["shards"])
+    summary.units_kept = len(kept)
+    summary.frames_kept = sum(int(rec.get("frames", 0)) for rec in kept)
     summary.seconds = time.time() - t0
     for line in summary.lines():
         log.info(line)
     return summary
+
+
+def _input_path(rec: dict[str, Any]) -> Path:
+    root = Path(rec.get("root") or ".")
+    return root if root.is_file() else root / rec["input"]
 
 
 def _cpus() -> int:
@@ -639,7 +764,6 @@ def _tick(bar: Any, records: dict[str, dict[str, Any]], unit: Unit) -> None:
 
 def _run_pool(
     todo: list[Unit],
-    root: str,
     out: str,
     settings: PrepareSettings,
     workers: int,
@@ -661,7 +785,7 @@ def _run_pool(
             while (queue or running) and not broken:
                 while queue and len(running) < 2 * workers:
                     u = queue.pop()
-                    running[pool.submit(_process_unit_safe, u, root, out, settings, threads)] = u
+                    running[pool.submit(_process_unit_safe, u, u.root, out, settings, threads)] = u
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
                     u = running.pop(fut)
@@ -677,7 +801,7 @@ def _run_pool(
         for u in suspects:  # isolate: one process per suspect
             with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as single:
                 try:
-                    rec = single.submit(_process_unit_safe, u, root, out, settings, 1).result()
+                    rec = single.submit(_process_unit_safe, u, u.root, out, settings, 1).result()
                 except cf.process.BrokenProcessPool:
                     rec = _failed_record(u, None, "the decoder crashed the worker process (corrupt file?)")
             handle(rec)
