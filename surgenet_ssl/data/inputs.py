@@ -244,8 +244,7 @@ def _table_columns(pf: Any, path: Path) -> tuple[str, str | None, str | None]:
             image = f.name
     if image is None:
         raise InputError(
-            f"{path}: no image column (binary, or a struct with 'bytes' like Hugging Face's Image) in "
-            f"{schema.names}."
+            f"{path}: no image column (binary, or a struct with 'bytes' like Hugging Face's Image) in {schema.names}."
         )
     strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
     by_lower = {s.lower(): s for s in strings}

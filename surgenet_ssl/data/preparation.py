@@ -39,7 +39,7 @@ from typing import Any
 
 from surgenet_ssl.data import shards as S
 from surgenet_ssl.data.decode import load_rgb_image
-from surgenet_ssl.data.inputs import InputError, Member, list_members, local_copy, read_member
+from surgenet_ssl.data.inputs import InputError, Member, container_stem, list_members, local_copy, read_member
 from surgenet_ssl.data.video import (
     IMAGE_EXTENSIONS,
     SAMPLING_RULES,
@@ -197,7 +197,8 @@ class Selection:
 
     A pattern without ``/`` matches any path component (``HD`` drops every folder named HD, ``mask*.png`` every
     mask file); a pattern with ``/`` matches the whole relative path (``*`` crosses folders). A file is kept when
-    it matches an ``include`` pattern (or there is none) and no ``exclude`` pattern.
+    it matches an ``include`` pattern (or there is none) and no ``exclude`` pattern. Include patterns also match
+    the input's own name: ``input=.../Videos/Full`` is what the HeiChole preset's ``Full`` keeps.
     ``video_pattern``: a regex on image file names (without extension) whose group ``video`` names the video
     (Surgical YouTube: ``<video>_frame_<n>_Sample<i>``), so frames of one video in several folders are one video.
     """
@@ -206,8 +207,17 @@ class Selection:
     exclude: tuple[str, ...] = ()
     video_pattern: str | None = None
 
-    def keeps(self, rel: str) -> bool:
-        return (not self.include or any(_matches(p, rel) for p in self.include)) and not any(
+    def __str__(self) -> str:
+        parts = [
+            f"include={list(self.include)}" if self.include else "",
+            f"exclude={list(self.exclude)}" if self.exclude else "",
+            f"video_pattern={self.video_pattern!r}" if self.video_pattern else "",
+        ]
+        return " ".join(p for p in parts if p) or "every video and image"
+
+    def keeps(self, rel: str, root_name: str = "") -> bool:
+        named = f"{root_name}/{rel}" if root_name else rel
+        return (not self.include or any(_matches(p, named) or _matches(p, rel) for p in self.include)) and not any(
             _matches(p, rel) for p in self.exclude
         )
 
@@ -243,7 +253,8 @@ def discover_units(
         raise PrepareError(str(e)) from e
     if pattern is not None and "video" not in pattern.groupindex:
         raise PrepareError(f"video_pattern={select.video_pattern!r} needs a named group (?P<video>...)")
-    kept = [m for m in members if select.keeps(m.rel)]
+    root_name = container_stem(root) if root.is_file() else root.resolve().name
+    kept = [m for m in members if select.keeps(m.rel, root_name)]
     if len(kept) < len(members):
         ignored[EXCLUDED] += len(members) - len(kept)
     videos: dict[str, list[str]] = {}
@@ -802,14 +813,14 @@ def prepare_source(
     units = _discover_all(inputs, out, ignored, input_prefix, select)
     where = ", ".join(str(p) for p in inputs)
     if ignored[EXCLUDED]:
-        log.info("%s: %d files left out by include=/exclude= (%s)", settings.source, ignored[EXCLUDED], select)
+        log.info("%s: %d files left out by %s", settings.source, ignored[EXCLUDED], select)
     if listed is not None:
         units = listed.apply(units)
     if not units:
         raise PrepareError(
             f"No videos ({', '.join(VIDEO_EXTENSIONS)}) or images ({', '.join(IMAGE_EXTENSIONS)}) found under "
             f"input={where}"
-            + (f" (after include/exclude: {select})" if ignored[EXCLUDED] else "")
+            + (f" with {select} (include=[] exclude=[] read every file)" if ignored[EXCLUDED] else "")
             + (f" listed in frame_list={settings.frame_list}" if listed is not None else "")
             + "."
         )
