@@ -197,8 +197,9 @@ class Selection:
 
     A pattern without ``/`` matches any path component (``HD`` drops every folder named HD, ``mask*.png`` every
     mask file); a pattern with ``/`` matches the whole relative path (``*`` crosses folders). A file is kept when
-    it matches an ``include`` pattern (or there is none) and no ``exclude`` pattern. Include patterns also match
-    the input's own name: ``input=.../Videos/Full`` is what the HeiChole preset's ``Full`` keeps.
+    it matches an ``include`` pattern (or there is none) and no ``exclude`` pattern. Patterns also match the
+    input's own name: ``input=.../keyframes`` is what PSI-AVA's ``keyframes`` keeps, ``input=annots.zip`` what
+    GLENDA's ``annots`` leaves out.
     ``video_pattern``: a regex on image file names (without extension) whose group ``video`` names the video
     (Surgical YouTube: ``<video>_frame_<n>_Sample<i>``), so frames of one video in several folders are one video.
     """
@@ -218,7 +219,7 @@ class Selection:
     def keeps(self, rel: str, root_name: str = "") -> bool:
         named = f"{root_name}/{rel}" if root_name else rel
         return (not self.include or any(_matches(p, named) or _matches(p, rel) for p in self.include)) and not any(
-            _matches(p, rel) for p in self.exclude
+            _matches(p, named) or _matches(p, rel) for p in self.exclude
         )
 
 

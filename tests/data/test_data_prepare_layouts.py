@@ -348,3 +348,19 @@ def test_include_exclude_patterns() -> None:
     assert sel.keeps("keep/x.jpg") and not sel.keeps("other/keep/x.jpg")  # a pattern with '/' is the whole path
     assert Selection(include=("Full",)).keeps("Hei-Chole1.mp4", root_name="Full")
     assert not Selection(exclude=("HD",)).keeps("Full/HD/a.mp4") and Selection(exclude=("HD",)).keeps("Full/a.mp4")
+
+
+def test_glenda_v15_zips_in_a_folder_or_given_one_by_one(tmp_path: Path) -> None:
+    put(tmp_path / "f", "v_1_s_2/f_1.jpg")
+    put(tmp_path / "f", "v_1_s_2/f_2.jpg")
+    put(tmp_path / "a", "v_1_s_2/f_1/endometriosis.png")
+    (tmp_path / "GLENDA").mkdir()
+    frames = zip_tree(tmp_path / "f", tmp_path / "GLENDA" / "frames.zip")
+    annots = zip_tree(tmp_path / "a", tmp_path / "GLENDA" / "annots.zip")
+    n, out = run_cli(tmp_path, "source=glenda", f"input={tmp_path / 'GLENDA'}")
+    assert n == 2 and set(frames_of(out)) == {"frames/v_1_s_2/f_1", "frames/v_1_s_2/f_2"}
+    with pytest.raises(SystemExit):  # the annotations zip alone holds no frame: a clear error, no manifest
+        run_cli(tmp_path, "source=glenda", f"input={annots}", f"output={tmp_path / 'a_only'}")
+    assert not (tmp_path / "a_only" / "manifest.json").exists()
+    n, out = run_cli(tmp_path, "source=glenda", f"input=[{frames},{annots}]", f"output={tmp_path / 'both'}")
+    assert n == 2 and set(frames_of(out)) == {"v_1_s_2/f_1", "v_1_s_2/f_2"}
