@@ -1,5 +1,7 @@
 """``python -m surgenet_ssl.prepare source=NAME input=DIR [output=DIR] [fps=1]``: videos/frames -> shards.
 
+``input=[DIR1,DIR2]`` feeds one source from several locations; a later run with another input adds to it.
+
 Thin Hydra entry point around :func:`surgenet_ssl.data.preparation.prepare_source` (configs/prepare.yaml).
 """
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.data.sources import SOURCES, canonical_source_name, get_source
+from surgenet_ssl.data.sources import PRESETS, SOURCES, Preset, canonical_source_name, get_source
 
 log = logging.getLogger("surgenet_ssl.prepare")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -23,6 +25,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 def _fail(message: str) -> None:
     log.error(message)
     sys.exit(2)
+
+
+def _patterns(value: object, preset: tuple[str, ...]) -> tuple[str, ...]:
+    """include=/exclude= from the command line (a glob or a list); null keeps the registry preset, [] clears it."""
+    if value is None:
+        return preset
+    items = list(value) if OmegaConf.is_list(value) else [value]  # type: ignore[call-overload]
+    return tuple(str(v) for v in items if str(v))
 
 
 def available_cpus() -> int:
@@ -45,12 +55,24 @@ def run(cfg: DictConfig) -> int:
         _fail(f"source={source!r}: use letters, digits, '_' and '-' only (it names a directory and the frame keys).")
     OmegaConf.update(cfg, "source", source)
     if not cfg.input:
-        _fail("input=DIR is required: the folder with the source's videos and/or frame folders (or one video).")
+        _fail(
+            "input=DIR is required: the folder with the source's videos and/or frame folders (or one video); "
+            "input=[DIR1,DIR2] for several."
+        )
     # Imported once the command line is checked: the preparation code (numpy, PIL, video readers) is not light.
-    from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, prepare_source
+    from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, Selection, prepare_source
 
     reg = get_source(source)
     procedure = cfg.procedure or (reg.procedure if reg else "unknown")
+    preset = PRESETS.get(source, Preset()) if reg else Preset()
+    select = Selection(
+        include=_patterns(cfg.include, preset.include),
+        exclude=_patterns(cfg.exclude, preset.exclude),
+        video_pattern=preset.video_pattern if cfg.video_pattern is None else (str(cfg.video_pattern) or None),
+    )
+    if select != Selection():
+        log.info("%s: reading %s%s", source, select, f" (registry preset: {preset.note})" if preset.note else "")
+    sampling = str(cfg.sampling) if cfg.sampling else ("surgenet" if reg else "round")
     output = Path(str(cfg.output)).expanduser()
     workers = int(cfg.workers) if cfg.workers is not None else available_cpus()
     settings = PrepareSettings(
@@ -62,19 +84,24 @@ def run(cfg: DictConfig) -> int:
         shard_max_frames=int(cfg.shard_max_frames),
         image_stride=int(cfg.image_stride),
         backend=str(cfg.backend),
+        sampling=sampling,
+        frame_list=str(Path(str(cfg.frame_list)).expanduser()) if cfg.frame_list else None,
     )
     output.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(output / "prepare.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    inputs = [str(p) for p in cfg.input] if OmegaConf.is_list(cfg.input) else [str(cfg.input)]
     try:
         summary = prepare_source(
-            Path(str(cfg.input)).expanduser(),
+            [Path(p).expanduser() for p in inputs],
             output,
             settings,
             workers=workers,
             progress=bool(cfg.progress),
             overwrite=bool(cfg.overwrite),
+            input_prefix=bool(cfg.input_prefix),
+            select=select,
         )
     except PrepareError as e:
         _fail(str(e))

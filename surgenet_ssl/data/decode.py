@@ -152,8 +152,8 @@ def decode_frame(data: bytes, min_short: int = 0) -> tuple[np.ndarray, bool]:
     return np.asarray(rgb), converted
 
 
-def load_rgb_image(path: str | Path) -> np.ndarray:
-    """Image file -> HxWx3 uint8 RGB, EXIF orientation applied (prepare). Raises on corrupt files."""
-    img = decode_rgb_image(Path(path))
+def load_rgb_image(path: str | Path | bytes) -> np.ndarray:
+    """Image file (or its bytes) -> HxWx3 uint8 RGB, EXIF orientation applied (prepare). Raises on corrupt files."""
+    img = decode_rgb_image(path if isinstance(path, bytes) else Path(path))
     img = ImageOps.exif_transpose(img) or img
     return np.asarray(img.convert("RGB"))

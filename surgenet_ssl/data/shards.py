@@ -74,9 +74,14 @@ def sanitize_id(text: str) -> str:
 
 
 def flat_name(video_id: str, max_len: int = 120) -> str:
-    """A file-name-safe, flat version of a video id (``a/b`` -> ``a__b``), shortened with a hash when long."""
+    """A file-name-safe, flat version of a video id (``a/b`` -> ``a__b``): it names the video's shards and record.
+
+    One-to-one, so two videos never share a shard or state file: an id whose flat form does not read back to it
+    (``a__b`` and ``a/b`` both flatten to ``a__b``; ``a_/b`` and ``a/_b`` to ``a___b``) gets a hash of the id
+    appended, as does a long one (shortened). The same id always gets the same name, whatever else is prepared.
+    """
     flat = video_id.replace("/", "__")
-    if len(flat) > max_len:
+    if flat.replace("__", "/") != video_id or len(flat) > max_len:
         digest = hashlib.sha1(video_id.encode()).hexdigest()[:10]
         flat = f"{flat[: max_len - 11]}-{digest}"
     return flat

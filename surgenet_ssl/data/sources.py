@@ -15,6 +15,8 @@ __all__ = [
     "MIXTURES",
     "SMALL_FRACTION",
     "Source",
+    "Preset",
+    "PRESETS",
     "Mixture",
     "get_source",
     "canonical_source_name",
@@ -35,6 +37,41 @@ class Source:
     public: bool
     distributed_as: str  # "video" or "frames": what users get from the dataset owners
     group: str  # the mixture column of the paper: cholec, ramie, rarp, others, xl
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How ``prepare`` reads a source's release as distributed (zipped or unzipped), so no flags are needed.
+
+    ``include``/``exclude``: glob patterns (see surgenet_ssl.data.preparation.Selection); ``video_pattern``: a
+    regex on image names whose group ``video`` names the video the frame comes from.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    video_pattern: str | None = None
+    note: str = ""  # what the preset keeps and leaves out, for the README and the log
+
+
+# Release layouts from the datasets' own READMEs and loaders (and the SurgeNet repository's create_SurgeNetXL.py).
+PRESETS: dict[str, Preset] = {
+    # <organ>/<surgery>/imageNN.png beside maskNN.png, anno_1..3/, merged/, multilabel/maskNN_<organ>.png
+    "dsad": Preset(
+        include=("image*.png",), exclude=("anno_*", "merged", "multilabel"), note="imageNN.png only (no masks)"
+    ),
+    # v1.0 DS/{pathology,no_pathology}/frames/... plus DS/pathology/annotations/ masks; v1.5: frames/ and annots/
+    "glenda": Preset(exclude=("annotations", "annots"), note="frames, not the annotation masks"),
+    # keyframes/CASE0NN/NNNNN.jpg at 1 fps; the full download adds images_8_frames_per_second/
+    "psi_ava": Preset(include=("keyframes",), note="the 1-fps keyframes/ (not the 8-fps copy)"),
+    # Videos/Full/*.mp4 plus Full/HD/ duplicates and Skill/ clips
+    "heichole": Preset(exclude=("HD", "Skill"), note="Videos/Full without the Full/HD/ copies and Skill/ clips"),
+    # train/set1, train/set2, val/obj (47,282 = 40,152 + 7,130), test/ and test_labels/ beside them
+    "esad": Preset(exclude=("test", "test_labels"), note="train + val (not test)"),
+    # <procedure>/Batch<k>/<video>_frame_<n>_Sample<i>.jpg, 10,000 per folder, in zips
+    "youtube": Preset(
+        video_pattern=r"(?P<video>.+?)_frame_\d+(_Sample\d+)?", note="video id from <video>_frame_<n>_Sample<i>"
+    ),
+}
 
 
 SOURCES: dict[str, Source] = {

@@ -1,7 +1,10 @@
 """Decode sampled frames from videos (decord, PyAV fallback) as RGB uint8 arrays; resize frames for storage.
 
-Sampling follows the published extraction (SURGENET.md section 7): at ``fps=1`` keep the frames whose index is a
-multiple of ``round(video_fps / fps)``; the frame index and its timestamp become the frame's stable key.
+Two sampling rules (``sampling=``): ``surgenet``, the SurgeNet authors' extraction, keeps the frames whose index is
+a multiple of ``int(video_fps / fps)`` (at 1 fps: every ``int(fps)``-th frame, 29 at 29.97 fps), so a rebuild picks
+their frames; ``round`` keeps multiples of ``round(video_fps / fps)`` (30 at 29.97 fps: closer to one frame per
+second of video time). An explicit set of frame indices (a frame list) replaces both. The frame index and its
+timestamp become the frame's stable key.
 decord is fast at sparse access but has wheels for x86-64 only and fails on some containers; PyAV decodes
 everything sequentially (slower, but robust) and takes over when decord is missing, cannot open a file or breaks
 mid-way. Image files and encoded frames are decoded by :mod:`surgenet_ssl.data.decode`.
@@ -29,6 +32,7 @@ __all__ = [
     "VideoDecodeError",
     "DecodedFrame",
     "DecodeReport",
+    "SAMPLING_RULES",
     "sampling_step",
     "iter_video_frames",
     "resize_short_side",
@@ -72,13 +76,20 @@ def decord_available() -> bool:
     return True
 
 
-def sampling_step(video_fps: float, fps: float | None) -> int:
-    """Keep every ``step``-th frame: ``round(video_fps / fps)`` (1 when ``fps`` is None/0 = every frame)."""
+SAMPLING_RULES = ("surgenet", "round")
+
+
+def sampling_step(video_fps: float, fps: float | None, rule: str = "round") -> int:
+    """Keep every ``step``-th frame: ``int(video_fps / fps)`` (``surgenet``) or ``round(video_fps / fps)``
+    (``round``); 1 when ``fps`` is None/0 (every frame) or the video's rate is unknown."""
+    if rule not in SAMPLING_RULES:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLING_RULES)}, got {rule!r}")
     if not fps or fps <= 0:
         return 1
     if not video_fps or not math.isfinite(video_fps) or video_fps <= 0:
         return 1
-    return max(1, int(round(video_fps / fps)))
+    ratio = video_fps / fps
+    return max(1, int(ratio + 1e-9) if rule == "surgenet" else int(round(ratio)))
 
 
 @contextlib.contextmanager
@@ -115,7 +126,13 @@ def _native_reason(lines: list[str], path: Path) -> str:
 
 
 def _iter_decord(
-    path: Path, fps: float | None, threads: int, report: DecodeReport, start: int = 0
+    path: Path,
+    fps: float | None,
+    threads: int,
+    report: DecodeReport,
+    start: int = 0,
+    rule: str = "round",
+    keep: set[int] | None = None,
 ) -> Iterator[DecodedFrame]:
     import decord
 
@@ -135,8 +152,8 @@ def _iter_decord(
     report.backend, report.num_frames, report.video_fps = "decord", n, float(vr.get_avg_fps())
     if n == 0:
         raise VideoDecodeError("the video has no frames")
-    step = report.step = sampling_step(report.video_fps, fps)
-    indices = [i for i in range(0, n, step) if i >= start]
+    step = report.step = sampling_step(report.video_fps, fps, rule)
+    indices = [i for i in range(0, n, step) if i >= start and (keep is None or i in keep)]
     for lo in range(0, len(indices), _CHUNK):
         chunk = indices[lo : lo + _CHUNK]
         batch = vr.get_batch(chunk).asnumpy()
@@ -152,7 +169,13 @@ def _av_message(e: BaseException) -> str:
 
 
 def _iter_pyav(
-    path: Path, fps: float | None, threads: int, report: DecodeReport, start: int = 0
+    path: Path,
+    fps: float | None,
+    threads: int,
+    report: DecodeReport,
+    start: int = 0,
+    rule: str = "round",
+    keep: set[int] | None = None,
 ) -> Iterator[DecodedFrame]:
     import av
 
@@ -171,12 +194,12 @@ def _iter_pyav(
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         report.backend, report.video_fps = "pyav", float(rate) if rate else 0.0
         report.num_frames = stream.frames or None
-        step = report.step = sampling_step(report.video_fps, fps)
+        step = report.step = sampling_step(report.video_fps, fps, rule)
         index = -1
         try:
             for frame in container.decode(stream):
                 index += 1
-                if index % step or index < start:
+                if index % step or index < start or (keep is not None and index not in keep):
                     continue
                 t = float(frame.time) if frame.time is not None else index / (report.video_fps or 1.0)
                 yield DecodedFrame(index, round(t, 6), frame.to_ndarray(format="rgb24"))
@@ -195,8 +218,11 @@ def iter_video_frames(
     backend: str = "auto",
     threads: int = 0,
     report: DecodeReport | None = None,
+    sampling: str = "round",
+    keep: set[int] | None = None,
 ) -> Iterator[DecodedFrame]:
-    """Yield the sampled frames of ``path`` in order.
+    """Yield the sampled frames of ``path`` in order (``sampling``: see :func:`sampling_step`; ``keep``: only
+    these frame indices, among the sampled ones: pass ``fps=None`` to choose from every frame).
 
     ``backend``: ``auto`` (decord, then PyAV where decord is missing or fails), ``decord`` or ``pyav``.
     Raises :class:`VideoDecodeError` when nothing can be decoded. Problems after some frames were decoded are
@@ -216,7 +242,7 @@ def iter_video_frames(
     next_index = 0
     if use_decord:
         try:
-            for frame in _iter_decord(path, fps, threads, report):
+            for frame in _iter_decord(path, fps, threads, report, 0, sampling, keep):
                 next_index = frame.index + 1
                 yield frame
             return
@@ -230,7 +256,7 @@ def iter_video_frames(
     else:
         decord_reason = None
     try:
-        yield from _iter_pyav(path, fps, threads, report, start=next_index)
+        yield from _iter_pyav(path, fps, threads, report, next_index, sampling, keep)
     except VideoDecodeError as e:
         if next_index:  # decord got some frames: keep them
             report.warnings.append(f"PyAV could not continue ({e})")

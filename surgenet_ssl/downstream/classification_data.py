@@ -75,6 +75,20 @@ def _pick(columns: Sequence[str], choices: Sequence[str]) -> str | None:
     return next((lower[c] for c in choices if c in lower), None)
 
 
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    """The rows of a UTF-8 CSV; ``utf-8-sig`` drops the byte-order mark Excel writes (else the first column would
+    be named ``\ufeffpath``). Another encoding is an error naming the file, the position and the fix."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1 if isinstance(e.object, bytes) else "?"
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at line {line}; {e.reason}). Save it as "
+            "'CSV UTF-8' (Excel), or convert it, e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`."
+        ) from e
+
+
 def csv_samples(
     csv_path: str | os.PathLike, label_columns: Sequence[str] | None = None, image_root: str | None = None
 ) -> tuple[list[ClsSample], list[str] | None]:
@@ -82,8 +96,7 @@ def csv_samples(
     path = Path(csv_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Label CSV not found: {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    rows = _read_csv_rows(path)
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise ValueError(f"Empty split: {path} has no header and no rows.")

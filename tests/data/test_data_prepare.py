@@ -232,3 +232,74 @@ def test_big_image_folders_are_split_into_parallel_parts_with_the_same_keys(
 
     a, b = frames(tmp_path / "whole"), frames(tmp_path / "parts")
     assert a == b and sorted(a) == ["seq/f0", "seq/f2", "seq/f4", "seq/f6"] and a["seq/f4"]["frame_index"] == 4
+
+
+def _keys(out: Path) -> set[str]:
+    return {k for sh in manifest_of(out)["shards"] for k, _ in iter_shard(out / sh["file"])}
+
+
+def test_inputs_with_one_flat_name_keep_all_their_frames(tmp_path: Path) -> None:
+    """Folders ``a/b`` and ``a__b`` (and ``x_/y`` vs ``x/_y``) flatten alike: each keeps its own shards and record."""
+    src = tmp_path / "src"
+    write_images(src / "a" / "b", 2, names="f{i}.png")
+    write_images(src / "a__b", 3, names="f{i}.png")
+    write_images(src / "x_" / "y", 1, names="f{i}.png")
+    write_images(src / "x" / "_y", 4, names="f{i}.png")
+    out = tmp_path / "out"
+    s = prepare_source(src, out, settings(), workers=0, progress=False)
+    assert s.frames_total == 10 and s.units_done_now == 4
+    m = manifest_of(out)
+    files = [sh["file"] for sh in m["shards"]]
+    assert len(set(files)) == len(files) == 4
+    for sh in m["shards"]:
+        assert sha256_file(out / sh["file"]) == sh["sha256"]
+    assert len(list((out / ".state").glob("*.json"))) == 4 + 1  # + settings.json
+    assert len(_keys(out)) == 10 and {"a/b/f1", "a__b/f2", "x_/y/f0", "x/_y/f3"} <= _keys(out)
+    again = prepare_source(src, out, settings(), workers=0, progress=False)
+    assert again.units_done_before == 4 and again.units_done_now == 0 and again.frames_total == 10
+
+
+def test_a_second_input_adds_to_the_source_and_keeps_the_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second, out = tmp_path / "set1", tmp_path / "set2", tmp_path / "out"
+    write_images(first / "v1", 3, names="f{i}.png")
+    write_images(second / "v2", 2, names="f{i}.png")
+    prepare_source(first, out, settings(), workers=0, progress=False)
+    with caplog.at_level("INFO"):
+        s = prepare_source(second, out, settings(), workers=0, progress=False)
+    assert s.frames_total == 5 and s.units_kept == 1 and s.frames_kept == 3
+    assert "keeping 1 inputs (3 frames) prepared earlier from" in caplog.text and str(first.resolve()) in caplog.text
+    m = manifest_of(out)
+    assert m["frames"] == 5 and m["inputs"] == 2 and m["complete"]
+    assert _keys(out) == {"v1/f0", "v1/f1", "v1/f2", "v2/f0", "v2/f1"}
+    # Both at once (a list of inputs) is the same source; rerunning either one alone loses nothing.
+    both = prepare_source([first, second], tmp_path / "both", settings(), workers=0, progress=False)
+    assert both.frames_total == 5 and _keys(tmp_path / "both") == _keys(out)
+    assert prepare_source(first, out, settings(), workers=0, progress=False).frames_total == 5
+    # An input deleted from a location this run reads is left out, with a warning that names it.
+    import shutil
+
+    shutil.rmtree(second / "v2")
+    write_images(second / "v3", 1, names="f{i}.png")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        s = prepare_source(second, out, settings(), workers=0, progress=False)
+    assert s.frames_total == 4 and "1 inputs prepared earlier are not in this run's inputs" in caplog.text
+    assert "v2" in caplog.text
+
+
+def test_two_inputs_with_the_same_video_are_refused_before_writing_or_prefixed(tmp_path: Path) -> None:
+    first, second, out = tmp_path / "set1", tmp_path / "set2", tmp_path / "out"
+    write_images(first / "obj", 3, names="f{i}.png")
+    write_images(second / "obj", 2, names="g{i}.png")
+    with pytest.raises(PrepareError, match=r"would both be video 'obj'.*input_prefix=true"):
+        prepare_source([first, second], out, settings(), workers=0, progress=False)
+    assert not out.exists()
+    prepare_source(first, out, settings(), workers=0, progress=False)
+    before = manifest_of(out)
+    with pytest.raises(PrepareError, match=r"would replace video 'obj' prepared earlier from .*set1"):
+        prepare_source(second, out, settings(), workers=0, progress=False)
+    assert manifest_of(out) == before
+    s = prepare_source([first, second], tmp_path / "pre", settings(), workers=0, progress=False, input_prefix=True)
+    assert s.frames_total == 5 and {k.split("/")[0] for k in _keys(tmp_path / "pre")} == {"set1", "set2"}

@@ -17,10 +17,13 @@ from surgenet_ssl.data.video import (
 )
 
 
-def test_sampling_step_follows_published_rule() -> None:
-    # The published extraction keeps frames whose index is a multiple of the integer fps.
-    assert sampling_step(25.0, 1) == 25
-    assert sampling_step(29.97, 1) == 30
+def test_sampling_step_rules() -> None:
+    # surgenet: the published extraction keeps frames whose index is a multiple of int(fps); round: of round(fps).
+    assert sampling_step(25.0, 1, "surgenet") == sampling_step(25.0, 1) == 25
+    assert sampling_step(29.97, 1, "surgenet") == 29 and sampling_step(29.97, 1, "round") == 30
+    assert sampling_step(59.94, 2, "surgenet") == 29 and sampling_step(30.0, 1, "surgenet") == 30
+    with pytest.raises(ValueError, match="sampling must be one of surgenet, round"):
+        sampling_step(25.0, 1, "nearest")
     assert sampling_step(25.0, 5) == 5
     assert sampling_step(25.0, None) == 1
     assert sampling_step(10.0, 30) == 1  # never below 1: every frame

@@ -138,6 +138,17 @@ def test_csv_single_and_multi_label_and_errors(tmp_path):
         csv_samples(tmp_path / "empty.csv")
 
 
+def test_csv_from_excel_with_a_byte_order_mark_and_a_latin1_csv_named(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM; a latin-1 file is an error that names the file, the line and the fix."""
+    (tmp_path / "excel.csv").write_bytes("path,label,video\r\nimg/é1.jpg,Preparation,v1\r\n".encode("utf-8-sig"))
+    samples, criteria = csv_samples(tmp_path / "excel.csv")
+    assert criteria is None and samples[0].key == "img/é1.jpg" and samples[0].target == "Preparation"
+    assert samples[0].group == "v1"
+    (tmp_path / "latin.csv").write_bytes("path,label\nimg/1.jpg,Préparation\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv: not UTF-8 text \(byte 0xe9 at line 2.*iconv -f latin1"):
+        csv_samples(tmp_path / "latin.csv")
+
+
 def test_cholec80_phase_annotations_map_frame_numbers_by_fps(tmp_path):
     ann = tmp_path / "phase_annotations"
     ann.mkdir()
