@@ -131,6 +131,42 @@ def find_resume_checkpoint(run_dir: Path, set_aside: bool = False) -> Path | Non
     return None
 
 
+RESUME_ENV = "SURGENET_SSL_RESUME_CHECKPOINT"  # rank 0's choice, inherited by the DDP processes it starts
+
+
+def choose_resume_checkpoint(run_dir: Path, rank_zero: bool) -> Path | None:
+    """The checkpoint this training resumes from, chosen by global rank 0 (which also sets aside damaged ones).
+
+    Lightning's DDP launcher starts the other ranks from rank 0 with a copy of its environment, so they take rank
+    0's choice from :data:`RESUME_ENV` instead of listing the run dir themselves (while rank 0 may be renaming a
+    damaged file). Ranks started by SLURM or torchrun choose alike from the shared run dir, and
+    :func:`check_same_checkpoint` turns any difference into an error before anything is restored."""
+    inherited = os.environ.get(RESUME_ENV)
+    if inherited is not None and not rank_zero:
+        return Path(inherited) if inherited else None
+    ckpt = find_resume_checkpoint(run_dir, set_aside=rank_zero)
+    if rank_zero:
+        os.environ[RESUME_ENV] = str(ckpt.resolve()) if ckpt is not None else ""
+    return ckpt
+
+
+def check_same_checkpoint(ckpt_path: str | Path | None, world_size: int) -> None:
+    """Every rank resumes from the same file, or every rank stops with the list (one ``all_gather_object``; call it
+    on all ranks, after the process group exists and before the checkpoint is restored)."""
+    from surgenet_ssl.distributed import gather_from_ranks
+
+    mine = str(Path(ckpt_path).resolve()) if ckpt_path else None
+    chosen = gather_from_ranks(mine, world_size)
+    if len(set(chosen)) > 1:
+        listing = "; ".join(f"rank {r}: {c or 'none (fresh start)'}" for r, c in enumerate(chosen))
+        raise RuntimeError(
+            f"the ranks chose different checkpoints to resume from ({listing}). They would train from different "
+            "weights and data positions. Is the run dir on a file system every node sees (not node-local /tmp)? "
+            "Did a checkpoint change while the job started? Rerun the job; it will resume from the newest checkpoint "
+            "that loads on all ranks."
+        )
+
+
 def checkpoint_step(path: Path) -> int:
     """The optimizer step a checkpoint was written at (memory-mapped: only the small header is read)."""
     return int(load_checkpoint(path).get("global_step", 0))

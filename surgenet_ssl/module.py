@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
 
 from surgenet_ssl.backbones import backbone_num_features, build_backbone
+from surgenet_ssl.checkpointing import check_same_checkpoint
 from surgenet_ssl.cluster import PREEMPTION
 from surgenet_ssl.config_checks import build_section
 from surgenet_ssl.dino import (
@@ -130,6 +132,14 @@ class DINOModule(pl.LightningModule):
         )
         self.schedules: dict[str, torch.Tensor] = {}
         self.global_batch = batch_size
+        # Training progress, the schedules' clock: epochs done (fractional) and samples trained on, whatever the world
+        # size, batch or accumulation of the processes that did them (checkpointed; see _schedule_index).
+        self.progress_epochs = 0.0
+        self.samples_seen = 0
+        self.steps_per_epoch = 1
+        self._resumed_progress: dict[str, Any] | None = None
+        self._legacy_step: int | None = None
+        self.resume_checkpoint: str | None = None  # what this rank will resume from (set by the entry point)
         # Per-step agreement between ranks (surgenet_ssl/step_agreement.py) and RNG states to restore on resume.
         self._agreement = StepAgreement()
         self.stop_agreed = False
@@ -167,7 +177,10 @@ class DINOModule(pl.LightningModule):
         self._dinov2_step = bool(self.koleo_weight or self.ibot_loss is not None)
 
     def setup(self, stage: str) -> None:
-        """``performance.*`` that act on the process or compile the backbones (once, in every DDP process)."""
+        """``performance.*`` that act on the process or compile the backbones (once, in every DDP process); every
+        rank resumes from the same checkpoint (checked once the process group exists, before it is restored)."""
+        if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
+            check_same_checkpoint(self.resume_checkpoint, self.trainer.world_size)
         if self.performance["cudnn_benchmark"] and torch.backends.cudnn.is_available():
             torch.backends.cudnn.benchmark = True
         if self.performance["compile"] and not self._compiled:
@@ -203,44 +216,92 @@ class DINOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------------- setup
     def _steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch (epoch-based warmups are converted to steps with it)."""
-        total = int(self.trainer.estimated_stepping_batches)  # also loads the train dataloader
-        try:
-            loader = self.trainer.train_dataloader
-            return max(1, len(loader) // self.trainer.accumulate_grad_batches)  # type: ignore[arg-type]  # None: TypeError
-        except TypeError:  # no length known (no loader, or an iterable one)
-            epochs = int(self.trainer.max_epochs or 0)
-            return max(1, total // epochs) if epochs > 0 else total
+        """Optimizer steps per epoch *that the Trainer will run* (``limit_train_batches`` applied): epoch-based
+        warmups are converted to steps with it, and the schedules' clock advances by 1/this per step."""
+        total = int(self.trainer.estimated_stepping_batches)  # also sets up the train dataloader
+        batches = self.trainer.num_training_batches
+        if isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches)):
+            return max(1, int(batches) // self.trainer.accumulate_grad_batches)
+        epochs = int(self.trainer.max_epochs or 0)  # no length known (an iterable loader)
+        return max(1, total // epochs) if epochs > 0 else max(1, total)
 
     def build_schedules(self, total_steps: int, steps_per_epoch: int, global_batch: int) -> None:
-        """Per-optimizer-step schedules of lr, weight decay, teacher momentum and teacher temperature."""
+        """Per-optimizer-step schedules of lr, weight decay, teacher momentum and teacher temperature, for a run of
+        ``total_steps`` steps of ``steps_per_epoch`` each (the official DINO arrays); indexed by progress."""
         opt, loss, tea = self.recipe.optimizer, self.recipe.loss, self.recipe.teacher
         peak_lr = scaled_lr(opt.base_lr, global_batch, opt.reference_batch)
+        warmup_steps = int(opt.warmup_epochs * steps_per_epoch)
+        temp_warmup_steps = int(loss.warmup_teacher_temp_epochs * steps_per_epoch)
+        for what, steps, key in (
+            ("lr", warmup_steps, "dino.optimizer.warmup_epochs"),
+            ("teacher temperature", temp_warmup_steps, "dino.loss.warmup_teacher_temp_epochs"),
+        ):
+            if steps > total_steps:  # official DINO asserts; a short debug run is legitimate, so say it loudly
+                log.warning(
+                    "the %s warmup (%s: %d optimizer steps of %d per epoch) is longer than the whole run (%d steps): "
+                    "it never reaches its peak and never decays. Shorten %s or train longer.",
+                    what,
+                    key,
+                    steps,
+                    steps_per_epoch,
+                    total_steps,
+                    key,
+                )
         self.schedules = {
-            "lr": cosine_schedule(
-                peak_lr, opt.min_lr, total_steps, warmup_steps=int(opt.warmup_epochs * steps_per_epoch)
-            ),
+            "lr": cosine_schedule(peak_lr, opt.min_lr, total_steps, warmup_steps=warmup_steps),
             "wd": cosine_schedule(opt.weight_decay, opt.weight_decay_end, total_steps),
             "momentum": cosine_schedule(tea.momentum, tea.momentum_end, total_steps),
             "teacher_temp": teacher_temp_schedule(
-                loss.warmup_teacher_temp,
-                loss.teacher_temp,
-                int(loss.warmup_teacher_temp_epochs * steps_per_epoch),
-                total_steps,
+                loss.warmup_teacher_temp, loss.teacher_temp, temp_warmup_steps, total_steps
             ),
         }
         self.global_batch = global_batch
         self.peak_lr = peak_lr
+        self.steps_per_epoch = max(1, steps_per_epoch)
+
+    def _schedule_index(self) -> int:
+        """The step of this run's schedule arrays at the current training progress (official DINO's
+        ``len(data_loader) * epoch + it``): the optimizer step itself in an uninterrupted run, and the same point of
+        the recipe after a resume on another world size, batch, accumulation or epoch length."""
+        return int(round(self.progress_epochs * self.steps_per_epoch))
 
     def _scheduled(self, name: str, step: int) -> float:
         values = self.schedules[name]
         return float(values[min(step, len(values) - 1)])
+
+    def progress_state(self) -> dict[str, Any]:
+        """What a checkpoint records of the progress (plain values: checkpoints are loaded with weights_only)."""
+        return {
+            "epochs": float(self.progress_epochs),
+            "samples_seen": int(self.samples_seen),
+            "global_batch": int(self.global_batch),
+            "steps_per_epoch": int(self.steps_per_epoch),
+        }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainer = self.trainer
         global_batch = self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
         # trainer.max_steps=0 (export the untrained teacher): no step is taken, but the schedules need a length
         self.build_schedules(max(1, int(trainer.estimated_stepping_batches)), self._steps_per_epoch(), global_batch)
+        if self._legacy_step is not None:
+            self.progress_epochs, self._legacy_step = self._legacy_step / self.steps_per_epoch, None
+        saved = self._resumed_progress
+        if saved is not None and (
+            saved.get("global_batch") != global_batch or saved.get("steps_per_epoch") != self.steps_per_epoch
+        ):
+            log.warning(
+                "resumed with another global batch or epoch length than the checkpoint (global batch %s -> %d, "
+                "optimizer steps per epoch %s -> %d): the schedules continue at the same progress (epoch %.3f, "
+                "schedule step %d of %d), with the peak lr rescaled by the recipe's rule to %.3g",
+                saved.get("global_batch"),
+                global_batch,
+                saved.get("steps_per_epoch"),
+                self.steps_per_epoch,
+                self.progress_epochs,
+                self._schedule_index(),
+                len(self.schedules["lr"]),
+                self.peak_lr,
+            )
         log.info(
             "global batch %d (= %d per device x %d devices x %d accumulation); peak lr %.3g; %d optimizer steps",
             global_batch,
@@ -350,7 +411,7 @@ class DINOModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         crops = batch["crops"]
         step = self.global_step
-        teacher_temp = self._scheduled("teacher_temp", step)
+        teacher_temp = self._scheduled("teacher_temp", self._schedule_index())
         if self._dinov2_step:  # dino.loss.koleo_weight / ibot_weight
             loss, teacher_out, student_out, parts = self._dinov2_forward(crops, teacher_temp)
             self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=crops[0].shape[0])
@@ -362,7 +423,12 @@ class DINOModule(pl.LightningModule):
         # No host sync here: the ranks agree on the loss being finite before the optimizer step.
         self._agreement.record_loss(loss, (step, self.current_epoch, batch_idx))
         bs = crops[0].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        shown = loss.detach()
+        log_every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors
+        if self.trainer.world_size > 1 and log_every and (step + 1) % log_every == 0:
+            # the steps Lightning writes out show the mean over ranks, not rank 0's (one all-reduce, no host sync)
+            shown = self.trainer.strategy.reduce(shown, reduce_op="mean")
+        self.log("train/loss", shown, prog_bar=True, batch_size=bs)
         self.log("train/teacher_temp", teacher_temp, batch_size=bs)
         every = self.diagnostics_every_n_steps
         if every and step % every == 0 and batch_idx % self.trainer.accumulate_grad_batches == 0:
@@ -379,6 +445,11 @@ class DINOModule(pl.LightningModule):
             teacher_temp=temp,
             student_temp=self.dino_loss.student_temp,
         )
+        if self.trainer.world_size > 1:  # the run's figures (every rank is here: the same step rule on all)
+            names = sorted(metrics)
+            local = torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=self.device)
+            mean = self.trainer.strategy.reduce(local, reduce_op="mean")
+            metrics = dict(zip(names, mean.tolist(), strict=True))
         # Straight to the loggers (not self.log): a sparse metric must not be re-emitted with stale values.
         if self.trainer.is_global_zero:
             for logger in self.loggers:
@@ -418,7 +489,7 @@ class DINOModule(pl.LightningModule):
         cancel_backbone_gradients(self.student, self.current_epoch, int(self.backbone_cfg.get("freeze_epochs") or 0))
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        step = self.global_step
+        step = self._schedule_index()
         lr, wd = self._scheduled("lr", step), self._scheduled("wd", step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -430,6 +501,8 @@ class DINOModule(pl.LightningModule):
         self.dino_loss.update_center()
         if self.ibot_loss is not None:
             self.ibot_loss.update_center()
+        self.progress_epochs += 1.0 / self.steps_per_epoch
+        self.samples_seen += self.global_batch  # what this step really trained on (for the model card)
         self.log_dict(
             {
                 "train/lr": lr,
@@ -442,6 +515,9 @@ class DINOModule(pl.LightningModule):
         )
 
     def on_train_epoch_start(self) -> None:
+        epoch = self.current_epoch
+        if not epoch - 1e-6 <= self.progress_epochs < epoch + 1 - 1e-6:  # a new epoch (not a mid-epoch resume)
+            self.progress_epochs = float(epoch)  # exact at every epoch start, whatever the last epoch's length
         loader = self.trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "set_epoch"):
@@ -484,7 +560,8 @@ class DINOModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_pending_steps()  # never write the weights of a step whose loss was not finite
-        checkpoint["global_batch"] = self.global_batch  # with global_step: frames seen, for the model card
+        checkpoint["global_batch"] = self.global_batch
+        checkpoint["progress"] = self.progress_state()  # the schedules' clock and the frames seen
         # Every rank's RNG state, so that a resumed run draws the same drop-path masks and GPU crops.
         checkpoint["rng_states"] = gather_from_ranks(self._rng_state(), self.trainer.world_size)
 
@@ -494,6 +571,14 @@ class DINOModule(pl.LightningModule):
             self._restore_rng_state(self._rng_to_restore)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        progress = checkpoint.get("progress")
+        if isinstance(progress, dict):
+            self._resumed_progress = dict(progress)
+            self.progress_epochs = float(progress.get("epochs", 0.0))
+            self.samples_seen = int(progress.get("samples_seen", 0))
+        else:  # a checkpoint of an older version: its step (converted with this run's epoch length, once known)
+            step, batch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("global_batch") or 0)
+            self._legacy_step, self.samples_seen = step, step * batch
         states = checkpoint.get("rng_states") or []
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0

@@ -187,12 +187,15 @@ def write_model_card(
     global_step = int(checkpoint.get("global_step", 0))
     batch = (run_config.get("data") or {}).get("batch_size") or hp.get("batch_size")
     global_batch = int(checkpoint.get("global_batch") or batch or 0)
+    progress = checkpoint.get("progress") or {}
+    # Counted step by step (a resume on another world size changes the global batch); older checkpoints: the product.
+    seen = int(progress.get("samples_seen") or global_step * global_batch)
     recipe = json.dumps(hp.get("dino", {}), indent=2, default=str)
     lines = [
         f"# {stem}",
         "",
         f"DINO-pretrained **{backbone}** teacher from surgenet-ssl, trained on **{dataset}** for {epoch} epoch(s) "
-        f"({global_step} optimizer steps x global batch {global_batch} = {global_step * global_batch:,} frames seen, "
+        f"({global_step} optimizer steps, global batch {global_batch} at the end = {seen:,} frames seen, "
         f"per-device batch {batch}).",
         "",
         "| file | content | sha256 |",

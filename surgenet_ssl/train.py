@@ -314,7 +314,7 @@ def run(cfg: DictConfig) -> tuple[Path, bool]:
 def _train(cfg: DictConfig, run_dir: Path, kwargs: dict) -> tuple[Path, bool]:
     import pytorch_lightning as pl
 
-    from surgenet_ssl.checkpointing import checkpoint_step, find_resume_checkpoint
+    from surgenet_ssl.checkpointing import checkpoint_step, choose_resume_checkpoint
     from surgenet_ssl.datamodule import StreamingDataModule
     from surgenet_ssl.module import DINOModule
 
@@ -342,7 +342,8 @@ def _train(cfg: DictConfig, run_dir: Path, kwargs: dict) -> tuple[Path, bool]:
         logger=build_loggers(cfg, run_dir) or False,
         plugins=build_plugins(kwargs.get("plugins")),
     )
-    ckpt = find_resume_checkpoint(run_dir, set_aside=is_global_rank_zero())
+    ckpt = choose_resume_checkpoint(run_dir, rank_zero=is_global_rank_zero())
+    module.resume_checkpoint = str(ckpt) if ckpt else None  # every rank's choice is compared in module.setup
     if ckpt is not None:
         log.info("resumed from %s at step %d", ckpt, checkpoint_step(ckpt))
     # Checkpoints are data even in the run dir (a shared file system, a copied run): tensors and plain values only,

@@ -44,6 +44,7 @@ class TeacherExport(pl.Callback):
             "optimizer_states": [opt.state_dict() for opt in trainer.optimizers],
             "callbacks": {type(cb).__qualname__: cb.state_dict() for cb in callbacks if cb.state_dict()},
             "global_batch": getattr(pl_module, "global_batch", None),
+            "progress": getattr(pl_module, "progress_state", dict)(),
             "run_config": self.run_config,
             "run_provenance": self.provenance,
         }

@@ -20,6 +20,7 @@ import logging
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -93,6 +94,11 @@ def frames_by_source(sources: list, max_per_class: int, transform) -> tuple[Labe
     return memory, query, names
 
 
+def _mixture(trainer: pl.Trainer) -> Any:
+    """The training mixture (the same on every rank), or None when the loader is not ours."""
+    return getattr(getattr(trainer.train_dataloader, "dataset", None), "mixture", None)
+
+
 def folder_images(directory: str, classes: list[str] | None, transform_size: int) -> tuple[LabelledImages, list[str]]:
     dataset = ImageFolderDataset(directory, image_size=transform_size, classes=classes, min_classes=1 if classes else 2)
     images, labels = [], []
@@ -150,10 +156,8 @@ class KNNMonitor(pl.Callback):
                 query, _ = folder_images(self.val_dir, classes, self.image_size)
                 self._sets = (memory, query, classes)
             else:
-                mixture = getattr(getattr(trainer.train_dataloader, "dataset", None), "mixture", None)
-                if mixture is None or len(mixture.sources) < 2:
-                    log.warning("k-NN monitor off: no labelled set given and fewer than 2 training sources to use")
-                    self.every_n_epochs = 0
+                mixture = _mixture(trainer)
+                if mixture is None or len(mixture.sources) < 2:  # decided on every rank before (_decide_on_every_rank)
                     return None
                 transform = eval_transform(self.image_size)
                 self._sets = frames_by_source(mixture.sources, self.max_per_class, transform)
@@ -174,8 +178,22 @@ class KNNMonitor(pl.Callback):
         ]
         return torch.cat(out)
 
+    def _decide_on_every_rank(self, trainer: pl.Trainer) -> None:
+        """Whether the monitor runs, decided identically on every rank (and broadcast from rank 0 to be sure): the
+        other ranks wait in a barrier while rank 0 evaluates, so a monitor that turned itself off on rank 0 alone
+        would leave them in a barrier rank 0 never enters (a single-source dataset on 2 GPUs hung at epoch 1)."""
+        if self.every_n_epochs > 0 and not (self.train_dir and self.val_dir):
+            mixture = _mixture(trainer)
+            if mixture is None or len(mixture.sources) < 2:
+                if trainer.is_global_zero:
+                    log.warning("k-NN monitor off: no labelled set given and fewer than 2 training sources to use")
+                self.every_n_epochs = 0
+        if trainer.world_size > 1:
+            self.every_n_epochs = int(trainer.strategy.broadcast(self.every_n_epochs, src=0))
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The untrained teacher of a fresh run (step 0): the baseline every later k-NN is compared with."""
+        self._decide_on_every_rank(trainer)
         if self.every_n_epochs <= 0 or not self.baseline or trainer.global_step != 0:
             return
         if trainer.is_global_zero:

@@ -36,6 +36,7 @@ class HeadRecipe:
     nlayers: int = option(3, at_least(1))
     use_bn: bool = option(False)
     norm_last_layer: bool = option(True)
+    fp32_head: bool = option(True)  # the head in fp32 under bf16/fp16 autocast (precise teacher targets)
 
 
 @dataclass(frozen=True)

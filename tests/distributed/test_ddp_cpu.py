@@ -43,3 +43,8 @@ def test_two_ranks_match_one_rank_with_double_batch_and_agree(tmp_path):
         assert torch.allclose(r0["grads"][key], grad, rtol=1e-3, atol=1e-6 * grad.abs().max().item() + 1e-9), key
         assert torch.equal(r0["grads"][key], r1["grads"][key]), key
     assert torch.allclose(r0["center"], single["center"], atol=1e-7)
+    # The logged loss is the run's (the mean over ranks), on every rank, not rank 0's own.
+    for step in range(2):
+        mean = (r0["local_loss"][step] + r1["local_loss"][step]) / 2
+        assert r0["local_loss"][step] != r1["local_loss"][step]
+        assert r0["shown_loss"][step] == pytest.approx(mean, rel=1e-6) == r1["shown_loss"][step]

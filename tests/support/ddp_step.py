@@ -34,6 +34,18 @@ class GradRecorder(pl.Callback):
             }
 
 
+class LossRecorder(pl.Callback):
+    """This rank's own loss and the ``train/loss`` Lightning shows, at every step."""
+
+    def __init__(self) -> None:
+        self.local: list[float] = []
+        self.shown: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.local.append(float(outputs["loss"]))
+        self.shown.append(float(trainer.callback_metrics["train/loss"]))
+
+
 class SlicedData(pl.LightningDataModule):
     def __init__(self, global_batch: int, steps: int) -> None:
         super().__init__()
@@ -59,9 +71,10 @@ def main() -> None:
     dino = tiny_dino()
     dino["optimizer"].update(warmup_epochs=0, base_lr=0.05, freeze_last_layer=0)
     model = DINOModule(BACKBONE, dino, batch_size=per_rank)
-    recorder = GradRecorder()
+    recorder, losses = GradRecorder(), LossRecorder()
     trainer = pl.Trainer(
-        callbacks=[recorder],
+        callbacks=[recorder, losses],
+        log_every_n_steps=1,
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
@@ -81,6 +94,8 @@ def main() -> None:
             "teacher": model.teacher.state_dict(),
             "center": model.dino_loss.center,
             "grads": recorder.grads,
+            "local_loss": losses.local,
+            "shown_loss": losses.shown,
             "global_step": trainer.global_step,
             "world": trainer.world_size,
         },
