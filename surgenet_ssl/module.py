@@ -426,8 +426,9 @@ class DINOModule(pl.LightningModule):
         shown = loss.detach()
         log_every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors
         if self.trainer.world_size > 1 and log_every and (step + 1) % log_every == 0:
-            # the steps Lightning writes out show the mean over ranks, not rank 0's (one all-reduce, no host sync)
-            shown = self.trainer.strategy.reduce(shown, reduce_op="mean")
+            # the steps Lightning writes out show the mean over ranks, not rank 0's (one all-reduce, no host sync;
+            # on a copy: the all-reduce works in place and the loss tensor is the one backward and the checks use)
+            shown = self.trainer.strategy.reduce(shown.clone(), reduce_op="mean")
         self.log("train/loss", shown, prog_bar=True, batch_size=bs)
         self.log("train/teacher_temp", teacher_temp, batch_size=bs)
         every = self.diagnostics_every_n_steps
