@@ -19,6 +19,7 @@ transform does not decode itself) and by the augmentation (:func:`decode_frame` 
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP")
 # Decoded pixels at most (width x height): a 12000 x 12000 RGBA PNG of 0.56 MB would decode to 576 MB (and PIL's
 # conversions copy it): refused from its header, before decoding. The loader sets it from data.max_image_pixels.
 _MAX_PIXELS = [64_000_000]
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """The allowed formats this PIL build has (MPO, WEBP may be missing)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
 class ImageTooLargeError(ValueError):
@@ -143,7 +151,7 @@ def as_rgb_array(image: Any) -> tuple[np.ndarray, bool]:
 def open_rgb(data: bytes | Path | str) -> tuple[Image.Image, bool]:
     """Encoded image (bytes) or image file (path) -> (RGB PIL image, converted), decoded by PIL. Raises on corrupt
     data."""
-    img = Image.open(io.BytesIO(data) if isinstance(data, _BYTES_LIKE) else data, formats=IMAGE_FORMATS)
+    img = Image.open(io.BytesIO(data) if isinstance(data, _BYTES_LIKE) else data, formats=_formats())
     _check_pixels(*img.size)  # from the header: nothing decoded yet
     img.load()
     return to_rgb(img)

@@ -128,11 +128,16 @@ def index_path(shard: str | Path) -> Path:
 
 def write_index(shard: str | Path) -> Path:
     """Write ``<shard>.idx.json`` (called by prepare's shard writer once the shard is complete)."""
-    from surgenet_ssl.data.shards import write_json_atomic
-
     target = index_path(shard)
-    write_json_atomic(target, scan_tar(shard).to_json())
+    _write_json_atomic(target, scan_tar(shard).to_json())
     return target
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    from surgenet_ssl.io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, separators=(",", ":")) + "\n")
 
 
 def _read_index_file(path: Path, expect_bytes: int) -> ShardIndex | None:
@@ -161,10 +166,8 @@ def load_index(shard: Path, cache_dir: Path | None = None, fileobj: IO[bytes] | 
     index = scan_tar(shard, fileobj=fileobj)
     if cached is not None:
         try:
-            from surgenet_ssl.data.shards import write_json_atomic
-
             cached.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(cached, index.to_json())
+            _write_json_atomic(cached, index.to_json())
         except OSError:  # a read-only cache only costs the scan again
             pass
     return index
