@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -63,7 +64,7 @@ def loader_options(data_cfg: dict, trainer: pl.Trainer | None) -> dict[str, Any]
 
 # data.<key> -> MixtureStream keyword (sampling mode, shuffle and memory/cache/transfer bounds); absent keys keep the
 # stream's defaults. Byte sizes are given in MiB (cache in GiB) in the config.
-_STREAM_KEYS = {
+_STREAM_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "sampling": ("sampling", str),
     "shuffle_block": ("shuffle_block", int),
     "shuffle_buffer_mb": ("shuffle_buffer_bytes", lambda v: int(float(v) * (1 << 20))),

@@ -73,6 +73,7 @@ def _check_pixels(width: int, height: int) -> None:
             "(data.max_image_pixels); skipped before decoding"
         )
 
+
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic): they carry the size.
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _BYTES_LIKE = (bytes, bytearray, memoryview)

@@ -135,7 +135,9 @@ def _open_shard(
         return None
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         why = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"  # a remote read names its tool's error
-        problems("unreadable_shards", f"shard {path} of source {spec.name} is damaged after 0 frames ({why}); skipped", tag)
+        problems(
+            "unreadable_shards", f"shard {path} of source {spec.name} is damaged after 0 frames ({why}); skipped", tag
+        )
         return None
     n, expected = len(entry.index), int(shard.get("frames", 0))
     if n == 0:
@@ -235,7 +237,9 @@ class _SourceReader:
                 sample = entry.read(k, ("jpg", "json"))
             except (OSError, EOFError) as e:
                 path = L.join(self.spec.directory, shard["file"])
-                self.problem("truncated_shards", f"shard {path} of source {self.spec.name}: {e}", f"{self.spec.name}:{i}")
+                self.problem(
+                    "truncated_shards", f"shard {path} of source {self.spec.name}: {e}", f"{self.spec.name}:{i}"
+                )
                 self.open.pop(j)
                 continue
             self.delivered += 1
@@ -347,7 +351,9 @@ class MixtureStream(IterableDataset):
     def _build_catalog(self) -> Catalog:
         """The frames of an epoch. Fraction 1: the manifests' counts (no shard is read). Fraction < 1: the kept keys
         of each shard, from its index (prepare's sidecar, a cached one, or its headers; remote shards are fetched)."""
-        source_of, frames, kept = [], [], []
+        source_of: list[int] = []
+        frames: list[int] = []
+        kept: list[np.ndarray | None] = []
         fraction = self.mixture.fraction
         store = self._store() if fraction < 1.0 else None
         problems = _Problems(self._counters, f"rank {self.rank} (planning the epoch)")
@@ -452,8 +458,12 @@ class MixtureStream(IterableDataset):
         try:
             for n, t in enumerate(mine):
                 positions = rank_batch_positions(offset, t, self.rank, self.world_size, self.batch_size)
-                reader.prefetch([rank_batch_positions(offset, u, self.rank, self.world_size, self.batch_size)
-                                 for u in mine[n + 1 : n + 3]])
+                reader.prefetch(
+                    [
+                        rank_batch_positions(offset, u, self.rank, self.world_size, self.batch_size)
+                        for u in mine[n + 1 : n + 3]
+                    ]
+                )
                 first = positions[0]
                 batch_seed = int(np.random.SeedSequence([self.seed, epoch, first, 0xA06]).generate_state(1)[0])
                 with _seeded_randomness(batch_seed, restore=main_process):
@@ -633,6 +643,8 @@ class _EpochReader:
         if j in self.bad:
             return None
         _, spec, shard = self.shards[j]
+        if not self.store.is_open(L.join(spec.directory, shard["file"])):
+            self.stream._counters.add("shards_opened")
         entry = _open_shard(self.store, spec, shard, self.problems, f"{spec.name}:{j}")
         if entry is None:
             self._mark_bad(j, source, spec)

@@ -24,6 +24,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ class OpenShard:
 
     file: IO[bytes]
     index: ShardIndex
-    bytes: int
+    size: int
     damage: str | None = None  # why a remote copy is incomplete (a transfer cut mid-way)
 
     def read(self, i: int, extensions: tuple[str, ...]) -> dict[str, bytes]:
@@ -95,11 +96,12 @@ class ShardStore:
                 index = scan_tar(fileobj=f)
                 index.complete = index.complete and damage is None
             else:
-                assert fetched.path is not None
-                f = open(fetched.path, "rb")  # noqa: SIM115 - kept open in the LRU
+                cached = fetched.path
+                assert cached is not None
+                f = open(cached, "rb")  # noqa: SIM115 - kept open in the LRU
                 with contextlib.suppress(OSError):
-                    os.utime(fetched.path)  # recently used: evicted last
-                index = _index_or_close(f, lambda f=f, p=fetched.path: load_index(p, fileobj=f))
+                    os.utime(cached)  # recently used: evicted last
+                index = _index_or_close(f, lambda: load_index(cached, fileobj=f))
         else:
             path = Path(location)
             f = open(path, "rb")  # noqa: SIM115 - kept open in the LRU
@@ -119,7 +121,7 @@ class ShardStore:
             old.file.close()
 
     def _anonymous_bytes(self) -> int:
-        return sum(e.bytes for e in self._open.values() if not _has_name(e.file))
+        return sum(e.size for e in self._open.values() if not _has_name(e.file))
 
     def close(self) -> None:
         for entry in self._open.values():
@@ -260,9 +262,9 @@ def _has_name(f: IO[bytes]) -> bool:
     return isinstance(getattr(f, "name", None), str)
 
 
-def _index_or_close(f: IO[bytes], build: object) -> ShardIndex:
+def _index_or_close(f: IO[bytes], build: Callable[[], ShardIndex]) -> ShardIndex:
     try:
-        return build()  # type: ignore[operator]
+        return build()
     except BaseException:
         f.close()
         raise

@@ -97,7 +97,8 @@ def test_a_worker_keeps_at_most_max_transfers_open_whatever_the_sources(
     for name in names:
         write_source(tmp_path, name, videos=2, frames_per_video=4, shard_max=2)  # 4 shards each, 56 in all
     write_json_atomic(
-        tmp_path / "manifest.json", {"format": "surgenet-ssl/collection", "version": 1, "sources": {n: n for n in names}}
+        tmp_path / "manifest.json",
+        {"format": "surgenet-ssl/collection", "version": 1, "sources": {n: n for n in names}},
     )
     server = _CountingServer(tmp_path)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
