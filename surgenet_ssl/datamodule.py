@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -61,6 +62,31 @@ def loader_options(data_cfg: dict, trainer: pl.Trainer | None) -> dict[str, Any]
     }
 
 
+# data.<key> -> MixtureStream keyword (sampling mode, shuffle and memory/cache/transfer bounds); absent keys keep the
+# stream's defaults. Byte sizes are given in MiB (cache in GiB) in the config.
+_STREAM_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "sampling": ("sampling", str),
+    "shuffle_block": ("shuffle_block", int),
+    "shuffle_buffer_mb": ("shuffle_buffer_bytes", lambda v: int(float(v) * (1 << 20))),
+    "shard_cache_gb": ("shard_cache_bytes", lambda v: int(float(v) * (1 << 30))),
+    "max_open_files": ("max_open_files", int),
+    "max_transfers": ("max_transfers", int),
+    "max_member_mb": ("max_member_bytes", lambda v: int(float(v) * (1 << 20))),
+    "max_image_pixels": ("max_image_pixels", int),
+    "max_consecutive_skips": ("max_consecutive_skips", int),
+}
+
+
+def stream_options(data_cfg: Any) -> dict[str, Any]:
+    """The loader's sampling and bounds from the ``data`` config (see configs/data/default.yaml)."""
+    out = {}
+    for key, (name, convert) in _STREAM_KEYS.items():
+        value = data_cfg.get(key)
+        if value is not None:
+            out[name] = convert(value)
+    return out
+
+
 class StreamPosition:
     """Where the training loop stands in this rank's stream: per loader worker, the batches and stream items used
     up to the last batch the loop consumed (from the ``position`` each batch carries), not what the workers have
@@ -115,7 +141,13 @@ class StreamingDataModule(pl.LightningDataModule):
         per_epoch = int(per_epoch) if per_epoch not in (None, float("inf")) else 1 << 62
         mine = self.position.state(per_epoch, int(self.data_cfg["num_workers"]))
         ranks = gather_from_ranks(mine, trainer.world_size)
-        return {"stream_positions": ranks, "batch_size": int(self.data_cfg["batch_size"]), "seed": self.seed}
+        sampling = str(self.data_cfg.get("sampling") or "epoch")
+        return {
+            "stream_positions": ranks,
+            "batch_size": int(self.data_cfg["batch_size"]),
+            "seed": self.seed,
+            "sampling": sampling,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         positions = state.get("stream_positions") or []
@@ -123,7 +155,26 @@ class StreamingDataModule(pl.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if not positions:
             return
-        if len(positions) != world or int(state.get("batch_size", -1)) != int(self.data_cfg["batch_size"]):
+        same_layout = len(positions) == world and int(state.get("batch_size", -1)) == int(self.data_cfg["batch_size"])
+        if not same_layout and state.get("sampling") == "epoch" == str(self.data_cfg.get("sampling") or "epoch"):
+            # sampling=epoch: the epoch's global order does not depend on the layout; continue it at the position
+            # the interrupted run had reached (every rank had consumed the same number of global batches).
+            first = positions[0]
+            done = max((int(v[1]) for v in (first.get("workers") or {}).values()), default=0)
+            log.info(
+                "the checkpoint's data stream was read by %d ranks with batch size %s; this run has %d ranks and "
+                "batch size %s: epoch %d continues after its first %d frames (no frame repeated or skipped)",
+                len(positions),
+                state.get("batch_size"),
+                world,
+                self.data_cfg["batch_size"],
+                int(first["epoch"]),
+                done,
+            )
+            self._resume = {"epoch": int(first["epoch"]), "epoch_samples": done, "batches": 0, "workers": {}}
+            self.position.epoch = int(first["epoch"])
+            return
+        if not same_layout:
             log.warning(
                 "the checkpoint's data stream was read by %d ranks with batch size %s; this run has %d ranks and "
                 "batch size %s: the data stream continues from the start of epoch %d, not from the exact batch",
@@ -167,6 +218,7 @@ class StreamingDataModule(pl.LightningDataModule):
             steps_per_epoch=self.data_cfg.get("steps_per_epoch"),
             shuffle_buffer=int(self.data_cfg.get("shuffle_buffer", 1000)),
             shard_cache_dir=self.data_cfg.get("shard_cache_dir"),
+            **stream_options(self.data_cfg),
             **loader_options(self.data_cfg, trainer),
             # Lightning builds the first iterator before it restores the epoch counter: a resumed run starts at the
             # saved position (epoch and batch), a new one at epoch 0.

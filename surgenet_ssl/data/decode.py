@@ -19,6 +19,7 @@ transform does not decode itself) and by the augmentation (:func:`decode_frame` 
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
+    "IMAGE_FORMATS",
+    "ImageTooLargeError",
     "as_rgb_array",
     "decode_frame",
     "decode_rgb_image",
@@ -34,8 +37,42 @@ __all__ = [
     "load_rgb_image",
     "open_rgb",
     "reduction_factor",
+    "set_max_pixels",
     "to_rgb",
 ]
+
+# The formats PIL may open: what prepare reads and writes (JPEG; MPO is a JPEG variant of some cameras). Anything
+# else (PSD, EPS through Ghostscript, ...) is refused before a decoder runs on bytes that came from elsewhere.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP")
+# Decoded pixels at most (width x height): a 12000 x 12000 RGBA PNG of 0.56 MB would decode to 576 MB (and PIL's
+# conversions copy it): refused from its header, before decoding. The loader sets it from data.max_image_pixels.
+_MAX_PIXELS = [64_000_000]
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """The allowed formats this PIL build has (MPO, WEBP may be missing)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header announces more pixels than allowed (refused before decoding)."""
+
+
+def set_max_pixels(limit: int | None) -> None:
+    """Refuse images over ``limit`` pixels in this process (None or <= 0: no limit)."""
+    _MAX_PIXELS[0] = int(limit) if limit and int(limit) > 0 else 0
+
+
+def _check_pixels(width: int, height: int) -> None:
+    limit = _MAX_PIXELS[0]
+    if limit and width * height > limit:
+        raise ImageTooLargeError(
+            f"image of {width} x {height} = {width * height} pixels is over the limit of {limit} "
+            "(data.max_image_pixels); skipped before decoding"
+        )
+
 
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic): they carry the size.
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
@@ -115,7 +152,8 @@ def as_rgb_array(image: Any) -> tuple[np.ndarray, bool]:
 def open_rgb(data: bytes | Path | str) -> tuple[Image.Image, bool]:
     """Encoded image (bytes) or image file (path) -> (RGB PIL image, converted), decoded by PIL. Raises on corrupt
     data."""
-    img = Image.open(io.BytesIO(data) if isinstance(data, _BYTES_LIKE) else data)
+    img = Image.open(io.BytesIO(data) if isinstance(data, _BYTES_LIKE) else data, formats=_formats())
+    _check_pixels(*img.size)  # from the header: nothing decoded yet
     img.load()
     return to_rgb(img)
 
@@ -137,6 +175,7 @@ def decode_frame(data: bytes, min_short: int = 0) -> tuple[np.ndarray, bool]:
     # OpenCV fast path for complete 3-channel JPEGs. A truncated file (no end marker) goes to PIL, which raises
     # instead of returning a grey-padded frame, so the loader counts it as corrupt.
     if info is not None and info[2] == 3 and data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
+        _check_pixels(info[1], info[0])
         factor = reduction_factor(info[0], info[1], min_short)
         flag = {
             1: cv2.IMREAD_COLOR,

@@ -81,6 +81,7 @@ class ResolvedMixture:
     fraction: float
     sources: list[SourceSpec]
     missing: list[MissingSource] = field(default_factory=list)
+    weighted: bool = False  # weights were given (False: proportional to frames, i.e. every frame once per epoch)
 
     @property
     def total_frames(self) -> int:
@@ -306,7 +307,7 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
         s.weight = w / total
         if s.expected_frames == 0:
             log.warning("source %s: %d frames x fraction %g rounds to 0 frames", s.name, s.frames, fraction)
-    return ResolvedMixture(name=name, fraction=fraction, sources=present, missing=missing)
+    return ResolvedMixture(name=name, fraction=fraction, sources=present, missing=missing, weighted=bool(given))
 
 
 def _no_sources_message(base: L.Location, why: str | None = None) -> str:

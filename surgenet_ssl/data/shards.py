@@ -4,6 +4,7 @@ Layout of one prepared source directory::
 
     <data_root>/<source>/manifest.json          what the loader reads (shards, frame counts, sha256, settings)
     <data_root>/<source>/shards/<video>-00000.tar   WebDataset tar: <key>.jpg + <key>.json per frame
+    <data_root>/<source>/shards/<video>-00000.tar.idx.json   its index (byte offsets of the members; optional)
     <data_root>/<source>/.state/<video>.json     per-video completion records (resumability; not read by the loader)
 
 The loader also reads such a directory from a URL (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see
@@ -36,6 +37,7 @@ from typing import Any
 
 from surgenet_ssl.data import location as L
 from surgenet_ssl.data.manifest_schema import MAX_MANIFEST_BYTES, ManifestError, ManifestSchemaError, validate_manifest
+from surgenet_ssl.data.shard_index import write_index
 from surgenet_ssl.io_utils import atomic_path, sha256_file
 
 __all__ = [
@@ -172,6 +174,7 @@ class ShardWriter:
             os.fsync(f.fileno())
         final = self._final
         os.replace(self._tmp, final)
+        write_index(final)  # <shard>.idx.json: where each frame is, for the loader's random access
         self.finished.append(
             ShardInfo(
                 file=final.relative_to(self.root).as_posix(),

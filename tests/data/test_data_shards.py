@@ -23,7 +23,9 @@ def test_writer_splits_renames_and_checksums(tmp_path: Path) -> None:
     shards = _write(tmp_path, 10, max_frames=4)
     assert [s.file for s in shards] == ["shards/vid-00000.tar", "shards/vid-00001.tar", "shards/vid-00002.tar"]
     assert [s.frames for s in shards] == [4, 4, 2]
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [Path(s.file).name for s in shards]  # no tmp
+    names = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    assert names == sorted([Path(s.file).name for s in shards] + [f"{Path(s.file).name}.idx.json" for s in shards])
+    # (each shard and its index, no temporary file)
     for s in shards:
         assert s.sha256 == sha256_file(tmp_path / s.file) and s.bytes == (tmp_path / s.file).stat().st_size
     with tarfile.open(tmp_path / shards[0].file) as t:
