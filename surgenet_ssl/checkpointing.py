@@ -21,6 +21,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from surgenet_ssl.io_utils import atomic_path
 from surgenet_ssl.models.weights import refuses_pickled_objects
+from surgenet_ssl.storage_errors import as_storage_error
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,14 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` through a temp file in the same directory (fsync, rename): readers see the old
     file or the whole new one, never a part; a failure leaves the old file untouched and no temp file behind."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as err:  # torch.save says "unexpected pos ..." when the disk fills
+        storage = as_storage_error(err, path)
+        if storage is None:
+            raise
+        raise storage from err
     _fsync_dir(Path(path).parent)
 
 

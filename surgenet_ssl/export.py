@@ -68,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - the disk: one message; anything else: re-raised
+        from surgenet_ssl.storage_errors import write_failure_message
+
+        storage = write_failure_message(err, output / "export")
+        if storage is None:
+            raise
+        print(f"error: {storage}", file=sys.stderr)
+        return 1
     for p in paths.values():
         print(p)
     print(f"export_dir={output}")

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from surgenet_ssl.data.sources import PRESETS, SOURCES, Preset, canonical_source_name, get_source
+from surgenet_ssl.storage_errors import RunDirFileHandler, storage_error_message, write_failure_message
 
 log = logging.getLogger("surgenet_ssl.prepare")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -88,7 +89,7 @@ def run(cfg: DictConfig) -> int:
         frame_list=str(Path(str(cfg.frame_list)).expanduser()) if cfg.frame_list else None,
     )
     output.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(output / "prepare.log")
+    handler = RunDirFileHandler(str(output / "prepare.log"))  # finished read-only data: console only, no failure
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     inputs = [str(p) for p in cfg.input] if OmegaConf.is_list(cfg.input) else [str(cfg.input)]
@@ -118,7 +119,18 @@ def run(cfg: DictConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    if run(cfg) == 0:
+    try:
+        frames = run(cfg)
+    except (OSError, RuntimeError) as err:
+        # a full, read-only or forbidden disk: the path and the fix
+        storage = write_failure_message(err, Path(str(cfg.output)).expanduser() / "x") if cfg.output else None
+        storage = storage or storage_error_message(err)
+        if storage is None:
+            raise
+        log.debug("traceback", exc_info=True)
+        log.error("%s", storage)
+        sys.exit(1)
+    if frames == 0:
         # Every input was unreadable or empty: say so with a failing exit code (a 0-frame source cannot train).
         log.error(
             "no frame could be prepared from %s: check the warnings above (unreadable or empty inputs)", cfg.input

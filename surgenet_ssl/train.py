@@ -11,6 +11,7 @@ import copy
 import datetime
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -26,6 +27,7 @@ from surgenet_ssl.cluster import PREEMPTION, RunDirInUseError, RunDirLock, Train
 from surgenet_ssl.data.mixture import check_dataset_config
 from surgenet_ssl.io_utils import write_text_atomic
 from surgenet_ssl.resources import apply_torch_threads, auto_workers, no_gpu_before_torch, usable_cpus
+from surgenet_ssl.storage_errors import storage_error_message, write_failure_message
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -367,6 +369,17 @@ def build_plugins(user_plugins) -> list:
     return plugins
 
 
+def _close_loggers() -> None:
+    """Finish wandb before the last message (its teardown on a full disk would print after it)."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1)
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
@@ -379,9 +392,29 @@ def main(cfg: DictConfig) -> None:
         return
     except (FloatingPointError, ValueError, FileNotFoundError, RunDirInUseError) as err:
         # Bad input and diverged runs end with their one clear message; the traceback goes to the log file.
+        storage = storage_error_message(err)
         log.debug("traceback", exc_info=True)
-        log.error("%s", err)
+        log.error("%s", storage or err)
         sys.exit(1)
+    except (OSError, RuntimeError) as err:
+        # a full, read-only or forbidden disk: the path and the fix (torch.save's own errors on a full run dir too)
+        storage = write_failure_message(err, Path(cfg.paths.output_dir) / "checkpoints" / "x")
+        if storage is None:
+            raise
+        log.debug("traceback", exc_info=True)
+        logging.raiseExceptions = False  # log handlers writing to the full disk (wandb's too) stay silent
+        _close_loggers()
+        log.error("%s", storage)
+        sys.exit(1)
+    except SystemExit as stop:
+        if type(stop).__name__ != "SIGTERMException":  # Lightning's: SIGTERM stopped training (exit status 0)
+            raise
+        log.error(
+            "training stopped early: SIGTERM received (not the SLURM preemption signal, which checkpoints and "
+            "requeues). Rerun the same command to resume from the newest checkpoint in %s.",
+            Path(cfg.paths.output_dir) / "checkpoints",
+        )
+        sys.exit(128 + signal.SIGTERM)
     if is_global_zero:
         print(f"export_dir={export_dir}")
 
