@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, cast
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from surgenet_ssl.config_dirs import CONFIG_DIR
+
 # torch and surgenet_ssl.evaluation (torchvision, sklearn, matplotlib) take seconds to import: they are imported
 # inside the functions that use them, so that `--cfg job`, Hydra's errors and missing settings answer at once.
 if TYPE_CHECKING:
@@ -304,7 +306,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         results = evaluate(cfg)

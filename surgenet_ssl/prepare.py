@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.data.sources import SOURCES, canonical_source_name, get_source
 
 log = logging.getLogger("surgenet_ssl.prepare")
@@ -89,7 +90,7 @@ def run(cfg: DictConfig) -> int:
     return summary.frames_total
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")
 def main(cfg: DictConfig) -> None:
     if run(cfg) == 0:
         # Every input was unreadable or empty: say so with a failing exit code (a 0-frame source cannot train).
