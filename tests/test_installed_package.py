@@ -21,7 +21,19 @@ VERSION = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text()
 HYDRA_ENTRY_POINTS = ["train", "prepare", "evaluate", "finetune"]  # `--cfg job` composes their configs
 PLAIN_ENTRY_POINTS = ["export", "report", "datasets"]  # a plain command line: `--help`
 
-pytestmark = pytest.mark.slow
+
+def test_each_entry_point_has_its_console_script():
+    """pyproject's [project.scripts]: ``surgenet-ssl-<name> = surgenet_ssl.<name>:main`` for every entry point (a fast
+    check of the table; the slow tests below run the installed scripts)."""
+    table = (REPO / "pyproject.toml").read_text().split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    scripts = dict(re.findall(r'^(surgenet-ssl-\S+) = "(.+)"$', table, re.M))
+    assert scripts == {f"surgenet-ssl-{n}": f"surgenet_ssl.{n}:main" for n in HYDRA_ENTRY_POINTS + PLAIN_ENTRY_POINTS}
+    runnable = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts) + ":main"
+        for p in (REPO / "surgenet_ssl").rglob("*.py")
+        if 'if __name__ == "__main__"' in p.read_text()
+    }
+    assert runnable == set(scripts.values())  # a new entry point needs its console script too
 
 
 class Venv:
@@ -79,6 +91,7 @@ def venv(tmp_path_factory, demo_cache) -> Venv:
     return env
 
 
+@pytest.mark.slow
 def test_the_wheel_not_the_checkout_is_imported(venv):
     code = (
         "import sys, surgenet_ssl; from surgenet_ssl.config_dirs import CONFIG_DIR; "
@@ -92,6 +105,7 @@ def test_the_wheel_not_the_checkout_is_imported(venv):
     assert str(REPO) not in path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", HYDRA_ENTRY_POINTS + PLAIN_ENTRY_POINTS)
 def test_every_entry_point_answers_as_module_and_console_script(venv, name):
     args = ["--cfg", "job"] if name in HYDRA_ENTRY_POINTS else ["--help"]
@@ -104,12 +118,14 @@ def test_every_entry_point_answers_as_module_and_console_script(venv, name):
         assert f"python -m surgenet_ssl.{name}" in as_module  # its usage
 
 
+@pytest.mark.slow
 def test_datasets_reads_the_packaged_prepare_config(venv):
     out = venv.run(venv.bin / "surgenet-ssl-datasets", "mixture=small").stdout
     assert f"paths.data_root = {Path('data')}" in out  # ./data of the working directory (configs/paths)
     assert "small:" in out
 
 
+@pytest.mark.slow
 def test_two_step_demo_training_and_export_from_an_empty_directory(venv):
     before = venv.files()
     train = venv.run(
