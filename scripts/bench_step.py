@@ -42,7 +42,7 @@ from surgenet_ssl.recipe import dino_recipe
 
 
 def dino_cfg(args: argparse.Namespace) -> dict:
-    """configs/dino/default.yaml with this run's sizes."""
+    """surgenet_ssl/configs/dino/default.yaml with this run's sizes."""
     return dino_recipe(
         **{
             "out_dim": args.out_dim,

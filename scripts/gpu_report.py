@@ -54,7 +54,7 @@ from surgenet_ssl.module import DINOModule
 from surgenet_ssl.recipe import dino_recipe
 
 OFF = {"compile": False, "channels_last": False, "fused_adamw": False, "cudnn_benchmark": False}
-# the training defaults (configs/train.yaml performance:), with compile switched by the matrix
+# the training defaults (surgenet_ssl/configs/train.yaml performance:), with compile switched by the matrix
 TRAIN_PERF = {"compile": False, "channels_last": False, "fused_adamw": True, "cudnn_benchmark": True}
 # cumulative: each variant adds one thing to the previous one -> (uint8 crops, performance options)
 VARIANTS: dict[str, tuple[bool, dict[str, Any]]] = {
@@ -73,7 +73,7 @@ OVER_BUDGET = "skipped (time budget)"
 
 
 def dino_cfg(args: argparse.Namespace) -> dict:
-    """configs/dino/default.yaml with this run's sizes."""
+    """surgenet_ssl/configs/dino/default.yaml with this run's sizes."""
     return dino_recipe(
         **{
             "out_dim": args.out_dim,
@@ -88,8 +88,8 @@ def dino_cfg(args: argparse.Namespace) -> dict:
 
 
 def backbone_cfg(name: str) -> dict:
-    """configs/backbone/<name>.yaml for the SurgeNet backbones (vit_small: timm's ViT-S/16 with dynamic image size,
-    built by the registry), else ``backbone=timm backbone.timm_name=<name>``."""
+    """surgenet_ssl/configs/backbone/<name>.yaml for the SurgeNet backbones (vit_small: timm's ViT-S/16 with dynamic
+    image size, built by the registry), else ``backbone=timm backbone.timm_name=<name>``."""
     if name in BACKBONES:
         return {"name": name, "timm_name": None, "drop_path_rate": 0.1}
     return {"name": "timm", "timm_name": name, "drop_path_rate": 0.1}

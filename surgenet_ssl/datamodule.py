@@ -78,7 +78,7 @@ _STREAM_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 
 
 def stream_options(data_cfg: Any) -> dict[str, Any]:
-    """The loader's sampling and bounds from the ``data`` config (see configs/data/default.yaml)."""
+    """The loader's sampling and bounds from the ``data`` config (see surgenet_ssl/configs/data/default.yaml)."""
     out = {}
     for key, (name, convert) in _STREAM_KEYS.items():
         value = data_cfg.get(key)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, cast
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from surgenet_ssl.config_dirs import CONFIG_DIR
+
 # torch and surgenet_ssl.evaluation (torchvision, sklearn, matplotlib) take seconds to import: they are imported
 # inside the functions that use them, so that `--cfg job`, Hydra's errors and missing settings answer at once.
 if TYPE_CHECKING:
@@ -167,7 +169,7 @@ def _with_batch_norm_statistics(model: Any, train_set: Any, loader_kw: dict[str,
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the whole evaluation described by ``cfg`` (see configs/evaluate.yaml); returns the results dict."""
+    """Run the whole evaluation described by ``cfg`` (see surgenet_ssl/configs/evaluate.yaml); returns the results dict."""
     missing = [key for key in ("weights", "data.train", "data.val") if _is_missing(cfg, key)]
     if missing:
         raise ValueError(
@@ -304,7 +306,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         results = evaluate(cfg)

@@ -4,7 +4,7 @@
     python -m surgenet_ssl.finetune task=classification task.mode=linear weights=PATH data.train=CSV data.val=CSV
     python -m surgenet_ssl.finetune task=segmentation  # the demo: labelled demo cases, demo teacher vs random init
 
-Thin Hydra entry point around :func:`surgenet_ssl.downstream.runner.run_finetune` (``configs/finetune.yaml``):
+Thin Hydra entry point around :func:`surgenet_ssl.downstream.runner.run_finetune` (``surgenet_ssl/configs/finetune.yaml``):
 fine-tunes an FPN (segmentation) or a classifier for every weights variant and seed, writes ``results.json`` (mean
 and std over seeds), CSV/wandb logs per run and overlay PNGs, prints a comparison table and, last,
 ``<metric>=<mean of the first variant>``. Bad input ends with a one-paragraph error and exit status 1.
@@ -19,6 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.resources import auto_workers
 
 log = logging.getLogger("surgenet_ssl.finetune")
@@ -42,7 +43,7 @@ for _name, _function in (("surgenet.auto_precision", "auto_precision"), ("surgen
         OmegaConf.register_new_resolver(_name, _from_train(_function), replace=True)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="finetune")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="finetune")
 def main(cfg: DictConfig) -> None:
     # Imported here, not at the top: it imports torch, torchvision and sklearn (seconds), which `--cfg job` and
     # Hydra's errors for a bad override do not need.

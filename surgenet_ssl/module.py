@@ -79,7 +79,7 @@ class DINOModule(pl.LightningModule):
 
     Args:
         backbone: the ``backbone`` config group as a dict (``name``, ``timm_name``, ``drop_path_rate``, ...).
-        dino: the ``dino`` recipe config group as a dict (see ``configs/dino/default.yaml``), checked into
+        dino: the ``dino`` recipe config group as a dict (see ``surgenet_ssl/configs/dino/default.yaml``), checked into
             ``self.recipe`` (a :class:`~surgenet_ssl.dino.recipe.DinoRecipe`) at once; a ``DinoRecipe`` is also
             accepted. The hyperparameters saved in checkpoints keep the plain dict.
         batch_size: per-device batch size, used with world size and accumulation to scale the lr.

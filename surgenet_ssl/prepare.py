@@ -2,7 +2,7 @@
 
 ``input=[DIR1,DIR2]`` feeds one source from several locations; a later run with another input adds to it.
 
-Thin Hydra entry point around :func:`surgenet_ssl.data.preparation.prepare_source` (configs/prepare.yaml).
+Thin Hydra entry point around :func:`surgenet_ssl.data.preparation.prepare_source` (surgenet_ssl/configs/prepare.yaml).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.data.sources import PRESETS, SOURCES, Preset, canonical_source_name, get_source
 from surgenet_ssl.storage_errors import RunDirFileHandler, storage_error_message, write_failure_message
 
@@ -117,7 +118,7 @@ def run(cfg: DictConfig) -> int:
     return summary.frames_total
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")
 def main(cfg: DictConfig) -> None:
     try:
         frames = run(cfg)

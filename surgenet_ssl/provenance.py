@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from surgenet_ssl import __version__
+
 __all__ = ["git_commit", "run_provenance"]
 
 
@@ -46,6 +48,17 @@ def _module_of(script: str) -> str | None:
     return ".".join(rel.with_suffix("").parts) if path.suffix == ".py" else None
 
 
+def _program(argv0: str) -> list[str]:
+    """The command that started this process, as a user would type it again: ``python -m surgenet_ssl.train`` or
+    the console script ``surgenet-ssl-train`` (pyproject ``[project.scripts]``), else ``python <script>``."""
+    module = _module_of(argv0) if argv0 else None
+    if module:
+        return ["python", "-m", module]
+    if Path(argv0).name.startswith("surgenet-ssl-"):
+        return [Path(argv0).name]  # on PATH wherever the package is installed
+    return ["python", argv0] if argv0 else ["python"]
+
+
 def run_provenance() -> dict[str, Any]:
     """How this run was started, for the model card: a copy-pasteable ``command``, Hydra's task ``overrides`` and
     the ``git_commit`` of the code. In a Hydra multirun job the command is the job's own (its overrides)."""
@@ -60,18 +73,10 @@ def run_provenance() -> dict[str, Any]:
             multirun = str(hydra_cfg.mode).endswith("MULTIRUN")
     except Exception:  # noqa: BLE001 - provenance is best effort
         pass
-    module = _module_of(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    program = ["python", "-m", module] if module else ["python", *sys.argv[:1]]
     args = overrides if multirun else sys.argv[1:]
-    try:
-        from importlib.metadata import version
-
-        package_version = version("surgenet-ssl")
-    except Exception:  # noqa: BLE001 - not installed as a distribution
-        package_version = "unknown"
     return {
-        "command": shlex.join(program + list(args)),
+        "command": shlex.join(_program(sys.argv[0] if sys.argv else "") + list(args)),
         "overrides": overrides,
         "git_commit": git_commit(),
-        "version": package_version,
+        "version": __version__,
     }

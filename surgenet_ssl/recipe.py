@@ -1,17 +1,17 @@
-"""The DINO recipe of ``configs/dino/default.yaml`` as a plain dict, for code that builds a ``DINOModule`` without
-Hydra (benchmark scripts): one source of the recipe's values instead of copies that drift. Its typed, checked form
-is :class:`surgenet_ssl.dino.recipe.DinoRecipe`."""
+"""The DINO recipe of ``surgenet_ssl/configs/dino/default.yaml`` as a plain dict, for code that builds a
+``DINOModule`` without Hydra (benchmark scripts): one source of the recipe's values instead of copies that drift. Its
+typed, checked form is :class:`surgenet_ssl.dino.recipe.DinoRecipe`."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.dino.recipe import DinoRecipe
 
-DINO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "dino" / "default.yaml"
+DINO_RECIPE = CONFIG_DIR / "dino" / "default.yaml"
 
 
 def dino_recipe(**overrides: Any) -> dict[str, Any]:

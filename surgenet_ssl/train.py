@@ -1,6 +1,6 @@
 """``python -m surgenet_ssl.train [group=option ...] [key=value ...]``: DINO pretraining.
 
-Thin Hydra entry point: composes ``configs/train.yaml``, builds the LightningModule, data module, callbacks and
+Thin Hydra entry point: composes ``surgenet_ssl/configs/train.yaml``, builds the LightningModule, data module, callbacks and
 loggers from it, resumes from the run dir's newest checkpoint if there is one, trains, exports the teacher and
 prints the export directory on the last line.
 """
@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 # (Hydra's "Available options"), a missing required value and a dataset config mistake then fail or print without
 # paying for them.
 from surgenet_ssl.cluster import PREEMPTION, RunDirInUseError, RunDirLock, TrainingPreempted, is_global_rank_zero
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.data.mixture import check_dataset_config
 from surgenet_ssl.io_utils import write_text_atomic
 from surgenet_ssl.resources import apply_torch_threads, auto_workers, no_gpu_before_torch, usable_cpus
@@ -380,7 +381,7 @@ def _close_loggers() -> None:
         pass
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         export_dir, is_global_zero = run(cfg)

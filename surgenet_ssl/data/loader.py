@@ -853,7 +853,7 @@ def build_train_loader(
     ``pin_memory`` (for CUDA training: page-locked batches, asynchronous copies), ``persistent_workers`` (workers
     kept between epochs; the epoch still reseeds them) and ``prefetch_factor`` are passed to the DataLoader.
     ``options``: the other keyword arguments of :class:`MixtureStream` (``sampling``, ``shuffle_block``, the
-    memory, cache and transfer bounds; see configs/data/default.yaml).
+    memory, cache and transfer bounds; see surgenet_ssl/configs/data/default.yaml).
     """
     mixture = resolve_mixture(dataset_cfg, data_root)
     stream = MixtureStream(

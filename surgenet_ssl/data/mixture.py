@@ -1,6 +1,6 @@
 """Resolve a ``dataset`` config into prepared sources with sampling weights, reading manifests only.
 
-Config schema (configs/dataset/*.yaml)::
+Config schema (surgenet_ssl/configs/dataset/*.yaml)::
 
     name: cholec                 # used in run and export names
     sources:                     # source -> sampling weight; null = proportional to its frames

@@ -11,7 +11,7 @@ completion record in ``.state/``. The manifest is rebuilt from those records, so
   summary and in the manifest (``skipped``).
 
 Frames are stored downscaled to ``resize_short`` (default 320 px on the shorter side) as JPEG; see
-configs/prepare.yaml for why.
+surgenet_ssl/configs/prepare.yaml for why.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The DINO recipe (``configs/dino/*.yaml``, the ``dino`` config group) as frozen, checked dataclasses.
+"""The DINO recipe (``surgenet_ssl/configs/dino/*.yaml``, the ``dino`` config group) as frozen, checked dataclasses.
 
 Built once at start from the config dict with :meth:`DinoRecipe.from_dict`: a misspelt key fails with its path and
 the closest valid name (``dino.optimizer.freeze_last_layr`` -> ``dino.optimizer.freeze_last_layer``), a wrong type

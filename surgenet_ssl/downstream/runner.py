@@ -1,4 +1,4 @@
-"""``python -m surgenet_ssl.finetune``: the whole downstream run described by ``configs/finetune.yaml``.
+"""``python -m surgenet_ssl.finetune``: the whole downstream run described by ``surgenet_ssl/configs/finetune.yaml``.
 
 For every weights variant (the given weights and, on request, a random-init baseline) and every seed: build the
 FPN / classifier through the one weight loader, fine-tune with Lightning (DDP and mixed precision like training),

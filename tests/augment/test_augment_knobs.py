@@ -3,8 +3,6 @@ start, and every path uses them: fast and official CPU backends and the GPU augm
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,18 +10,18 @@ from hydra import compose, initialize_config_dir
 from PIL import Image, ImageOps
 
 from augment.helpers import smooth_image
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.data import augment as A
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 from surgenet_ssl.datamodule import build_augmentation
 
-REPO = Path(__file__).resolve().parents[2]
 OFF = {"flip": 0.0, "jitter": 0.0, "gray": 0.0, "blur": (0.0, 0.0, 0.0), "solarize": 0.0}
 FULL = {"global_crops_scale": (1.0, 1.0), "local_crops_scale": (1.0, 1.0), "local_crops_number": 1}
 MEAN, STD = torch.tensor(A.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(A.IMAGENET_STD).view(3, 1, 1)
 
 
 def _crops_cfg(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     from omegaconf import OmegaConf
 

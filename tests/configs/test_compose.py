@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import surgenet_ssl.train  # noqa: F401  (registers the config resolvers)
+from surgenet_ssl.config_dirs import CONFIG_DIR
 
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
+CONFIGS = str(CONFIG_DIR)
 EXPERIMENTS = {
     "dataset_scaling": ("dataset", ["small", "public", "surgenet", "surgenetxl"]),
     "dataset_fraction": ("dataset.fraction", ["0.1", "0.25", "0.5", "1.0"]),

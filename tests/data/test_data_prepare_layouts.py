@@ -18,6 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from data.data_media import tiny_jpeg, write_video
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.data import inputs as I
 from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, Selection, prepare_source
 from surgenet_ssl.data.shards import iter_shard
@@ -59,7 +60,7 @@ def run_cli(tmp_path: Path, *overrides: str) -> tuple[int, Path]:
     """``python -m surgenet_ssl.prepare <overrides>`` in this process (the registry presets apply as on the CLI)."""
     from surgenet_ssl.prepare import run
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs"), job_name="prepare_test"):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="prepare_test"):
         cfg = compose(
             config_name="prepare",
             overrides=[*overrides, f"paths.data_root={tmp_path / 'root'}", "progress=false", "workers=0"],

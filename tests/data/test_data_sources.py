@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.data.sources import (
     MIXTURES,
     SOURCES,
@@ -15,7 +14,7 @@ from surgenet_ssl.data.sources import (
     mixture_sources,
 )
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = CONFIG_DIR
 
 # Section 2 of SURGENET.md, typed in by hand (not computed from the registry).
 PUBLISHED_TOTALS = {

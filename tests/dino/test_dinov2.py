@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.backbones import build_backbone
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.dino import DINOLoss
 from surgenet_ssl.dino.dinov2 import (
     IBOTPatchLoss,
@@ -279,11 +280,10 @@ def test_two_ranks_with_different_row_counts_match_one_process():
 
 def test_dinov2_recipe_composes_with_the_dinov2_values_and_default_is_off():
     """The full recipe (a real mixture) has every DINOv2 option off; the demo's small-data preset adds KoLeo only."""
-    from pathlib import Path
 
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         v2 = compose("train", overrides=["dataset=surgenetxl", "dino=dinov2"]).dino.loss
         v1 = compose("train", overrides=["dataset=surgenetxl"]).dino.loss
         demo = compose("train").dino.loss

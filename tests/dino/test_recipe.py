@@ -14,10 +14,11 @@ from omegaconf import OmegaConf
 import surgenet_ssl.train  # noqa: F401  (registers the config resolvers)
 from support.tiny_training import TINY_BACKBONE, tiny_dino
 from surgenet_ssl.config_checks import ConfigError
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.dino.recipe import DinoRecipe, LossRecipe
 from surgenet_ssl.recipe import dino_recipe
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = CONFIG_DIR
 
 
 def _composed_dino(*overrides: str) -> dict:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 import surgenet_ssl.train  # noqa: F401 - config resolvers
 from downstream.helpers import fake_pretraining_run, save_timm_teacher
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.downstream.module import lr_factor
 from surgenet_ssl.downstream.runner import (
     aggregate_runs,
@@ -21,7 +22,6 @@ from surgenet_ssl.downstream.runner import (
     run_finetune,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "backbone=timm",
     "backbone.timm_name=test_convnext",
@@ -38,7 +38,7 @@ TINY = [
 
 
 def _cfg(output: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("finetune", overrides=[*TINY, f"output={output}", f"paths.output_dir={output}", *overrides])
     OmegaConf.set_struct(cfg, False)
     return cfg

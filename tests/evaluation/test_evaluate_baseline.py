@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 
 from evaluation.helpers import make_image_folder
 from surgenet_ssl.backbones import build_backbone
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.evaluate import baseline_mode, evaluate
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "backbone=timm",
     "backbone.timm_name=test_resnet",
@@ -39,7 +39,7 @@ def folders(tmp_path_factory) -> Path:
 
 
 def _cfg(root: Path, out: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(
             "evaluate",
             overrides=[f"output={out}", f"data.train={root / 'train'}", f"data.val={root / 'val'}", *TINY, *overrides],

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from backbones.surgenet_keyfile import surgenet_keys
 from evaluation.helpers import make_image_folder
 from surgenet_ssl.backbones import build_backbone
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.evaluate import build_model, evaluate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,7 +108,7 @@ def test_cli_weights_for_another_backbone_is_a_short_error(folders, tmp_path):
 
 
 def _cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("evaluate", overrides=[f"output={tmp_path / 'out'}", *overrides])
 
 

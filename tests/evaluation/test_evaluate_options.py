@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from evaluation.helpers import make_image_folder
 from support.tiny_training import tiny_dino
 from surgenet_ssl import evaluate as evaluate_mod
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.module import DINOModule
 
-REPO = Path(__file__).resolve().parents[2]
 # A ViT with register tokens and a dynamic image size: options that change the weights / what the model accepts.
 VIT_OPTIONS = {
     "name": "timm",
@@ -26,7 +26,7 @@ VIT_OPTIONS = {
 
 
 def _cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("evaluate", overrides=[f"output={tmp_path / 'out'}", *overrides])
 
 

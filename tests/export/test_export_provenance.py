@@ -15,12 +15,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import surgenet_ssl
 from evaluation.helpers import make_image_folder
 from support.tiny_training import crop_batches, tiny_dino
 from surgenet_ssl import export as export_mod
 from surgenet_ssl import provenance, teacher_export
 from surgenet_ssl.callbacks import TeacherExport
 from surgenet_ssl.callbacks.knn_monitor import KNNMonitor
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.module import DINOModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,12 +137,19 @@ def test_run_provenance_from_argv(monkeypatch):
     assert prov["git_commit"] == provenance.git_commit()
 
 
+def test_run_provenance_of_a_console_script_and_the_package_version(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/surgenet-ssl-train", "dataset=cholec"])
+    prov = provenance.run_provenance()
+    assert prov["command"] == "surgenet-ssl-train dataset=cholec"
+    assert prov["version"] == surgenet_ssl.__version__ != ""
+
+
 def test_run_provenance_under_hydra_lists_task_overrides(monkeypatch):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     monkeypatch.setattr(sys, "argv", [str(REPO / "surgenet_ssl" / "train.py"), "dataset=cholec", "seed=3"])
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["dataset=cholec", "seed=3"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -19,9 +18,8 @@ from support.cli import run_module
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl import resources
 from surgenet_ssl import train as train_mod
+from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.module import DINOModule
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -71,7 +69,7 @@ def test_slurm_task_bound_to_its_own_cores_does_not_share_them(machine, monkeypa
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=list(overrides))
 
 
@@ -203,7 +201,7 @@ def test_benign_lightning_warnings_are_silenced(tmp_path, monkeypatch):
 def test_wandb_logger_does_not_trigger_the_anonymous_deprecation_warning(tmp_path, capfd, monkeypatch):
     from surgenet_ssl.loggers import WandbLogger
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train")
     assert cfg.logger.wandb._target_ == "surgenet_ssl.loggers.WandbLogger"
     monkeypatch.setenv("WANDB_MODE", "offline")
