@@ -169,7 +169,7 @@ def _with_batch_norm_statistics(model: Any, train_set: Any, loader_kw: dict[str,
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the whole evaluation described by ``cfg`` (see surgenet_ssl/configs/evaluate.yaml); returns the results dict."""
+    """Run the whole evaluation described by ``cfg`` (surgenet_ssl/configs/evaluate.yaml); returns the results."""
     missing = [key for key in ("weights", "data.train", "data.val") if _is_missing(cfg, key)]
     if missing:
         raise ValueError(

@@ -4,7 +4,7 @@
     python -m surgenet_ssl.finetune task=classification task.mode=linear weights=PATH data.train=CSV data.val=CSV
     python -m surgenet_ssl.finetune task=segmentation  # the demo: labelled demo cases, demo teacher vs random init
 
-Thin Hydra entry point around :func:`surgenet_ssl.downstream.runner.run_finetune` (``surgenet_ssl/configs/finetune.yaml``):
+Thin Hydra entry point around :func:`surgenet_ssl.downstream.runner.run_finetune` (``configs/finetune.yaml``):
 fine-tunes an FPN (segmentation) or a classifier for every weights variant and seed, writes ``results.json`` (mean
 and std over seeds), CSV/wandb logs per run and overlay PNGs, prints a comparison table and, last,
 ``<metric>=<mean of the first variant>``. Bad input ends with a one-paragraph error and exit status 1.

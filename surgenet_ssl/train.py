@@ -1,6 +1,6 @@
 """``python -m surgenet_ssl.train [group=option ...] [key=value ...]``: DINO pretraining.
 
-Thin Hydra entry point: composes ``surgenet_ssl/configs/train.yaml``, builds the LightningModule, data module, callbacks and
+Thin Hydra entry point: composes ``configs/train.yaml``, builds the LightningModule, data module, callbacks and
 loggers from it, resumes from the run dir's newest checkpoint if there is one, trains, exports the teacher and
 prints the export directory on the last line.
 """

@@ -1,6 +1,6 @@
 """LightningModule for downstream fine-tuning: FPN segmentation and frame classification (single / multi-label).
 
-The recipe (``surgenet_ssl/configs/finetune.yaml`` ``optim.*``): AdamW with two parameter groups per learning rate (no weight
+The recipe (``configs/finetune.yaml`` ``optim.*``): AdamW with two parameter groups per learning rate (no weight
 decay on biases and norms), the backbone at ``lr x backbone_lr_mult``, a linear warmup then a poly or cosine
 decay per optimizer step. ``mode=linear`` freezes the backbone (and keeps its norms in eval mode): only the
 classifier / decoder learns.
