@@ -368,6 +368,8 @@ def process_unit(
             record.update(
                 backend=report.backend, video_fps=report.video_fps, video_frames=report.num_frames, step=report.step
             )
+            if report.rotation or report.pixel_aspect != 1.0:  # what was done to show the frames as displayed
+                record.update(rotation=report.rotation, pixel_aspect=round(report.pixel_aspect, 6))
             record["warnings"] += [f"{unit.input}: {w}" for w in report.warnings]
             if unit.indices is not None and frames < len(unit.indices):
                 record["warnings"].append(
