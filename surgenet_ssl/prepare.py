@@ -102,6 +102,7 @@ def run(cfg: DictConfig) -> int:
             overwrite=bool(cfg.overwrite),
             input_prefix=bool(cfg.input_prefix),
             select=select,
+            verify=bool(cfg.get("verify", True)),
         )
     except PrepareError as e:
         _fail(str(e))

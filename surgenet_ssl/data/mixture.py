@@ -317,6 +317,8 @@ def _no_sources_message(base: L.Location, why: str | None = None) -> str:
             "cannot be listed). Check the URL, or name the sources with dataset.sources."
         )
     base = Path(base)
+    if why and (base / S.MANIFEST_NAME).is_file():  # there is one, but damaged (a half-written copy, a disk error)
+        return f"The prepared source in {base} cannot be used: {why}"
     msg = f"No prepared source (manifest.json) found in {base}."
     if base.is_dir():
         from surgenet_ssl.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
