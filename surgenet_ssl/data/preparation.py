@@ -50,6 +50,7 @@ from surgenet_ssl.data.video import (
     iter_video_frames,
     resize_short_side,
 )
+from surgenet_ssl.data.video_exclusion import VideoExclusion
 
 __all__ = [
     "PrepareSettings",
@@ -609,6 +610,7 @@ def build_manifest(
     records: dict[str, dict[str, Any]],
     summary: PrepareSummary,
     kept: Sequence[dict[str, Any]] = (),
+    excluded: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest from the completion records of the current units plus ``kept``: the finished records of
     earlier runs from other input locations (a source fed from several folders or archives keeps them all)."""
@@ -648,9 +650,27 @@ def build_manifest(
         "skipped": {"inputs": failed, "corrupt_images": corrupt},
         "decode_warnings": warned,
         "shards": shards,
+        **({"excluded_videos": excluded} if excluded else {}),
         "updated": _now(),
         "tool": "surgenet-ssl",
     }
+
+
+def _exclude_videos(units: list[Unit], exclusion: VideoExclusion, source: str) -> dict[str, Any]:
+    """The leakage guard's record: which videos of ``units`` it leaves out (logged with the entries that matched
+    nothing, as a list meant for this source that matches nothing is likely a naming mismatch)."""
+    videos = sorted({u.video for u in units if exclusion.match(u.video)})
+    matched = {exclusion.match(v) for v in videos}
+    unmatched = sorted(exclusion.ids - matched)
+    log.info(
+        "%s: exclude_videos (%s) leaves out %d videos: %s%s",
+        source,
+        exclusion.describe(),
+        len(videos),
+        ", ".join(videos[:20]) + (" ..." if len(videos) > 20 else ""),
+        f"; {len(unmatched)} listed ids match no video here" if unmatched else "",
+    )
+    return exclusion.to_dict() | {"videos": videos, "unmatched": len(unmatched)}
 
 
 @dataclass
@@ -835,13 +855,15 @@ def prepare_source(
     input_prefix: bool = False,
     select: Selection | None = None,
     verify: bool = True,
+    exclude_videos: VideoExclusion | None = None,
 ) -> PrepareSummary:
     """Prepare one source from one or several input locations. ``workers=0`` runs in this process (no pool).
 
     The manifest lists every finished input of ``output``: those of this run's inputs and those prepared earlier
     from other locations (running again with a new ``input`` adds to the source; nothing is dropped silently).
-    A rerun checks every finished input's shards against their recorded sha256 (``verify=False``: sizes only) and
-    prepares the damaged ones again, removing the shards they wrote before.
+    ``exclude_videos`` leaves those videos out (the leakage guard: downstream validation/test videos), logged and
+    recorded in the manifest. A rerun checks every finished input's shards against their recorded sha256
+    (``verify=False``: sizes only) and prepares the damaged ones again, removing the shards they wrote before.
     ``max_units`` stops after that many new units (used to simulate an interrupted run in tests/benchmarks).
     Returns the summary (also logged).
     """
@@ -864,6 +886,9 @@ def prepare_source(
         log.info("%s: %d files left out by %s", settings.source, ignored[EXCLUDED], select)
     if listed is not None:
         units = listed.apply(units)
+    excluded = _exclude_videos(units, exclude_videos, settings.source) if exclude_videos else None
+    if excluded is not None:
+        units = [u for u in units if u.video not in excluded["videos"]]
     if not units:
         raise PrepareError(
             f"No videos ({', '.join(VIDEO_EXTENSIONS)}) or images ({', '.join(IMAGE_EXTENSIONS)}) found under "
@@ -946,7 +971,8 @@ def prepare_source(
         if on_record is not None:
             on_record(rec)
         if time.time() - last_write > manifest_every_s:
-            S.write_json_atomic(out / S.MANIFEST_NAME, build_manifest(out, settings, units, records, summary, kept))
+            manifest = build_manifest(out, settings, units, records, summary, kept, excluded)
+            S.write_json_atomic(out / S.MANIFEST_NAME, manifest)
             last_write = time.time()
 
     bar = _progress(total=len(todo), enabled=progress, desc=f"prepare {settings.source}")
@@ -960,7 +986,7 @@ def prepare_source(
     finally:
         if bar is not None:
             bar.close()
-        manifest = build_manifest(out, settings, units, records, summary, kept)
+        manifest = build_manifest(out, settings, units, records, summary, kept, excluded)
         manifest["last_run"] = {
             "finished": _now(),
             "seconds": round(time.time() - t0, 2),
