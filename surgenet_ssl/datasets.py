@@ -1,7 +1,8 @@
 """``python -m surgenet_ssl.datasets [paths.data_root=DIR] [mixture=NAME] [verify=true]``
 
 Prints every mixture with its sources, their published frame counts and totals, and what is prepared under
-``paths.data_root`` (frames, shards, or why a source is missing and how to prepare it). ``verify=true`` also
+``paths.data_root`` (frames, shards, whether the count matches the published one, or why a source is missing
+and how to prepare it). ``verify=true`` also
 checks every shard's size and sha256 against the manifests (reads all data).
 """
 
@@ -57,6 +58,14 @@ def _verify(name: str, root: Path, manifest: dict[str, Any]) -> list[str]:
     return bad
 
 
+def compare_with_published(prepared: int, published: int) -> str:
+    """Whether a prepared source has the published number of frames, and by how much it differs."""
+    if prepared == published:
+        return "matches the published count"
+    diff = prepared - published
+    return f"{diff:+,} frames ({100 * diff / published:+.1f}%) vs the published {published:,}"
+
+
 def report(root: Path, mixtures: list[str] | None = None, verify: bool = False) -> list[str]:
     """The report as lines (printed by main)."""
     lines = [f"paths.data_root = {root}" + ("" if root.is_dir() else "  (does not exist)"), ""]
@@ -76,6 +85,9 @@ def report(root: Path, mixtures: list[str] | None = None, verify: bool = False) 
                 found = f"prepared: {st['frames']:,} frames, {st['shards']} shards, {st['bytes'] / 1e9:.2f} GB"
                 if st["skipped"]:
                     found += f", {st['skipped']} inputs skipped"
+                found += f"; {compare_with_published(st['frames'], src.frames)}"
+                if st["frames"] != src.frames and src.note:
+                    found += f" ({src.note})"
             else:
                 found = f"MISSING: {st['problem']}"
             lines.append(f"  {sname:<16}{pub}   {'public ' if src.public else 'private'}  {found}")

@@ -63,6 +63,14 @@ def run(cfg: DictConfig) -> int:
         )
     # Imported once the command line is checked: the preparation code (numpy, PIL, video readers) is not light.
     from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, Selection, prepare_source
+    from surgenet_ssl.data.video_exclusion import load_video_exclusion
+
+    raw_exclude = cfg.get("exclude_videos")
+    try:
+        exclusion = load_video_exclusion(list(raw_exclude) if OmegaConf.is_list(raw_exclude) else raw_exclude)
+    except ValueError as e:
+        _fail(str(e))
+        raise  # unreachable
 
     reg = get_source(source)
     procedure = cfg.procedure or (reg.procedure if reg else "unknown")
@@ -104,6 +112,8 @@ def run(cfg: DictConfig) -> int:
             overwrite=bool(cfg.overwrite),
             input_prefix=bool(cfg.input_prefix),
             select=select,
+            verify=bool(cfg.get("verify", True)),
+            exclude_videos=exclusion,
         )
     except PrepareError as e:
         _fail(str(e))

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from surgenet_ssl.backbones.convert import timm_to_surgenet
+from surgenet_ssl.data.video_exclusion import load_video_exclusion
 from surgenet_ssl.io_utils import atomic_path, save_torch, sha256_file
 
 __all__ = [
@@ -207,6 +208,8 @@ def write_model_card(
         f"| `{paths['checkpoint'].name}` | full DINO checkpoint (student, teacher, optimizer, center) | "
         f"`{sha256_file(paths['checkpoint'])}` |",
         "",
+        _exclusion_line(run_config),
+        "",
         *_provenance_lines(checkpoint),
         "## Load",
         "```python",
@@ -231,6 +234,23 @@ def write_model_card(
         with atomic_path(out / "README.md") as tmp:
             tmp.write_text("\n".join(lines))
     return card
+
+
+def _exclusion_line(run_config: dict) -> str:
+    """Model-card line: the videos kept out of pretraining by ``dataset.exclude_videos`` (the leakage guard), so a
+    downstream evaluation can tell whether its test videos were seen."""
+    value = (run_config.get("dataset") or {}).get("exclude_videos")
+    if not value:
+        return (
+            "Videos excluded from pretraining (`dataset.exclude_videos`): none at training time (exclusions made at "
+            "prepare time are listed in each source's manifest.json under `excluded_videos`)."
+        )
+    try:
+        exclusion = load_video_exclusion(value)
+        shown = f"{exclusion.describe()}: {', '.join(sorted(exclusion.ids))}"
+    except ValueError as e:  # the list file is gone since training: show the setting as it was
+        shown = f"{value} ({e})"
+    return f"Videos excluded from pretraining (`dataset.exclude_videos`): {shown}."
 
 
 def _provenance_lines(checkpoint: dict) -> list[str]:

@@ -11,6 +11,7 @@ Config schema (surgenet_ssl/configs/dataset/*.yaml)::
     root: null                   # where <source>/manifest.json live; null = paths.data_root
     path: null                   # dataset=custom: one prepared directory (or a folder of them)
     generate: null               # "demo": build the embedded demo data under `root` on first use
+    exclude_videos: null         # leakage guard: videos left out of every source (see data/video_exclusion.py)
 
 ``sources: null`` means "every prepared source found under ``path``/``root``" (used by custom and demo).
 A key outside this schema (top level or in a source's mapping) is an error naming the closest valid key.
@@ -33,6 +34,7 @@ from surgenet_ssl.config_checks import check_keys
 from surgenet_ssl.data import location as L
 from surgenet_ssl.data import shards as S
 from surgenet_ssl.data.sources import SOURCES, canonical_source_name
+from surgenet_ssl.data.video_exclusion import VideoExclusion, load_video_exclusion
 
 __all__ = [
     "SourceSpec",
@@ -46,7 +48,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_KNOWN_KEYS = {"name", "sources", "fraction", "allow_missing", "root", "path", "generate", "description"}
+_KNOWN_KEYS = {
+    "name",
+    "sources",
+    "fraction",
+    "allow_missing",
+    "root",
+    "path",
+    "generate",
+    "description",
+    "exclude_videos",
+}
 _SOURCE_KEYS = {"weight", "path"}  # dataset.sources.<name>: a weight, null, or {weight: 2.0, path: DIR}
 
 
@@ -65,6 +77,7 @@ class SourceSpec:
     expected_frames: int  # after the mixture's fraction (what an epoch counts)
     weight: float  # sampling probability (normalised over present sources)
     procedure: str = "unknown"
+    excluded_videos: list[str] = field(default_factory=list)  # left out by dataset.exclude_videos
 
 
 @dataclass
@@ -201,6 +214,7 @@ def check_dataset_config(dataset_cfg: Mapping[str, Any]) -> None:
             "dataset=custom needs dataset.path=DIR: a directory prepared by `python -m surgenet_ssl.prepare` "
             "(it holds manifest.json) or a folder of such directories."
         )
+    load_video_exclusion(cfg.get("exclude_videos"))  # a list file that is not there fails now, named
     if cfg.get("generate") and cfg["generate"] != "demo":
         raise ValueError(f"dataset.generate must be 'demo' or null, got {cfg['generate']!r}")
     locations = {f"dataset.{k}": cfg.get(k) for k in ("path", "root")}
@@ -264,6 +278,7 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
             f"Weighted: {given}; unweighted: {[n for n, w in weights.items() if w is None]}."
         )
 
+    exclusion = load_video_exclusion(cfg.get("exclude_videos"))
     present: list[SourceSpec] = []
     missing: list[MissingSource] = []
     for n in entries:
@@ -274,12 +289,14 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
             missing.append(problem)
             continue
         assert manifest is not None
-        frames = int(manifest["frames"])
+        shards, left_out = _without_videos(n, list(manifest["shards"]), exclusion)
+        frames = sum(int(sh.get("frames", 0)) for sh in shards) if left_out else int(manifest["frames"])
         present.append(
             SourceSpec(
                 name=n,
                 directory=dirs[n],
-                shards=list(manifest["shards"]),
+                shards=shards,
+                excluded_videos=left_out,
                 frames=frames,
                 expected_frames=int(round(frames * fraction)),
                 weight=0.0,
@@ -310,6 +327,26 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
     return ResolvedMixture(name=name, fraction=fraction, sources=present, missing=missing, weighted=bool(given))
 
 
+def _without_videos(
+    source: str, shards: list[dict[str, Any]], exclusion: VideoExclusion
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """A source's shards without those of excluded videos (each shard holds one video), and the videos left out."""
+    if not exclusion:
+        return shards, []
+    kept = [sh for sh in shards if not exclusion.match(str(sh.get("video", "")))]
+    left_out = sorted({str(sh.get("video")) for sh in shards} - {str(sh.get("video")) for sh in kept})
+    if left_out:
+        frames = sum(int(sh.get("frames", 0)) for sh in shards) - sum(int(sh.get("frames", 0)) for sh in kept)
+        log.info(
+            "source %s: dataset.exclude_videos leaves out %d videos (%d frames): %s",
+            source,
+            len(left_out),
+            frames,
+            ", ".join(left_out[:20]) + (" ..." if len(left_out) > 20 else ""),
+        )
+    return kept, left_out
+
+
 def _no_sources_message(base: L.Location, why: str | None = None) -> str:
     if L.is_url(base):
         return (
@@ -318,6 +355,8 @@ def _no_sources_message(base: L.Location, why: str | None = None) -> str:
             "cannot be listed). Check the URL, or name the sources with dataset.sources."
         )
     base = Path(base)
+    if why and (base / S.MANIFEST_NAME).is_file():  # there is one, but damaged (a half-written copy, a disk error)
+        return f"The prepared source in {base} cannot be used: {why}"
     msg = f"No prepared source (manifest.json) found in {base}."
     if base.is_dir():
         from surgenet_ssl.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS

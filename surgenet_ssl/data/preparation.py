@@ -34,6 +34,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from surgenet_ssl.data.video import (
     iter_video_frames,
     resize_short_side,
 )
+from surgenet_ssl.data.video_exclusion import VideoExclusion
 
 __all__ = [
     "PrepareSettings",
@@ -139,6 +141,7 @@ class PrepareSummary:
     shards_total: int = 0
     images_corrupt: int = 0  # corrupt images skipped (this run)
     videos_with_warnings: int = 0  # decoded with problems, e.g. only partly (this run; see warnings)
+    units_damaged: list[str] = field(default_factory=list)  # finished inputs whose shards failed the check: redone
     units_kept: int = 0  # finished inputs of earlier runs from other input locations, kept in the manifest
     frames_kept: int = 0
     files_ignored: dict[str, int] = field(default_factory=dict)  # extension -> count of non-video/image files
@@ -162,6 +165,8 @@ class PrepareSummary:
             f"  frames: {self.frames_total} in {self.shards_total} shards ({self.frames_written_now} written now, "
             f"{self.frames_per_second:.1f} frames/s)",
         ]
+        if self.units_damaged:
+            out.append(f"  prepared again as their shards were damaged or missing: {len(self.units_damaged)} inputs")
         if self.images_corrupt:
             out.append(f"  corrupt images skipped: {self.images_corrupt}")
         if self.videos_with_warnings:
@@ -368,6 +373,8 @@ def process_unit(
             record.update(
                 backend=report.backend, video_fps=report.video_fps, video_frames=report.num_frames, step=report.step
             )
+            if report.rotation or report.pixel_aspect != 1.0:  # what was done to show the frames as displayed
+                record.update(rotation=report.rotation, pixel_aspect=round(report.pixel_aspect, 6))
             record["warnings"] += [f"{unit.input}: {w}" for w in report.warnings]
             if unit.indices is not None and frames < len(unit.indices):
                 record["warnings"].append(
@@ -511,20 +518,46 @@ def _load_records(out: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _record_is_done(out: Path, rec: dict[str, Any], unit: Unit | None, check_sizes: bool = True) -> bool:
-    """A finished record (of ``unit`` when given: same input path and size) whose shards are all on disk."""
-    if rec.get("status") != "ok":
-        return False
-    if unit is not None and (rec.get("input") != unit.input or rec.get("input_size") != unit.size):
-        return False
+def _shard_problems(out: Path, rec: dict[str, Any], verify: bool) -> list[str]:
+    """The shards of a record that are missing, of another size or (``verify``) not of their recorded sha256."""
+    problems = []
     for s in rec.get("shards", []):
         p = out / s["file"]
         try:
-            if check_sizes and p.stat().st_size != s["bytes"]:
-                return False
-        except OSError:
-            return False
-    return bool(rec.get("shards"))
+            if p.stat().st_size != s["bytes"]:
+                problems.append(f"{s['file']} (size {p.stat().st_size}, recorded {s['bytes']})")
+            elif verify and S.sha256_file(p) != s.get("sha256"):
+                problems.append(f"{s['file']} (sha256 differs from the recorded one)")
+        except OSError as e:
+            problems.append(f"{s['file']} ({e.strerror or e})")
+    return problems
+
+
+def _finished_from(rec: dict[str, Any], unit: Unit) -> bool:
+    """A finished record with shards, written from ``unit``'s input as it is now (same path and size)."""
+    return (
+        rec.get("status") == "ok"
+        and bool(rec.get("shards"))
+        and rec.get("input") == unit.input
+        and rec.get("input_size") == unit.size
+    )
+
+
+_SHARD_NUMBER = re.compile(r"-\d{5}\.tar")
+
+
+def _remove_unit_shards(out: Path, unit: Unit) -> int:
+    """Delete every shard a unit wrote before (``shards/<flat>-NNNNN.tar``): a re-prepared input (replaced,
+    damaged or failed) leaves no stale shard behind, also where it now gives fewer shards. Returns how many."""
+    flat = S.flat_name(unit.id)
+    (out / STATE_DIR / f"{flat}.json").unlink(missing_ok=True)  # its record lists them: gone with them
+    folder = out / "shards"
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.glob(f"{glob_escape(flat)}-*.tar") if _SHARD_NUMBER.fullmatch(p.name[len(flat) :])]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _sweep_temporaries(out: Path) -> int:
@@ -577,6 +610,7 @@ def build_manifest(
     records: dict[str, dict[str, Any]],
     summary: PrepareSummary,
     kept: Sequence[dict[str, Any]] = (),
+    excluded: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest from the completion records of the current units plus ``kept``: the finished records of
     earlier runs from other input locations (a source fed from several folders or archives keeps them all)."""
@@ -616,9 +650,27 @@ def build_manifest(
         "skipped": {"inputs": failed, "corrupt_images": corrupt},
         "decode_warnings": warned,
         "shards": shards,
+        **({"excluded_videos": excluded} if excluded else {}),
         "updated": _now(),
         "tool": "surgenet-ssl",
     }
+
+
+def _exclude_videos(units: list[Unit], exclusion: VideoExclusion, source: str) -> dict[str, Any]:
+    """The leakage guard's record: which videos of ``units`` it leaves out (logged with the entries that matched
+    nothing, as a list meant for this source that matches nothing is likely a naming mismatch)."""
+    videos = sorted({u.video for u in units if exclusion.match(u.video)})
+    matched = {exclusion.match(v) for v in videos}
+    unmatched = sorted(exclusion.ids - matched)
+    log.info(
+        "%s: exclude_videos (%s) leaves out %d videos: %s%s",
+        source,
+        exclusion.describe(),
+        len(videos),
+        ", ".join(videos[:20]) + (" ..." if len(videos) > 20 else ""),
+        f"; {len(unmatched)} listed ids match no video here" if unmatched else "",
+    )
+    return exclusion.to_dict() | {"videos": videos, "unmatched": len(unmatched)}
 
 
 @dataclass
@@ -739,7 +791,7 @@ def _discover_all(
 
 
 def _earlier_records(
-    out: Path, units: list[Unit], roots: set[str], records: dict[str, dict[str, Any]]
+    out: Path, units: list[Unit], roots: set[str], records: dict[str, dict[str, Any]], verify: bool = True
 ) -> list[dict[str, Any]]:
     """Finished records of earlier runs that this run's inputs do not cover: kept in the manifest (merge).
 
@@ -749,6 +801,7 @@ def _earlier_records(
     current = {u.id: u for u in units}
     kept: list[dict[str, Any]] = []
     gone: list[str] = []
+    damaged: list[str] = []
     for rid, rec in sorted(records.items()):
         root = rec.get("root", "")
         unit = current.get(rid)
@@ -763,10 +816,21 @@ def _earlier_records(
             continue
         if rec.get("status") != "ok":
             continue
-        if root in roots or not _record_is_done(out, rec, None):
+        if root in roots:
             gone.append(rec.get("input", rid))
             continue
+        problems = _shard_problems(out, rec, verify) if rec.get("shards") else ["no shards"]
+        if problems:
+            damaged.append(f"{Path(root or '.') / rec.get('input', rid)}: {problems[0]}")
+            continue
         kept.append(rec)
+    if damaged:
+        log.warning(
+            "%d inputs prepared earlier from other locations have damaged or missing shards: left out of the "
+            "manifest; rerun prepare with those inputs (input=[...]) to prepare them again: %s",
+            len(damaged),
+            "; ".join(damaged[:10]) + (" ..." if len(damaged) > 10 else ""),
+        )
     if gone:
         log.warning(
             "%d inputs prepared earlier are not in this run's inputs any more (deleted, or excluded now): left out "
@@ -790,11 +854,16 @@ def prepare_source(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     input_prefix: bool = False,
     select: Selection | None = None,
+    verify: bool = True,
+    exclude_videos: VideoExclusion | None = None,
 ) -> PrepareSummary:
     """Prepare one source from one or several input locations. ``workers=0`` runs in this process (no pool).
 
     The manifest lists every finished input of ``output``: those of this run's inputs and those prepared earlier
     from other locations (running again with a new ``input`` adds to the source; nothing is dropped silently).
+    ``exclude_videos`` leaves those videos out (the leakage guard: downstream validation/test videos), logged and
+    recorded in the manifest. A rerun checks every finished input's shards against their recorded sha256
+    (``verify=False``: sizes only) and prepares the damaged ones again, removing the shards they wrote before.
     ``max_units`` stops after that many new units (used to simulate an interrupted run in tests/benchmarks).
     Returns the summary (also logged).
     """
@@ -817,6 +886,9 @@ def prepare_source(
         log.info("%s: %d files left out by %s", settings.source, ignored[EXCLUDED], select)
     if listed is not None:
         units = listed.apply(units)
+    excluded = _exclude_videos(units, exclude_videos, settings.source) if exclude_videos else None
+    if excluded is not None:
+        units = [u for u in units if u.video not in excluded["videos"]]
     if not units:
         raise PrepareError(
             f"No videos ({', '.join(VIDEO_EXTENSIONS)}) or images ({', '.join(IMAGE_EXTENSIONS)}) found under "
@@ -832,17 +904,30 @@ def prepare_source(
         log.info("removed %d temporary files left by an interrupted run in %s", swept, out)
     summary = PrepareSummary(settings.source, str(out), units_total=len(units), files_ignored=dict(ignored))
     records = _load_records(out)
-    kept = _earlier_records(out, units, {str(p.resolve()) for p in inputs}, records)
+    kept = _earlier_records(out, units, {str(p.resolve()) for p in inputs}, records, verify)
     todo = []
     for u in units:
         rec = records.get(u.id)
-        if rec is not None and _record_is_done(out, rec, u):
-            summary.units_done_before += 1
-        else:
-            records.pop(u.id, None)
-            todo.append(u)
+        if rec is not None and _finished_from(rec, u):
+            problems = _shard_problems(out, rec, verify)
+            if not problems:
+                summary.units_done_before += 1
+                continue
+            summary.units_damaged.append(f"{u.input}: {', '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}")
+        records.pop(u.id, None)
+        todo.append(u)
+    if summary.units_damaged:
+        log.warning(
+            "%d finished inputs have shards that fail their sha256 check (damaged or replaced on disk): preparing "
+            "them again: %s",
+            len(summary.units_damaged),
+            "; ".join(summary.units_damaged[:10]) + (" ..." if len(summary.units_damaged) > 10 else ""),
+        )
     if max_units is not None:
         todo = todo[:max_units]
+    stale = sum(_remove_unit_shards(out, u) for u in todo)
+    if stale:
+        log.info("removed %d shards written earlier by the %d inputs to prepare again", stale, len(todo))
     log.info(
         "%s: %d inputs under %s (%d done before, %d to do) -> %s",
         settings.source,
@@ -886,7 +971,8 @@ def prepare_source(
         if on_record is not None:
             on_record(rec)
         if time.time() - last_write > manifest_every_s:
-            S.write_json_atomic(out / S.MANIFEST_NAME, build_manifest(out, settings, units, records, summary, kept))
+            manifest = build_manifest(out, settings, units, records, summary, kept, excluded)
+            S.write_json_atomic(out / S.MANIFEST_NAME, manifest)
             last_write = time.time()
 
     bar = _progress(total=len(todo), enabled=progress, desc=f"prepare {settings.source}")
@@ -900,7 +986,7 @@ def prepare_source(
     finally:
         if bar is not None:
             bar.close()
-        manifest = build_manifest(out, settings, units, records, summary, kept)
+        manifest = build_manifest(out, settings, units, records, summary, kept, excluded)
         manifest["last_run"] = {
             "finished": _now(),
             "seconds": round(time.time() - t0, 2),

@@ -37,6 +37,8 @@ class Source:
     public: bool
     distributed_as: str  # "video" or "frames": what users get from the dataset owners
     group: str  # the mixture column of the paper: cholec, ramie, rarp, others, xl
+    release_videos: int | None = None  # videos in the release where it differs from what the papers used
+    note: str = ""  # why a prepared count may differ from the published one, and what to do
 
 
 @dataclass(frozen=True)
@@ -77,26 +79,46 @@ PRESETS: dict[str, Preset] = {
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
-        Source("cholec80", "Cholec80", "laparoscopic cholecystectomy", 76, 179_164, True, "video", "cholec"),
+        # videos/frames: the SurgeNet / SurgeNetXL papers' source table (frames at 1 fps). distributed_as: the
+        # datasets' own READMEs and loaders (what a user downloads), see the README's table of sources.
+        # Cholec80 (CAMMA release, one zip): videos/video01..80.mp4 at 25 fps, 80 videos; the papers used 76
+        # without naming the 4 left out: all 80 are prepared, exclude_videos= leaves 4 out to match.
+        Source(
+            "cholec80", "Cholec80", "laparoscopic cholecystectomy", 76, 179_164, True, "video", "cholec",
+            release_videos=80,
+            note="the release has 80 videos, the papers used 76 (unnamed): exclude_videos=[4 ids] picks 76",
+        ),
+        # HeiChole: Videos/Full/*.mp4 (17 at 25 fps, 7 at 50 fps) plus Full/HD/ copies and Skill/ clips (preset)
         Source("heichole", "HeiChole", "laparoscopic cholecystectomy", 30, 53_427, True, "video", "cholec"),
-        Source("hsdb_chole", "hSDB-Chole", "laparoscopic cholecystectomy", 24, 18_064, True, "video", "cholec"),
+        # hSDB-Chole / hSDB-Gastric: .tar archives of flat folders of 1-fps JPEGs plus COCO json: frames, not video
+        Source("hsdb_chole", "hSDB-Chole", "laparoscopic cholecystectomy", 24, 18_064, True, "frames", "cholec"),
         Source("ramie_umcu", "RAMIE-UMCU", "robot-assisted esophagectomy", 28, 377_287, False, "video", "ramie"),
+        # ESAD: zips train/set1, train/set2, val/obj, test, test_labels of JPEG frames; 47,282 = train + val
         Source("esad", "ESAD", "robot-assisted prostatectomy", 28, 47_282, True, "frames", "rarp"),
+        # PSI-AVA: keyframes/CASE0NN/NNNNN.jpg at 1 fps (the full download adds an 8-fps copy)
         Source("psi_ava", "PSI-AVA", "robot-assisted prostatectomy", 8, 73_618, True, "frames", "rarp"),
         Source("rarp_avl", "RARP-AvL", "robot-assisted prostatectomy", 8, 261_516, False, "video", "rarp"),
+        # DSAD: <organ>/<surgery>/imageNN.png beside masks (preset keeps images only)
         Source("dsad", "DSAD", "robot-assisted rectal resection/extirpation", 32, 14_623, True, "frames", "others"),
+        # GLENDA v1.0/v1.5: frames/ folders plus annotation masks (preset leaves the masks out)
         Source("glenda", "GLENDA", "gynecologic laparoscopy", 400, 25_682, True, "frames", "others"),
+        # LapGyn4: LapGyn4_v1.2.zip, 4 subsets, a folder per class, JPEG
         Source("lapgyn4", "LapGyn4", "gynecologic laparoscopy", 500, 59_616, True, "frames", "others"),
+        # MultiBypass140: multibypass01..05.zip -> BernBypass70/videos/*.mp4, StrasBypass70/videos/*.mp4
         Source(
             "multibypass140", "MultiBypass140", "laparoscopic gastric bypass", 140, 749_419, True, "video", "others",
         ),
-        Source("hsdb_gastric", "hSDB-Gastric", "robot-assisted gastrectomy", 24, 35_576, True, "video", "others"),
+        Source("hsdb_gastric", "hSDB-Gastric", "robot-assisted gastrectomy", 24, 35_576, True, "frames", "others"),
+        # SurgToolLoc2022: 24,695 mp4 clips, 60 fps, 30 s each (the paper gives no video count)
         Source(
             "surgtoolloc2022", "SurgToolLoc2022", "11 robot-assisted porcine procedures", None, 741_516, True,
             "video", "others",
         ),
+        # Surgical YouTube (the SurgeNet authors' gated Hugging Face dataset): <procedure>/Batch<k>/
+        # <video>_frame_<n>_Sample<i>.jpg in zips (or parquet): frames, the video named in the file name (preset)
         Source(
-            "youtube", "YouTube (Surgical YouTube)", "23 identified procedures", 3_253, 2_074_234, True, "video", "xl",
+            "youtube", "YouTube (Surgical YouTube)", "23 identified procedures", 3_253, 2_074_234, True, "frames",
+            "xl",
         ),
     ]
 }  # fmt: skip

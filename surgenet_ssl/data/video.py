@@ -2,9 +2,17 @@
 
 Two sampling rules (``sampling=``): ``surgenet``, the SurgeNet authors' extraction, keeps the frames whose index is
 a multiple of ``int(video_fps / fps)`` (at 1 fps: every ``int(fps)``-th frame, 29 at 29.97 fps), so a rebuild picks
-their frames; ``round`` keeps multiples of ``round(video_fps / fps)`` (30 at 29.97 fps: closer to one frame per
-second of video time). An explicit set of frame indices (a frame list) replaces both. The frame index and its
-timestamp become the frame's stable key.
+their frames; ``round``, the exact-time rule, keeps one frame every ``round(video_fps / fps) / video_fps`` seconds of
+presentation time (30 frames at 29.97 fps: closer to one frame per second of video time). At a constant frame rate
+that is every ``round(video_fps / fps)``-th frame; in a variable-frame-rate video (phones, some recorders) it is
+chosen by timestamp, so a stretch at 50 fps does not get five times the frames of one at 10 fps. An explicit set of
+frame indices (a frame list) replaces both. The frame index and its timestamp become the frame's stable key.
+
+Frames come out as they are displayed, whichever backend decodes them: the container's rotation (display matrix:
+phone and some robot recordings are stored sideways) is applied, and non-square pixels (sample aspect ratio, e.g.
+PAL 720x576 at 64:45) are resampled to square ones by scaling the width (720x576 -> 1024x576), so a circle stays
+round. decord 0.6 applies a 180-degree rotation itself but returns 90/270-degree frames with a broken memory layout
+(and its batch read fails), so a rotated video is always decoded by PyAV.
 decord is fast at sparse access but has wheels for x86-64 only and fails on some containers; PyAV decodes
 everything sequentially (slower, but robust) and takes over when decord is missing, cannot open a file or breaks
 mid-way. Image files and encoded frames are decoded by :mod:`surgenet_ssl.data.decode`.
@@ -19,9 +27,11 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -34,6 +44,8 @@ __all__ = [
     "DecodeReport",
     "SAMPLING_RULES",
     "sampling_step",
+    "select_by_time",
+    "to_display",
     "iter_video_frames",
     "resize_short_side",
     "decord_available",
@@ -65,6 +77,9 @@ class DecodeReport:
     video_fps: float = 0.0
     num_frames: int | None = None
     step: int = 1
+    rotation: int = 0  # degrees counter-clockwise applied for display (container display matrix)
+    pixel_aspect: float = 1.0  # sample aspect ratio (pixel width / height) corrected to square pixels
+    by_time: bool = False  # frames were chosen by presentation time (the exact-time rule)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -90,6 +105,97 @@ def sampling_step(video_fps: float, fps: float | None, rule: str = "round") -> i
         return 1
     ratio = video_fps / fps
     return max(1, int(ratio + 1e-9) if rule == "surgenet" else int(round(ratio)))
+
+
+class _TimeGrid:
+    """The exact-time rule: keep the frame on screen at each point of a grid of ``period`` seconds that starts at
+    the first frame's timestamp, each frame at most once. A frame is on screen from its timestamp until the next
+    one's, so deciding on a frame needs the next timestamp: :meth:`feed` answers for the frame before, :meth:`finish`
+    for the last. A quarter of a nominal frame of tolerance absorbs the rounding of timestamps to the container's
+    time base, so a constant-rate video gets exactly every ``step``-th frame."""
+
+    def __init__(self, period: float, tolerance: float) -> None:
+        self.period, self.tolerance = period, tolerance
+        self.origin: float | None = None
+        self.point = 0.0  # the next grid point to fill
+        self.last = 0.0  # the timestamp of the frame waiting for a decision
+
+    def feed(self, t: float) -> bool:
+        """Take the next frame's timestamp; return whether the frame before it is kept (False for the first)."""
+        if self.origin is None:
+            self.origin = self.point = self.last = t
+            return False
+        kept = self.last <= self.point + self.tolerance < t
+        if kept:  # skip the grid points the kept frame covers (a gap in a variable-rate video)
+            self.point = self.origin + math.ceil((t - self.tolerance - self.origin) / self.period) * self.period
+        self.last = t
+        return kept
+
+    def finish(self) -> bool:
+        """Whether the last frame is kept: only where it lies on a grid point (its duration is unknown)."""
+        return self.origin is not None and abs(self.last - self.point) <= self.tolerance
+
+
+def _time_grid(video_fps: float, step: int) -> _TimeGrid:
+    return _TimeGrid(step / video_fps, 0.25 / video_fps)
+
+
+def select_by_time(timestamps: Iterable[float], video_fps: float, step: int) -> list[int]:
+    """Indices of the frames the exact-time rule keeps: the frame on screen every ``step / video_fps`` seconds of
+    presentation time (every ``step``-th frame at a constant rate)."""
+    grid = _time_grid(video_fps, step)
+    times = [float(t) for t in timestamps]
+    kept = [i - 1 for i, t in enumerate(times) if grid.feed(t)]
+    return kept + [len(times) - 1] if grid.finish() else kept
+
+
+def _quarter_turns(degrees: float, report: DecodeReport) -> int:
+    """Counter-clockwise quarter turns of a display rotation; other angles are reported and not applied."""
+    turns = round(degrees / 90)
+    if abs(degrees - 90 * turns) > 1:
+        warning = f"rotation of {degrees:g} degrees is not a multiple of 90: frames kept as stored"
+        if warning not in report.warnings:
+            report.warnings.append(warning)
+        return 0
+    return turns % 4
+
+
+def to_display(image: np.ndarray, quarter_turns: int = 0, pixel_aspect: float = 1.0) -> np.ndarray:
+    """A stored frame as displayed: pixels made square (the width scaled by the sample aspect ratio), then
+    rotated counter-clockwise by ``quarter_turns`` x 90 degrees."""
+    h, w = image.shape[:2]
+    width = max(1, round(w * pixel_aspect))
+    if width != w:
+        img = Image.fromarray(image).resize((width, h), Image.Resampling.BICUBIC)
+        image = np.asarray(img)
+    if quarter_turns % 4:
+        image = np.rot90(image, quarter_turns % 4)
+    return np.ascontiguousarray(image)
+
+
+def _pixel_aspect(stream: Any) -> float:
+    """The stream's sample aspect ratio (container first, then the bitstream, as FFmpeg guesses it); 1 if unset."""
+    for owner in (stream, stream.codec_context):
+        sar = getattr(owner, "sample_aspect_ratio", None)
+        if sar and Fraction(sar) > 0:
+            return float(Fraction(sar))
+    return 1.0
+
+
+def _probe_display(path: Path, report: DecodeReport) -> tuple[int, float]:
+    """Rotation (quarter turns) and pixel aspect of ``path``, read with PyAV from its first frame; (0, 1) when
+    PyAV cannot read it (decord may still)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            aspect = _pixel_aspect(stream)
+            first = next(container.decode(stream))
+            return _quarter_turns(first.rotation, report), aspect
+    except Exception as e:  # noqa: BLE001 - a probe failure is not a decode failure: decode as stored
+        log.debug("%s: could not read its rotation/aspect with PyAV (%s)", path, _av_message(e))
+        return 0, 1.0
 
 
 @contextlib.contextmanager
@@ -133,7 +239,10 @@ def _iter_decord(
     start: int = 0,
     rule: str = "round",
     keep: set[int] | None = None,
+    pixel_aspect: float = 1.0,
 ) -> Iterator[DecodedFrame]:
+    """Sampled frames by decord (unrotated videos only: see the module docstring); ``pixel_aspect`` is probed by
+    PyAV as decord does not expose it."""
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)
@@ -153,13 +262,19 @@ def _iter_decord(
     if n == 0:
         raise VideoDecodeError("the video has no frames")
     step = report.step = sampling_step(report.video_fps, fps, rule)
-    indices = [i for i in range(0, n, step) if i >= start and (keep is None or i in keep)]
+    report.pixel_aspect = pixel_aspect
+    report.by_time = rule == "round" and step > 1
+    if report.by_time:
+        sampled = select_by_time(vr.get_frame_timestamp(list(range(n)))[:, 0], report.video_fps, step)
+    else:
+        sampled = list(range(0, n, step))
+    indices = [i for i in sampled if i >= start and (keep is None or i in keep)]
     for lo in range(0, len(indices), _CHUNK):
         chunk = indices[lo : lo + _CHUNK]
         batch = vr.get_batch(chunk).asnumpy()
         stamps = vr.get_frame_timestamp(chunk)[:, 0]
         for i, img, t in zip(chunk, batch, stamps, strict=True):
-            yield DecodedFrame(int(i), round(float(t), 6), np.ascontiguousarray(img))
+            yield DecodedFrame(int(i), round(float(t), 6), to_display(img, 0, pixel_aspect))
 
 
 def _av_message(e: BaseException) -> str:
@@ -195,21 +310,66 @@ def _iter_pyav(
         report.backend, report.video_fps = "pyav", float(rate) if rate else 0.0
         report.num_frames = stream.frames or None
         step = report.step = sampling_step(report.video_fps, fps, rule)
-        index = -1
-        try:
-            for frame in container.decode(stream):
-                index += 1
-                if index % step or index < start or (keep is not None and index not in keep):
-                    continue
-                t = float(frame.time) if frame.time is not None else index / (report.video_fps or 1.0)
-                yield DecodedFrame(index, round(t, 6), frame.to_ndarray(format="rgb24"))
-        except (av.error.FFmpegError, ValueError, RuntimeError) as e:
+        report.pixel_aspect = _pixel_aspect(stream)
+        report.by_time = rule == "round" and step > 1
+        grid = _time_grid(report.video_fps, step) if report.by_time else None
+        decoded = _DecodedStream(container.decode(stream), report.video_fps)
+        for index, t, frame in _sampled(decoded, grid, step):
+            if index < start or (keep is not None and index not in keep):
+                continue
+            turns = _quarter_turns(frame.rotation, report)  # the stream's display matrix, on every frame
+            report.rotation = 90 * turns
+            image = to_display(frame.to_ndarray(format="rgb24"), turns, report.pixel_aspect)
+            yield DecodedFrame(index, round(t, 6), image)
+        index = decoded.count - 1
+        if decoded.error is not None:
             if index < 0:
-                raise VideoDecodeError(f"no frame could be decoded: {_av_message(e)}") from e
-            report.warnings.append(f"decoding stopped at frame {index} ({_av_message(e)}); kept the frames before")
+                raise VideoDecodeError(f"no frame could be decoded: {_av_message(decoded.error)}") from decoded.error
+            report.warnings.append(
+                f"decoding stopped at frame {index} ({_av_message(decoded.error)}); kept the frames before"
+            )
         if index < 0:
             raise VideoDecodeError("the video has no frames")
         report.num_frames = index + 1
+
+
+class _DecodedStream:
+    """PyAV's decoded frames as (index, timestamp, frame), ending quietly at a decoding error (kept in ``error``)
+    so that the frames before it, and a frame held for a sampling decision, are not lost."""
+
+    def __init__(self, frames: Iterator[Any], video_fps: float) -> None:
+        self.frames, self.video_fps = frames, video_fps
+        self.count = 0
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, float, Any]]:
+        import av
+
+        try:
+            for frame in self.frames:
+                index, self.count = self.count, self.count + 1
+                t = float(frame.time) if frame.time is not None else index / (self.video_fps or 1.0)
+                yield index, t, frame
+        except (av.error.FFmpegError, ValueError, RuntimeError) as e:
+            self.error = e
+
+
+def _sampled(
+    decoded: Iterable[tuple[int, float, Any]], grid: _TimeGrid | None, step: int
+) -> Iterator[tuple[int, float, Any]]:
+    """The frames a sampling rule keeps: every ``step``-th, or by ``grid`` (holding one frame until the next
+    one's timestamp says whether it was on screen at a grid point)."""
+    held: tuple[int, float, Any] | None = None
+    for item in decoded:
+        if grid is None:
+            if item[0] % step == 0:
+                yield item
+            continue
+        if grid.feed(item[1]) and held is not None:
+            yield held
+        held = item
+    if grid is not None and held is not None and grid.finish():
+        yield held
 
 
 def iter_video_frames(
@@ -224,7 +384,8 @@ def iter_video_frames(
     """Yield the sampled frames of ``path`` in order (``sampling``: see :func:`sampling_step`; ``keep``: only
     these frame indices, among the sampled ones: pass ``fps=None`` to choose from every frame).
 
-    ``backend``: ``auto`` (decord, then PyAV where decord is missing or fails), ``decord`` or ``pyav``.
+    ``backend``: ``auto`` (decord, then PyAV where decord is missing or fails), ``decord`` or ``pyav``; frames
+    come out as displayed (rotation and pixel aspect applied) from either.
     Raises :class:`VideoDecodeError` when nothing can be decoded. Problems after some frames were decoded are
     appended to ``report.warnings`` and decoding continues with the other backend where possible.
     """
@@ -239,10 +400,17 @@ def iter_video_frames(
         raise VideoDecodeError(
             "backend=decord but decord is not installed (no wheel for this platform?); use backend=pyav or auto"
         )
+    pixel_aspect = 1.0
+    if use_decord:
+        turns, pixel_aspect = _probe_display(path, report)
+        if turns:  # decord 0.6 garbles 90/270-degree frames and rotates 180 itself: PyAV gives them as displayed
+            use_decord = False
+            if backend == "decord":
+                report.warnings.append(f"rotated by {90 * turns} degrees: decoded with PyAV (decord mis-decodes it)")
     next_index = 0
     if use_decord:
         try:
-            for frame in _iter_decord(path, fps, threads, report, 0, sampling, keep):
+            for frame in _iter_decord(path, fps, threads, report, 0, sampling, keep, pixel_aspect):
                 next_index = frame.index + 1
                 yield frame
             return

@@ -57,6 +57,69 @@ def write_video(
     return path
 
 
+def write_picture_video(
+    path: Path, picture: np.ndarray, frames: int = 10, rotation: int | None = None, pixel_aspect: tuple | None = None
+) -> Path:
+    """A constant-picture H.264 video (``picture``: HxWx3 as stored) with a display rotation (degrees
+    counter-clockwise, written as the container's display matrix, as phones do) and/or a sample aspect ratio."""
+    from fractions import Fraction
+
+    import av
+
+    height, width = picture.shape[:2]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        s.options = {"threads": "1", "crf": "10"}
+        if rotation is not None:
+            s.set_display_rotation(rotation)
+        if pixel_aspect is not None:
+            s.sample_aspect_ratio = s.codec_context.sample_aspect_ratio = Fraction(*pixel_aspect)
+        for _ in range(frames):
+            for p in s.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def time_level(t: float) -> int:
+    """Brightness that encodes a presentation time in seconds (t < 12)."""
+    return int(round(10 + 20 * t))
+
+
+def time_of(image: np.ndarray) -> float:
+    return (float(image[4:-4, 4:-4].mean()) - 10) / 20
+
+
+def write_vfr_video(path: Path, segments: list[tuple[float, int]]) -> list[float]:
+    """A variable-frame-rate video: ``segments`` of (seconds, fps) one after the other, explicit timestamps (ms),
+    each frame uniformly grey at time_level(its time). Returns the frame times."""
+    from fractions import Fraction
+
+    import av
+
+    times: list[float] = []
+    t = 0.0
+    for seconds, rate in segments:
+        for _ in range(round(seconds * rate)):
+            times.append(round(t, 6))
+            t += 1 / rate
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=max(r for _, r in segments))
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.time_base = s.codec_context.time_base = Fraction(1, 1000)
+        s.options = {"threads": "1", "crf": "10"}
+        for t in times:
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), time_level(t), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return times
+
+
 def write_images(folder: Path, n: int, size: tuple[int, int] = (40, 30), names: str = "frame_{i}.png") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []

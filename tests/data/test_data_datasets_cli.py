@@ -50,3 +50,15 @@ def test_verify_checks_user_sources_and_exits_1_on_damage(tmp_path: Path, capsys
     shard.write_bytes(shard.read_bytes() + b"appended junk")
     assert main([f"paths.data_root={tmp_path}", "mixture=cholec", "verify=true"]) == 1
     assert "my_hospital" in capsys.readouterr().out.split("verify: 1 damaged shards", 1)[1]
+
+
+def test_report_compares_each_prepared_source_with_its_published_count(tmp_path: Path) -> None:
+    from surgenet_ssl.datasets import compare_with_published
+
+    write_source(tmp_path, "cholec80", videos=2, frames_per_video=5)
+    text = "\n".join(report(tmp_path, ["cholec"]))
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("cholec80"))
+    assert "prepared: 10 frames" in line and "-179,154 frames (-100.0%) vs the published 179,164" in line
+    assert "the release has 80 videos, the papers used 76" in line  # why Cholec80 may differ, and the fix
+    assert compare_with_published(53_427, 53_427) == "matches the published count"
+    assert compare_with_published(18_100, 18_064) == "+36 frames (+0.2%) vs the published 18,064"

@@ -88,3 +88,13 @@ def test_dataset_group_composes_with_train_config() -> None:
                 assert cfg.dataset.root == "/c" and cfg.dataset.generate == "demo"
             elif option != "custom":
                 assert cfg.dataset.root == "/d"
+
+
+def test_registry_says_what_each_release_ships() -> None:
+    # hSDB ships .tar archives of 1-fps JPEG folders and Surgical YouTube zips of frames: frames, not video
+    frames = {n for n, s in SOURCES.items() if s.distributed_as == "frames"}
+    assert frames == {"hsdb_chole", "hsdb_gastric", "youtube", "esad", "psi_ava", "dsad", "glenda", "lapgyn4"}
+    video = {n for n, s in SOURCES.items() if s.distributed_as == "video"}
+    assert video == {"cholec80", "heichole", "ramie_umcu", "rarp_avl", "multibypass140", "surgtoolloc2022"}
+    # Cholec80: the release has 80 videos, the papers used 76; the note says how to pick 76
+    assert SOURCES["cholec80"].release_videos == 80 and "exclude_videos" in SOURCES["cholec80"].note
