@@ -317,7 +317,9 @@ def load_classification_split(data_cfg, split: str) -> tuple[list[ClsSample], li
         samples = video_set_samples(fmt, where, str(frames_dir), wanted)
         criteria = criteria_of(fmt, Path(where).expanduser())
     else:
-        raise ValueError(f"data.format={fmt} is not a classification layout (auto, {', '.join(CLASSIFICATION_FORMATS)})")
+        raise ValueError(
+            f"data.format={fmt} is not a classification layout (auto, {', '.join(CLASSIFICATION_FORMATS)})"
+        )
     if selection is not None:
         samples = _keep_videos(samples, selection, f"data.{split}_videos", where)
     if not samples:

@@ -78,7 +78,8 @@ def release_root(split_dir: str | Path) -> Path:
             return candidate
     raise ValueError(
         f"{split} is not a split folder of the Endoscapes2023 release: none of {', '.join(_MARKERS)} in "
-        f"{split.parent} or {split.parent.parent}. Pass the unzipped release's folder, e.g. data.train=endoscapes/train."
+        f"{split.parent} or {split.parent.parent}. Pass a split folder of the unzipped release, e.g. "
+        "data.train=endoscapes/train."
     )
 
 
@@ -197,7 +198,8 @@ def cvs_samples(split_dir: str | Path) -> list[ClsSample]:
     if not samples:
         raise ValueError(f"Empty split: no CVS keyframes of {split} in {source} (videos from {videos_from}).")
     log.info(
-        "Endoscapes CVS %s: %d keyframes of %d videos (videos from %s; labels from %s, mean >= %.1f; rows left out: %s)",
+        "Endoscapes CVS %s: %d keyframes of %d videos (videos from %s; labels from %s, mean >= %.1f; rows left "
+        "out: %s)",
         split.name,
         len(samples),
         len({s.group for s in samples}),
@@ -273,7 +275,7 @@ def seg_samples(split_dir: str | Path) -> tuple[list[SegSample], list[str]]:
         wanted, unlisted = images, 0
     videos, videos_from = _split_videos(split, root, images)
     samples = []
-    for (vid, frame), image in sorted(wanted.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
+    for (vid, _), image in sorted(wanted.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
         if vid not in videos:
             raise ValueError(f"{image} belongs to video {vid}, which is not in {videos_from}.")
         mask = masks / f"{image.stem}.png"

@@ -50,7 +50,10 @@ log = logging.getLogger(__name__)
 VIDEO_SET_FORMATS = ("cholec80_phase", "cholec80_tool", "heichole_phase")
 CHOLEC80_TOOLS = ("Grasper", "Bipolar", "Hook", "Scissors", "Clipper", "Irrigator", "SpecimenBag")
 # the split used when none is given: (train videos, evaluation videos) as shipped lists (surgenet_ssl/data/video_lists)
-DEFAULT_SPLITS = {"cholec80_phase": ("cholec80_train", "cholec80_test"), "cholec80_tool": ("cholec80_train", "cholec80_test")}
+DEFAULT_SPLITS = {
+    "cholec80_phase": ("cholec80_train", "cholec80_test"),
+    "cholec80_tool": ("cholec80_train", "cholec80_test"),
+}
 _JPEG_QUALITY = 95
 _INDEX = re.compile(r"_(\d+)$")
 
@@ -87,10 +90,9 @@ def read_heichole_phases(path: Path) -> Labels:
         if not line.strip():
             continue
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isdigit() or int(parts[1]) >= len(CHOLEC80_PHASES):
-            raise ValueError(
-                f"{path}, line {line_no}: expected '<frame index>,<phase id 0-{len(CHOLEC80_PHASES) - 1}>', got {line!r}."
-            )
+        last = len(CHOLEC80_PHASES) - 1
+        if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isdigit() or int(parts[1]) > last:
+            raise ValueError(f"{path}, line {line_no}: expected '<frame index>,<phase id 0-{last}>', got {line!r}.")
         rows[int(parts[0])] = CHOLEC80_PHASES[int(parts[1])]
     if not rows:
         raise ValueError(f"{path} holds no annotation rows.")
@@ -198,9 +200,12 @@ def video_set_samples(
         )
     videos, annotations, read, name = _release(fmt, root)
     if not videos:
-        raise ValueError(f"{fmt}: no videos under {root} (expected e.g. {'videos/video01.mp4' if name == 'cholec80' else 'Videos/Full/Hei-Chole1.mp4'}).")
+        example = "videos/video01.mp4" if name == "cholec80" else "Videos/Full/Hei-Chole1.mp4"
+        raise ValueError(f"{fmt}: no videos under {root} (expected e.g. {example}).")
     if not annotations:
-        raise ValueError(f"{fmt}: no annotation files under {root} for the videos found ({', '.join(list(videos)[:3])}, ...).")
+        raise ValueError(
+            f"{fmt}: no annotation files under {root} for the videos found ({', '.join(list(videos)[:3])}, ...)."
+        )
     unannotated = sorted(set(videos) - set(annotations))
     without_video = sorted(set(annotations) - set(videos))
     if unannotated or without_video:
