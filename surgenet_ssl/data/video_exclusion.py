@@ -66,8 +66,9 @@ def _read_ids(path: Path) -> list[str]:
     return [i for i in ids if i]
 
 
-def load_video_exclusion(value: Any) -> VideoExclusion:
-    """Parse an ``exclude_videos`` setting (None, one item or a list of items) into a :class:`VideoExclusion`.
+def load_video_exclusion(value: Any, setting: str = "exclude_videos") -> VideoExclusion:
+    """Parse an ``exclude_videos`` setting (None, one item or a list of items) into a :class:`VideoExclusion`
+    (also the video selections of downstream splits: ``setting`` names the option in errors).
 
     A missing file (an item with ``/`` or ending ``.txt``/``.csv`` that does not exist) is an error naming it, so
     a typo never turns into an id that matches nothing."""
@@ -91,7 +92,7 @@ def load_video_exclusion(value: Any) -> VideoExclusion:
             origins.append(str(path))
         elif "/" in item or item.lower().endswith((".txt", ".csv")):
             raise ValueError(
-                f"exclude_videos: {item} is not a file (nor one of the shipped lists: {', '.join(shipped)}). Give a "
+                f"{setting}: {item} is not a file (nor one of the shipped lists: {', '.join(shipped)}). Give a "
                 "text file with one video id a line, a shipped list's name, or video ids."
             )
         else:

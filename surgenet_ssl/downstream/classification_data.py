@@ -44,6 +44,7 @@ __all__ = [
     "cholec80_samples",
     "read_phase_annotation",
     "load_classification_split",
+    "CLASSIFICATION_FORMATS",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,16 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
         ) from e
 
 
+def _binary(value: str) -> int | None:
+    """0 or 1 for ``0``, ``1``, ``0.0``, ``1.0``; None for anything else (a rater mean such as 0.67 is not a label:
+    ``int(float("0.67"))`` would silently make it 0)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return int(number) if number in (0.0, 1.0) else None
+
+
 def csv_samples(
     csv_path: str | os.PathLike, label_columns: Sequence[str] | None = None, image_root: str | None = None
 ) -> tuple[list[ClsSample], list[str] | None]:
@@ -131,14 +142,14 @@ def csv_samples(
             raise ValueError(f"{path}, line {line} ({rel}): missing label in column(s) {empty}.")
         target: str | tuple[int, ...]
         if multilabel:
-            try:
-                target = tuple(int(float(v)) for v in values)
-            except ValueError:
-                target = ()
-            if len(target) != len(values) or any(t not in (0, 1) for t in target):
+            bad = [f"{c}={v}" for c, v in zip(labels, values, strict=True) if _binary(v) is None]
+            if bad:
                 raise ValueError(
-                    f"{path}, line {line} ({rel}): multi-label values must be 0 or 1, got {values} for {labels}."
+                    f"{path}, line {line} ({rel}): multi-label values must be 0 or 1, got {', '.join(bad)}. "
+                    "Rater means (e.g. Endoscapes' 0.33 / 0.67) are not thresholded in a plain CSV: use "
+                    "data.format=endoscapes_cvs for the Endoscapes release, or write 0/1 labels."
                 )
+            target = tuple(int(_binary(v) or 0) for v in values)
         else:
             target = values[0]
         image = Path(rel) if Path(rel).is_absolute() else base / rel
@@ -231,8 +242,45 @@ def cholec80_samples(
     return samples
 
 
+CLASSIFICATION_FORMATS = ("csv", "cholec80", "endoscapes_cvs", "cholec80_phase", "cholec80_tool", "heichole_phase")
+
+
+def _video_selection(data_cfg, split: str):
+    """``data.<split>_videos`` (shipped list names, files or ids) as a VideoExclusion used as a selection, or None."""
+    from surgenet_ssl.data.video_exclusion import load_video_exclusion
+
+    value = data_cfg.get(f"{split}_videos")
+    return load_video_exclusion(value, setting=f"data.{split}_videos") if value else None
+
+
+def _keep_videos(samples: list[ClsSample], selection, setting: str, where: str) -> list[ClsSample]:
+    """The samples of the selected videos; a listed video that is absent is an error (a split is incomplete)."""
+    groups = {s.group for s in samples if s.group is not None}
+    if not groups:
+        raise ValueError(f"{setting}: {where} names no video per sample (a video column or video folders).")
+    chosen = {g for g in groups if selection.match(g)}
+    absent = sorted(selection.ids - {selection.match(g) for g in chosen})
+    if absent:
+        raise ValueError(
+            f"{setting} ({', '.join(selection.origins)}): {len(absent)} listed video(s) not in {where}: "
+            f"{', '.join(absent[:8])}. Get the whole release, or list only the videos you have."
+        )
+    kept = [s for s in samples if s.group in chosen]
+    log.info(
+        "%s (%s): %d samples of %d videos kept, %d samples of %d other videos left out",
+        setting,
+        ", ".join(selection.origins),
+        len(kept),
+        len(chosen),
+        len(samples) - len(kept),
+        len(groups - chosen),
+    )
+    return kept
+
+
 def load_classification_split(data_cfg, split: str) -> tuple[list[ClsSample], list[str] | None, str]:
-    """``(samples, multi-label criteria or None, format)`` of ``data.train`` / ``data.val``."""
+    """``(samples, multi-label criteria or None, format)`` of ``data.train`` / ``data.val``, restricted to the videos
+    of ``data.train_videos`` / ``data.val_videos`` where given."""
     where = str(data_cfg[split])
     fmt = data_cfg.format
     if fmt == "auto":
@@ -240,12 +288,14 @@ def load_classification_split(data_cfg, split: str) -> tuple[list[ClsSample], li
         if fmt is None:
             raise ValueError(
                 f"Cannot tell the classification layout of {where}: pass a .csv file, or frame folders with "
-                "data.annotations=DIR (Cholec80 phases); or set data.format=csv|cholec80."
+                "data.annotations=DIR (Cholec80 phases); or set data.format to one of "
+                f"{', '.join(CLASSIFICATION_FORMATS)}."
             )
+    selection = _video_selection(data_cfg, split)
+    criteria: list[str] | None = None
     if fmt == "csv":
         samples, criteria = csv_samples(where, data_cfg.get("label_columns"), data_cfg.get("image_root"))
-        return samples, criteria, fmt
-    if fmt == "cholec80":
+    elif fmt == "cholec80":
         samples = cholec80_samples(
             where,
             data_cfg.get("annotations"),
@@ -253,8 +303,28 @@ def load_classification_split(data_cfg, split: str) -> tuple[list[ClsSample], li
             data_cfg.frames_fps,
             int(data_cfg.get("first_frame_number") or 0),
         )
-        return samples, None, fmt
-    raise ValueError(f"data.format={fmt} is not a classification layout (auto, csv, cholec80)")
+    elif fmt == "endoscapes_cvs":
+        from .endoscapes import CVS_CRITERIA, cvs_samples
+
+        samples, criteria = cvs_samples(where), list(CVS_CRITERIA)
+    elif fmt in ("cholec80_phase", "cholec80_tool", "heichole_phase"):
+        from .video_sets import criteria_of, video_set_samples
+
+        frames_dir = data_cfg.get("frames_dir")
+        if not frames_dir:
+            raise ValueError(f"data.format={fmt} needs data.frames_dir (where the 1-fps frames are extracted once).")
+        wanted = None if selection is None else (lambda v: selection.match(v) is not None)
+        samples = video_set_samples(fmt, where, str(frames_dir), wanted)
+        criteria = criteria_of(fmt, Path(where).expanduser())
+    else:
+        raise ValueError(
+            f"data.format={fmt} is not a classification layout (auto, {', '.join(CLASSIFICATION_FORMATS)})"
+        )
+    if selection is not None:
+        samples = _keep_videos(samples, selection, f"data.{split}_videos", where)
+    if not samples:
+        raise ValueError(f"Empty split: no samples of data.{split}={where} after data.{split}_videos.")
+    return samples, criteria, fmt
 
 
 class ClassificationDataset(Dataset):

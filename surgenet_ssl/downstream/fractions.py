@@ -12,6 +12,9 @@ order or a random generator:
 
 Ranking by hash makes the subsets nested: the 10 % set is contained in the 25 % set, which is in the 50 % set.
 The subset does not depend on the training seed (several seeds = several trainings on the same subset).
+
+Where a set publishes its label fractions (Endoscapes2023: 12.5 % and 25 % of the training videos, 3 folds each),
+those fractions take the published videos instead, so results compare with the papers'.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["stable_rank_key", "select_fraction"]
+__all__ = ["stable_rank_key", "select_fraction", "official_fraction"]
 
 
 def stable_rank_key(name: str) -> int:
@@ -75,3 +79,35 @@ def select_fraction(
         ranked = sorted(members, key=lambda i: (stable_rank_key(keys[i]), keys[i]))
         chosen.extend(ranked[: _keep_count(fraction, len(ranked))])
     return sorted(chosen), "sample"
+
+
+def official_fraction(data_cfg: Any, samples: Sequence[Any]) -> tuple[list[int], dict[str, Any]] | None:
+    """``(kept indices, summary)`` where ``data.train_fraction`` is a label fraction the set publishes (Endoscapes:
+    12.5 % / 25 %, fold ``data.fraction_fold``), so results compare with the papers; None otherwise (hash ranking).
+    ``data.official_fractions=false`` always ranks by hash."""
+    fraction = float(data_cfg.train_fraction)
+    if str(data_cfg.get("format")) != "endoscapes_cvs" or fraction >= 1 or not data_cfg.get("official_fractions", True):
+        return None
+    from .endoscapes import official_fraction_videos
+
+    fold = int(data_cfg.get("fraction_fold") or 0)
+    found = official_fraction_videos(str(data_cfg.train), fraction, fold)
+    if found is None:
+        return None
+    videos, folder = found
+    present = {s.group for s in samples}
+    absent = sorted(videos - present, key=lambda v: (len(v), v))
+    if absent:
+        raise ValueError(
+            f"{folder} (the official {fraction:.1%} split) has videos {absent[:8]} that are not in data.train="
+            f"{data_cfg.train}: pass the release's train folder as data.train."
+        )
+    keep = [i for i, s in enumerate(samples) if s.group in videos]
+    return keep, {
+        "train_fraction": fraction,
+        "fraction_by": "official",
+        "official_split": str(folder),
+        "train_samples_total": len(samples),
+        "train_samples_used": len(keep),
+        "train_videos_used": sorted(videos, key=lambda v: (len(v), v)),
+    }

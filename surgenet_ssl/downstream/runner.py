@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader
 from surgenet_ssl.io_utils import atomic_path, save_torch, sha256_file
 
 from .classification_data import CHOLEC80_PHASES, ClassificationDataset, ClsSample, load_classification_split
-from .fractions import select_fraction
+from .fractions import official_fraction, select_fraction
 from .metrics import nan_to_none
 from .segmentation_data import MaskReader, SegmentationDataset, load_segmentation_split
 from .transforms import SegmentationTransform, as_size, classification_transform
+from .video_sets import apply_split_defaults
 
 __all__ = [
     "run_finetune",
@@ -120,6 +121,9 @@ def _group_summary(samples) -> dict[str, Any]:
 
 
 def _take_fraction(cfg: DictConfig, samples: list, strata=None) -> tuple[list, dict]:
+    official = official_fraction(cfg.data, samples)  # a set's published label fraction, where it has one
+    if official is not None:
+        return official
     fraction = float(cfg.data.train_fraction)
     keep, by = select_fraction(
         [s.key for s in samples], fraction, [s.group for s in samples], strata, str(cfg.data.fraction_by)
@@ -190,7 +194,7 @@ def _class_names(cfg: DictConfig, samples: Sequence[ClsSample], fmt: str) -> lis
     if cfg.data.get("classes"):
         return [str(c) for c in cfg.data.classes]
     labels = {str(s.target) for s in samples}
-    if fmt == "cholec80" and labels <= set(CHOLEC80_PHASES):
+    if fmt in ("cholec80", "cholec80_phase", "heichole_phase") and labels <= set(CHOLEC80_PHASES):
         return list(CHOLEC80_PHASES)
     if all(lbl.lstrip("-").isdigit() for lbl in labels):
         return sorted(labels, key=int)
@@ -575,7 +579,7 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
         for key, value in paths.items():
             OmegaConf.update(cfg, f"data.{key}", str(value), merge=False)
         log.info("demo: %s data in %s; demo settings %s", task, root, ", ".join(applied) or "none")
-    elif not cfg.data.get("val") and not cfg.data.get("val_groups"):
+    elif not apply_split_defaults(cfg.data) and not cfg.data.get("val") and not cfg.data.get("val_groups"):
         raise ValueError(
             "missing data.val (or data.val_groups). Usage: python -m surgenet_ssl.finetune task=NAME "
             "weights=PATH|null backbone=NAME data.train=DIR|CSV data.val=DIR|CSV"

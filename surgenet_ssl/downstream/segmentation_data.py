@@ -341,4 +341,11 @@ def load_segmentation_split(split_dir: str, fmt: str, classes: Sequence[str] | N
         if classes and list(classes) != list(CHOLECSEG8K_CLASSES):
             log.warning("data.classes is ignored for CholecSeg8k (its 13 classes are fixed)")
         return cholecseg8k_samples(split_dir, mask_kind), list(CHOLECSEG8K_CLASSES), mask_kind, fmt
-    raise ValueError(f"data.format={fmt} is not a segmentation layout (auto, folder, cholecseg8k)")
+    if fmt == "endoscapes_seg":
+        from .endoscapes import seg_samples
+
+        samples, names = seg_samples(split_dir)
+        if classes and list(classes) != names:
+            log.warning("data.classes is ignored for Endoscapes-Seg50 (its classes come from seg_label_map.txt)")
+        return samples, names, "index", fmt
+    raise ValueError(f"data.format={fmt} is not a segmentation layout (auto, folder, cholecseg8k, endoscapes_seg)")

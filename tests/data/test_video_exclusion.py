@@ -38,7 +38,9 @@ def videos_in(out: Path) -> set[str]:
 
 def test_shipped_lists_are_the_standard_ones() -> None:
     lists = shipped_lists()
-    assert set(lists) == {"cholec80_test", "cholec80_val", "cholecseg8k"}
+    assert set(lists) == {"cholec80_train", "cholec80_train32", "cholec80_test", "cholec80_val", "cholecseg8k"}
+    assert load_video_exclusion("cholec80_train").ids == {f"video{i:02d}" for i in range(1, 41)}
+    assert load_video_exclusion("cholec80_train32").ids == {f"video{i:02d}" for i in range(1, 33)}
     assert load_video_exclusion("cholec80_test").ids == {f"video{i:02d}" for i in range(41, 81)}
     assert load_video_exclusion("cholec80_val").ids == {f"video{i:02d}" for i in range(33, 41)}
     seg = load_video_exclusion("cholecseg8k").ids
