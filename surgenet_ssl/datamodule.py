@@ -191,6 +191,20 @@ class StreamingDataModule(pl.LightningDataModule):
         self.position.batches = int(self._resume["batches"])
         self.position.workers = {int(w): list(v) for w, v in (self._resume.get("workers") or {}).items()}
 
+    def resumed_epoch_batches_done(self, steps_per_epoch: int) -> int | None:
+        """For an elastic resume (another number of ranks or batch size, ``sampling=epoch``): how many of this
+        layout's ``steps_per_epoch`` batches count as done in the resumed epoch, so that the training loop runs
+        exactly the batches the loader has left (the rest of the epoch's frames). Lightning restores the batches
+        done in the *old* layout's units, which ended the epoch early or at once (frames skipped). None otherwise."""
+        resume = self._resume
+        if not resume or resume.get("epoch_samples") is None:
+            return None
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        g = int(self.data_cfg["batch_size"]) * world
+        remaining = max(0, steps_per_epoch * g - int(resume["epoch_samples"])) // g
+        return max(0, steps_per_epoch - remaining)
+
     def train_dataloader(self) -> DataLoader[Any]:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

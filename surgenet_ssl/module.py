@@ -570,6 +570,23 @@ class DINOModule(pl.LightningModule):
         # After the loader and everything else are set up: from here on the random stream must be the saved one.
         if self._rng_to_restore is not None:
             self._restore_rng_state(self._rng_to_restore)
+        self._align_elastic_resume()
+
+    def _align_elastic_resume(self) -> None:
+        """A resume on another number of ranks continues the epoch's frames (the data module's elastic resume);
+        the loop's restored count of batches done is in the old layout's units, so it is set to the new layout's
+        (Lightning's progress counters: the loop then runs exactly the batches the loader has left)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batches = self.trainer.num_training_batches
+        if datamodule is None or not hasattr(datamodule, "resumed_epoch_batches_done") or not math.isfinite(batches):
+            return
+        done = datamodule.resumed_epoch_batches_done(int(batches))
+        if done is None:
+            return
+        current = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        log.info("elastic resume: %d of the epoch's %d batches count as done on this layout", done, int(batches))
+        for counter in ("ready", "started", "processed", "completed"):  # the batch tracker has all four
+            setattr(current, counter, done)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         progress = checkpoint.get("progress")

@@ -5,6 +5,7 @@ lr is rescaled for the new global batch, and the model card counts the frames re
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import pytest
 
 from support.cli import FAST_TRAIN, TINY_BACKBONE_ARGS, run_module
 
-# 36 demo frames (fraction 0.2), batch 4: 9 optimizer steps per epoch on 1 rank, 4 or 5 on 2 ranks (the epoch's
-# length follows the world size). 2 epochs, no warmups: at the epoch boundary every cosine is at its midpoint.
+# 36 demo frames (fraction 0.2), epochs of 28 (the demo's source weights), batch 4: 7 optimizer steps per epoch on 1
+# rank, 3 on 2 ranks (the epoch's length follows the world size). 2 epochs, no warmups: at the epoch boundary every
+# cosine is at its midpoint.
 ARGS = [
     *FAST_TRAIN,
     *TINY_BACKBONE_ARGS,
@@ -82,3 +84,48 @@ def test_resume_on_another_world_size_continues_the_schedules_at_the_same_progre
     after_steps = len(resumed)
     seen = steps_per_epoch * 4 * first + after_steps * 4 * then
     assert f"= {seen:,} frames seen" in card
+
+
+def _trace(run_dir: Path) -> list[dict]:
+    import json
+
+    rows = []
+    for f in sorted((run_dir / "batch_trace").glob("rank*.jsonl")):
+        rows += [json.loads(line) for line in f.read_text().splitlines()]
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then", "stop"), [(1, 2, 4), (1, 2, 5), (2, 1, 2)])
+def test_a_mid_epoch_resume_on_another_world_size_uses_every_frame_of_the_epoch_once(
+    demo_cache: Path, tmp_path: Path, first: int, then: int, stop: int
+) -> None:
+    """Elastic: the epoch goes on after the frames the interrupted run consumed, through Lightning's loop (also when
+    the batches done so far equal a whole epoch of the new layout, where Lightning would end the epoch at once)."""
+    trace = ["callbacks.batch_trace.enabled=true", "trainer.max_epochs=1"]
+    before = tmp_path / "before"
+    trainer = ["trainer=ddp_cpu", f"trainer.devices={first}"] if first > 1 else ["trainer=cpu"]
+    proc = run_module(
+        "surgenet_ssl.train", f"hydra.run.dir={before}", *ARGS, *trace, *trainer, cache=demo_cache, timeout=900
+    )
+    frames = int(re.search(r"epochs of (\d+) frames", proc.stdout + proc.stderr).group(1))  # type: ignore[union-attr]
+    everything = [k for r in _trace(before) for k in r["keys"]]
+    assert len(everything) == len(set(everything))  # one epoch: every frame once (36 frames, whole batches)
+    after = tmp_path / "after"
+    (after / "checkpoints").mkdir(parents=True)
+    found = sorted((before / "checkpoints").glob(f"*step{stop:08d}.ckpt"))
+    step_ckpt = next(p for p in found if p.name.startswith("step"))
+    shutil.copy(step_ckpt, after / "checkpoints" / step_ckpt.name)
+    trainer = ["trainer=ddp_cpu", f"trainer.devices={then}"] if then > 1 else ["trainer=cpu"]
+    run_module("surgenet_ssl.train", f"hydra.run.dir={after}", *ARGS, *trace, *trainer, cache=demo_cache, timeout=900)
+    used_before = [k for r in _trace(before) if r["step"] < stop for k in r["keys"]]
+    used_after = [k for r in _trace(after) for k in r["keys"]]
+    assert not set(used_before) & set(used_after)  # nothing repeated
+    assert len(used_after) == len(set(used_after))
+    remaining, g_new = frames - len(used_before), 4 * then
+    # the rest of the epoch in whole global batches of the new layout (at most one incomplete batch dropped)
+    assert len(used_after) % g_new == 0 and remaining - g_new < len(used_after) <= remaining, (
+        frames,
+        len(used_before),
+        len(used_after),
+    )
