@@ -55,8 +55,8 @@ CONVENTIONS = {
     "in targets or predictions",
     "per-video strict": "Cholec80 (Main.m / Evaluate.m) without relaxation: accuracy per video, mean over videos; "
     "precision / recall / Jaccard / F1 per phase within each video (nan where absent), mean over videos, then phases",
-    "per-video relaxed": "Cholec80 Evaluate.m relaxed boundary (metrics.boundary_seconds, 10 s): transitions to an adjacent phase at a phase "
-    "start forgiven, as the script does; otherwise like per-video strict",
+    "per-video relaxed": "Cholec80 Evaluate.m relaxed boundary (metrics.boundary_seconds, 10 s): transitions to an "
+    "adjacent phase at a phase start forgiven, as the script does; otherwise like per-video strict",
     "absent=0": "a label without positives in the split counts as AP 0 in mAP (scikit-learn, torchmetrics)",
     "absent skipped": "a label without positives in the split is left out of mAP",
     "threshold 0.5": "per label, predictions score >= 0.5; balanced accuracy = mean recall of the classes present "
