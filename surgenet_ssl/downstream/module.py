@@ -243,7 +243,9 @@ def update_accumulators(owner, logits: Tensor, y) -> None:
 class _Accumulator:
     def __init__(self, task, num_classes, multilabel, ignore_index, per_image: bool = False):
         self.task, self.num_classes, self.multilabel, self.ignore_index = task, num_classes, multilabel, ignore_index
-        self._cm, self._scores, self._targets = None, [], []
+        self._cm: Tensor | None = None
+        self._scores: list[Tensor] = []
+        self._targets: list[Tensor] = []
         self._image_dice: list | None = [] if per_image else None
 
 

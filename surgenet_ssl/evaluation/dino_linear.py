@@ -18,8 +18,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -122,8 +123,9 @@ def dino_linear_eval(
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"dino_linear needs epochs >= 1 and batch_size >= 1; got {epochs} and {batch_size}.")
-    if _is_vit(model) and not 1 <= n_last_blocks <= len(getattr(model, "blocks", [])):
-        raise ValueError(f"dino_linear.n_last_blocks={n_last_blocks}: the ViT has {len(model.blocks)} blocks.")
+    depth = len(cast(Sized, getattr(model, "blocks", ())))
+    if _is_vit(model) and not 1 <= n_last_blocks <= depth:
+        raise ValueError(f"dino_linear.n_last_blocks={n_last_blocks}: the ViT has {depth} blocks.")
     device = resolve_device(device)
     torch.manual_seed(seed)
     was_training = model.training

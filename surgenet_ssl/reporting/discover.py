@@ -226,7 +226,8 @@ def _convention(results: dict[str, Any], key: str, task: str) -> str | None:
     return None
 
 
-def _lookup(block: dict[str, Any], key: str) -> Any:
+def _lookup(block: Any, key: str) -> Any:
+    """``block["a"]["b"]`` for ``key="a.b"``; None where a part is missing."""
     for part in key.split("."):
         block = block.get(part) if isinstance(block, dict) else None
         if block is None:
@@ -258,7 +259,7 @@ def _finetune_entries(path: Path, results: dict[str, Any]) -> list[ResultEntry]:
     metric = results.get("primary_metric")
     entries = []
     for info in (results.get("variants") or {}).values():
-        columns = {}
+        columns: dict[str, tuple[float | None, float | None, int]] = {}
         n = len(info.get("runs") or [])
         keys = [metric] + [k for k in _FINETUNE_COLUMNS if k != metric]
         for key in keys:

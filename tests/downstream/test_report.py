@@ -157,3 +157,44 @@ def test_cli_single_run_dir_and_bad_input(sweep, tmp_path):
     proc = _run(str(tmp_path / "empty"), cwd=tmp_path)
     assert proc.returncode == 1 and "No pretraining run" in proc.stderr and not (tmp_path / "empty" / "report").exists()
     assert _run(cwd=tmp_path).returncode == 2
+
+
+def test_finetune_columns_name_their_convention_and_legacy_results_get_theirs(tmp_path):
+    from surgenet_ssl.reporting.discover import find_results
+
+    video = {"strict": {"accuracy": 0.7, "jaccard": 0.5}, "relaxed": {"accuracy": 0.8, "jaccard": 0.6, "f1": 0.7}}
+    new = {
+        "kind": "finetune",
+        "task": "classification",
+        "primary_metric": "macro_f1",
+        "metrics": {
+            "convention": {
+                "macro_f1": "pooled",
+                "per_video.strict": "per-video strict",
+                "per_video.relaxed": "per-video relaxed",
+            }
+        },
+        "data": {"train": {"root": "/data/cholec80/train"}},
+        "variants": {"a": {"weights": None, "mean": {"macro_f1": 0.6, "per_video": video}, "std": {}, "runs": [{}]}},
+    }
+    legacy = {
+        "kind": "finetune",
+        "task": "multilabel_classification",
+        "primary_metric": "mAP",
+        "data": {"train": {"root": "/data/cvs/train"}},
+        "variants": {"a": {"weights": None, "mean": {"mAP": 0.64}, "std": {}, "runs": [{}]}},
+    }
+    for name, body in (("new", new), ("legacy", legacy)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(body))
+    entries, _ = find_results([tmp_path])
+    columns = {c: v[0] for e in entries for c, v in e.columns.items()}
+    assert columns == {
+        "classification[cholec80]:macro_f1 (pooled)": 0.6,
+        "classification[cholec80]:accuracy (per-video strict)": 0.7,
+        "classification[cholec80]:jaccard (per-video strict)": 0.5,
+        "classification[cholec80]:accuracy (per-video relaxed)": 0.8,
+        "classification[cholec80]:jaccard (per-video relaxed)": 0.6,
+        "classification[cholec80]:f1 (per-video relaxed)": 0.7,
+        "multilabel[cvs]:mAP (absent skipped)": 0.64,  # written before the tags: absent labels were left out
+    }
