@@ -4,7 +4,9 @@
 
 Loads any weights ``load_backbone_weights`` understands (or ``weights=null``: random init, a baseline), extracts
 frozen pooled features of both folders, and reports DINO's weighted k-NN top-1/top-5 (train = memory, val =
-queries), a linear-probe accuracy, a t-SNE map (``embedding_map.png``) and ``results.json`` in ``output``.
+queries), a linear-probe accuracy (``protocol``: ``logistic``, the standardised L-BFGS logistic regression;
+``dino_linear``, DINO's linear evaluation; or ``both``), a t-SNE map (``embedding_map.png``) and ``results.json`` in
+``output`` (its ``metrics`` block names the convention of each number).
 With ``baseline=random`` (the default) the same backbone at random initialisation (seeded by ``seed``) is scored
 too, and both and the gain are printed (and stored under ``baseline`` / ``gain``): a number only means something
 next to what the architecture gives without any training. The last line printed is ``knn_top1=<float>`` (a
@@ -114,6 +116,26 @@ def baseline_mode(cfg: DictConfig) -> str | None:
     return "random"
 
 
+def protocols(cfg: DictConfig) -> tuple[bool, bool]:
+    """``protocol``: ``(logistic, dino_linear)`` to run; logistic | dino_linear | both."""
+    value = str(cfg.get("protocol", "logistic")).lower()
+    if value not in ("logistic", "dino_linear", "both"):
+        raise ValueError(f"protocol={value}: choose logistic (the default), dino_linear or both.")
+    return value in ("logistic", "both"), value in ("dino_linear", "both")
+
+
+def metric_conventions(logistic: bool, dino: bool) -> dict[str, Any]:
+    """The ``metrics`` block of results.json: each number -> its convention tag, and the tags' definitions."""
+    from surgenet_ssl.downstream.metrics import CONVENTIONS
+
+    tags = {"knn_top1": "DINO k-NN", "knn_top5": "DINO k-NN"}
+    if logistic:
+        tags["linear_probe_accuracy"] = "logistic"
+    if dino:
+        tags["dino_linear_accuracy"] = "DINO linear"
+    return {"convention": tags, "definitions": {t: CONVENTIONS[t] for t in dict.fromkeys(tags.values())}}
+
+
 def check_writable(output: Path) -> None:
     """Create ``output`` and write a probe file there now, so a bad ``output=`` fails before minutes of feature
     extraction instead of after them."""
@@ -180,6 +202,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from surgenet_ssl.evaluation import (
         ImageFolderDataset,
+        dino_linear_eval,
         extract_features,
         knn_accuracy,
         linear_probe_accuracy,
@@ -206,6 +229,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     check_writable(output)  # before the slow part, not after it
     baseline = baseline_mode(cfg)
+    run_logistic, run_dino = protocols(cfg)
     model, load_summary = build_model(cfg)
     log.info("%s", load_summary)
     start = time.perf_counter()
@@ -226,8 +250,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     num_classes = len(train.classes)
 
-    def score(tr: Any, va: Any) -> tuple[float, float, float]:
-        """k-NN top-1, top-5 and linear-probe accuracy of one model's features (the same settings for both)."""
+    def score(m: Any, tr: Any, va: Any) -> dict[str, Any]:
+        """k-NN top-1 / top-5 and the linear protocols asked for, of one model (the same settings for both)."""
         knn = knn_accuracy(
             tr.features,
             tr.labels,
@@ -237,30 +261,50 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             k=int(cfg.knn.k),
             temperature=float(cfg.knn.temperature),
         )
-        probe = linear_probe_accuracy(
-            tr.features,
-            tr.labels,
-            va.features,
-            va.labels,
-            C=float(cfg.linear_probe.C),
-            max_iter=int(cfg.linear_probe.max_iter),
-        )
-        return knn[0], knn[1], probe
+        out: dict[str, Any] = {"knn_top1": knn[0], "knn_top5": knn[1]}
+        if run_logistic:
+            out["linear_probe_accuracy"] = linear_probe_accuracy(
+                tr.features,
+                tr.labels,
+                va.features,
+                va.labels,
+                C=float(cfg.linear_probe.C),
+                max_iter=int(cfg.linear_probe.max_iter),
+            )
+        if run_dino:
+            d = cfg.dino_linear
+            result = dino_linear_eval(
+                m,
+                train_set,
+                val_set,
+                num_classes,
+                epochs=int(d.epochs),
+                batch_size=int(d.batch_size),
+                lr=float(d.lr),
+                n_last_blocks=int(d.n_last_blocks),
+                avgpool=bool(d.avgpool),
+                val_every=int(d.val_every),
+                num_workers=int(workers),
+                device=device,
+                seed=int(cfg.seed),
+            )
+            out["dino_linear_accuracy"] = result.best_accuracy
+            out["dino_linear"] = result.as_dict() | {"epochs": int(d.epochs), "batch_size": int(d.batch_size)}
+        return out
 
-    top1, top5, probe = score(train, val)
+    scores = score(model, train, val)
     reference: dict[str, Any] | None = None
     if baseline == "random" and cfg.weights is not None:  # weights=null is the random baseline itself
         random_model = _with_batch_norm_statistics(build_random_model(cfg, like=model), train_set, loader_kw)
         r_train = extract_features(random_model, train_set, **loader_kw)
         r_val = extract_features(random_model, val_set, **loader_kw)
-        r_top1, r_top5, r_probe = score(r_train, r_val)
-        reference = {
-            "weights": f"random initialisation (seed {int(cfg.seed)})",
-            "knn_top1": r_top1,
-            "knn_top5": r_top5,
-            "linear_probe_accuracy": r_probe,
-        }
-        log.info("random-init baseline: k-NN top-1 %.4f, linear probe %.4f", r_top1, r_probe)
+        reference = {"weights": f"random initialisation (seed {int(cfg.seed)})", **score(random_model, r_train, r_val)}
+        linear = [k for k in ("linear_probe_accuracy", "dino_linear_accuracy") if k in reference]
+        log.info(
+            "random-init baseline: k-NN top-1 %.4f%s",
+            reference["knn_top1"],
+            "".join(f", {k} {reference[k]:.4f}" for k in linear),
+        )
     output.mkdir(parents=True, exist_ok=True)
     png = save_embedding_map(
         torch.cat([train.features, val.features]),
@@ -272,10 +316,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         max_points=int(cfg.tsne.max_points),
         seed=int(cfg.seed),
     )
+    headline = ("knn_top1", "knn_top5", "linear_probe_accuracy", "dino_linear_accuracy")
     results = {
-        "knn_top1": top1,
-        "knn_top5": top5,
-        "linear_probe_accuracy": probe,
+        **scores,
+        "metrics": metric_conventions(run_logistic, run_dino),
         "knn": {
             "k": int(cfg.knn.k),
             "k_used": min(int(cfg.knn.k), len(train.labels)),
@@ -286,12 +330,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "weights": None if cfg.weights is None else str(cfg.weights),
         "weights_loaded": load_summary,
         "baseline": reference,
-        "gain": None
-        if reference is None
-        else {
-            key: (top1, top5, probe)[i] - reference[key]
-            for i, key in enumerate(("knn_top1", "knn_top5", "linear_probe_accuracy"))
-        },
+        "gain": None if reference is None else {k: scores[k] - reference[k] for k in headline if k in scores},
         "feature_dim": int(train.features.shape[1]),
         "class_names": train.classes,
         "train": _split_summary(train_set, train),
@@ -317,18 +356,23 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.output)
     print(f"results={out / 'results.json'}")
     print(f"embedding_map={results['embedding_map']}")
-    print(f"linear_probe_accuracy={results['linear_probe_accuracy']:.4f}")
+    linear = [k for k in ("linear_probe_accuracy", "dino_linear_accuracy") if k in results]
+    for key in linear:
+        print(f"{key}={results[key]:.4f}")
     print(f"knn_top5={results['knn_top5']:.4f}")
     base, gain = results.get("baseline"), results.get("gain")
     if base is not None and gain is not None:  # (both, or neither)
-        print(f"random_init_linear_probe_accuracy={base['linear_probe_accuracy']:.4f}")
+        for key in linear:
+            print(f"random_init_{key}={base[key]:.4f}")
         print(f"random_init_knn_top1={base['knn_top1']:.4f}")
-        print(f"linear_probe_gain={gain['linear_probe_accuracy']:+.4f}")
+        for key in linear:
+            print(f"{key.replace('_accuracy', '')}_gain={gain[key]:+.4f}")
         print(f"knn_top1_gain={gain['knn_top1']:+.4f}")
+        names = {"linear_probe_accuracy": "linear probe (logistic)", "dino_linear_accuracy": "DINO linear"}
         print(
             f"k-NN top-1: {base['knn_top1']:.4f} at random init -> {results['knn_top1']:.4f} with {cfg.weights} "
-            f"(gain {gain['knn_top1']:+.4f}); linear probe {base['linear_probe_accuracy']:.4f} -> "
-            f"{results['linear_probe_accuracy']:.4f}"
+            f"(gain {gain['knn_top1']:+.4f})"
+            + "".join(f"; {names[k]} {base[k]:.4f} -> {results[k]:.4f}" for k in linear)
         )
     print(f"knn_top1={results['knn_top1']:.4f}", flush=True)
 

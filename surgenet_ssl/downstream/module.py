@@ -16,12 +16,22 @@ import math
 from collections.abc import Sequence
 from typing import Any, cast
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import classification_metrics, confusion_matrix, multilabel_metrics, segmentation_metrics
+from .metrics import (
+    classification_metrics,
+    confusion_matrix,
+    multilabel_metrics,
+    per_image_dice,
+    per_image_dice_summary,
+    phase_metrics,
+    segmentation_metrics,
+    video_order,
+)
 
 __all__ = ["FinetuneModule", "evaluate_model", "lr_factor", "backbone_parameters"]
 
@@ -222,6 +232,8 @@ def update_accumulators(owner, logits: Tensor, y) -> None:
                     0
                 ]
             part = confusion_matrix(logit.argmax(0), mask.to(logit.device), owner.num_classes, owner.ignore_index)
+            if getattr(owner, "_image_dice", None) is not None:
+                owner._image_dice.append(per_image_dice(part))
             cm = part if cm is None else cm + part
     else:
         cm = confusion_matrix(logits.argmax(1), y, owner.num_classes, ignore_index=None)
@@ -229,9 +241,27 @@ def update_accumulators(owner, logits: Tensor, y) -> None:
 
 
 class _Accumulator:
-    def __init__(self, task, num_classes, multilabel, ignore_index):
+    def __init__(self, task, num_classes, multilabel, ignore_index, per_image: bool = False):
         self.task, self.num_classes, self.multilabel, self.ignore_index = task, num_classes, multilabel, ignore_index
-        self._cm, self._scores, self._targets = None, [], []
+        self._cm: Tensor | None = None
+        self._scores: list[Tensor] = []
+        self._targets: list[Tensor] = []
+        self._image_dice: list | None = [] if per_image else None
+
+
+def _per_video(preds: dict[int, int], targets: dict[int, int], options: dict, class_names: Sequence[str]) -> dict:
+    """Phase metrics per video (Cholec80) of the frames whose dataset index has a prediction."""
+    videos, keys = options["videos"], options["keys"]
+    seen = sorted(preds)
+    order = [seen[i] for i in video_order([keys[i] for i in seen], [videos[i] for i in seen])]
+    return phase_metrics(
+        [preds[i] for i in order],
+        [targets[i] for i in order],
+        [str(videos[i]) for i in order],
+        class_names,
+        fps=float(options.get("fps", 1.0)),
+        boundary_seconds=float(options.get("boundary_seconds", 10.0)),
+    )
 
 
 @torch.no_grad()
@@ -245,11 +275,20 @@ def evaluate_model(
     ignore_index: int = 255,
     autocast_dtype: torch.dtype | None = None,
     keep: Sequence[int] = (),
+    options: dict | None = None,
 ) -> tuple[dict, list]:
     """One pass over ``loader`` -> the task metrics; also returns the (index, prediction) pairs of the dataset
-    indices in ``keep`` (segmentation: the class map at the mask's resolution) for overlay figures."""
+    indices in ``keep`` (segmentation: the class map at the mask's resolution) for overlay figures.
+
+    ``options`` (the ``metrics`` config): ``absent_labels`` (mAP), ``per_image_dice``; ``videos`` and ``keys`` (per
+    dataset index: video id and file name) with ``fps`` and ``boundary_seconds`` add the per-video phase metrics.
+    """
+    options = options or {}
     keep_ids = {int(i) for i in keep}
-    acc = _Accumulator(task, len(class_names), multilabel, ignore_index)
+    acc = _Accumulator(task, len(class_names), multilabel, ignore_index, bool(options.get("per_image_dice")))
+    per_video = task == "classification" and not multilabel and options.get("videos") is not None
+    preds: dict[int, int] = {}
+    targets: dict[int, int] = {}
     was_training = model.training
     model.eval().to(device)
     kept: list = []
@@ -264,6 +303,9 @@ def evaluate_model(
             else:
                 y = y.to(device)
             update_accumulators(acc, logits, y)
+            if per_video:
+                preds.update(zip(idx.tolist(), logits.argmax(1).tolist(), strict=True))
+                targets.update(zip(idx.tolist(), y.tolist(), strict=True))
             if task == "segmentation" and keep_ids:
                 for logit, mask, i in zip(logits, y, idx.tolist(), strict=True):
                     if i not in keep_ids:
@@ -275,11 +317,16 @@ def evaluate_model(
     if multilabel:
         if not acc._scores:
             raise ValueError("Empty split: the validation loader yielded no samples.")
-        return multilabel_metrics(torch.cat(acc._scores).cpu(), torch.cat(acc._targets).cpu(), class_names), kept
+        scores, labels = torch.cat(acc._scores).cpu(), torch.cat(acc._targets).cpu()
+        return multilabel_metrics(scores, labels, class_names, str(options.get("absent_labels", "zero"))), kept
     if acc._cm is None:
         raise ValueError("Empty split: the validation loader yielded no samples.")
     cm = acc._cm.cpu()
     score = segmentation_metrics if task == "segmentation" else classification_metrics
     metrics = score(cm, class_names)
+    if acc._image_dice is not None:
+        metrics |= per_image_dice_summary(np.stack(acc._image_dice), class_names)
+    if per_video:
+        metrics["per_video"] = _per_video(preds, targets, options, class_names)
     metrics["confusion_matrix"] = cm.tolist()
     return metrics, kept

@@ -32,7 +32,7 @@ from surgenet_ssl.io_utils import atomic_path, save_torch, sha256_file
 
 from .classification_data import CHOLEC80_PHASES, ClassificationDataset, ClsSample, load_classification_split
 from .fractions import official_fraction, select_fraction
-from .metrics import nan_to_none
+from .metrics import metric_conventions, nan_to_none
 from .segmentation_data import MaskReader, SegmentationDataset, load_segmentation_split
 from .transforms import SegmentationTransform, as_size, classification_transform
 from .video_sets import apply_split_defaults
@@ -372,10 +372,8 @@ def build_model(cfg: DictConfig, data: PreparedData, weights: str | None) -> tup
 
 # ------------------------------------------------------------------------------------------------------ runs
 def aggregate_runs(runs: Sequence[dict]) -> tuple[dict, dict]:
-    """Mean and sample std (ddof=1; None with one seed) over seeds of every scalar metric and per-class dict."""
-    mean: dict[str, Any] = {}
-    std: dict[str, Any] = {}
-    first = runs[0]["metrics"]
+    """Mean and sample std (ddof=1; None with one seed) over seeds of every scalar metric and per-class dict, also
+    inside nested blocks (``per_video``: ``strict`` / ``relaxed``)."""
 
     def stats(values):
         arr = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
@@ -384,16 +382,25 @@ def aggregate_runs(runs: Sequence[dict]) -> tuple[dict, dict]:
         s = float(finite.std(ddof=1)) if finite.size >= 2 else None
         return m, s
 
-    for key, value in first.items():
-        if key in ("confusion_matrix", "pixels", "samples", "support", "positives"):
-            continue
-        if isinstance(value, (int, float)):
-            mean[key], std[key] = stats([r["metrics"][key] for r in runs])
-        elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
-            mean[key], std[key] = {}, {}
-            for cls in value:
-                mean[key][cls], std[key][cls] = stats([r["metrics"][key][cls] for r in runs])
-    return mean, std
+    def walk(blocks: list[dict]) -> tuple[dict, dict]:
+        mean: dict[str, Any] = {}
+        std: dict[str, Any] = {}
+        for key, value in blocks[0].items():
+            if key in ("confusion_matrix", "pixels", "samples", "support", "positives", "per_video_accuracy"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+                continue
+            if isinstance(value, (int, float)):
+                mean[key], std[key] = stats([b[key] for b in blocks])
+            elif value and all(isinstance(v, (int, float)) or v is None for v in value.values()):
+                mean[key], std[key] = {}, {}
+                for cls in value:
+                    mean[key][cls], std[key][cls] = stats([b[key][cls] for b in blocks])
+            elif value:
+                mean[key], std[key] = walk([b[key] for b in blocks])
+        return mean, std
+
+    return walk([r["metrics"] for r in runs])
 
 
 def _loggers(cfg: DictConfig, run_dir: Path, run_label: str) -> list:
@@ -508,6 +515,7 @@ def _train_one(
         int(cfg.data.ignore_index),
         _autocast_dtype(cfg.trainer.precision, device),
         keep=overlay_indices(len(data.val), overlay_count),
+        options=metric_options(cfg, data),
     )
     if cfg.get("save_weights"):
         with atomic_path(run_dir / "model.pth") as tmp:
@@ -522,6 +530,41 @@ def _train_one(
         "device": str(device),
         "kept": kept,
     }
+
+
+def per_video_wanted(cfg: DictConfig, data: PreparedData) -> bool:
+    """``metrics.per_video``: auto -> single-label classification whose validation frames all name their video."""
+    wanted = (cfg.get("metrics") or {}).get("per_video", "auto")
+    if data.task != "classification" or data.multilabel or wanted in (False, None) or str(wanted) == "false":
+        return False
+    samples = cast(ClassificationDataset, data.val).samples
+    has_videos = all(s.group is not None for s in samples)
+    if str(wanted) != "auto" and not has_videos:
+        raise ValueError(
+            "metrics.per_video=true needs the video of every validation frame (a video column in the CSV, or the "
+            "Cholec80 layout); set metrics.per_video=auto or false."
+        )
+    return has_videos
+
+
+def metric_options(cfg: DictConfig, data: PreparedData) -> dict[str, Any]:
+    """The ``metrics`` config as :func:`evaluate_model` options (per-video: each validation frame's video and name)."""
+    m = cfg.get("metrics") or {}
+    if str(m.get("absent_labels", "zero")) not in ("zero", "skip"):
+        raise ValueError(f"metrics.absent_labels={m.get('absent_labels')}: choose zero (scikit-learn) or skip.")
+    options: dict[str, Any] = {
+        "absent_labels": str(m.get("absent_labels", "zero")),
+        "per_image_dice": bool(m.get("per_image_dice", False)),
+    }
+    if per_video_wanted(cfg, data):
+        samples = cast(ClassificationDataset, data.val).samples
+        options |= {
+            "videos": [s.group for s in samples],
+            "keys": [s.key for s in samples],
+            "fps": float(cfg.data.get("frames_fps") or 1.0),
+            "boundary_seconds": float(m.get("boundary_seconds", 10.0)),
+        }
+    return options
 
 
 def overlay_indices(n: int, count: int) -> list[int]:
@@ -590,6 +633,7 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
 
     # everything that can be wrong with the input fails here, before training or writing anything
     data = prepare_data(cfg)  # first: bad data fails in seconds, before Lightning is even imported
+    metric_options(cfg, data)  # and bad metrics.* settings
     from surgenet_ssl.evaluate import check_writable
     from surgenet_ssl.resources import apply_torch_threads
     from surgenet_ssl.train import check_devices, silence_benign_warnings
@@ -664,11 +708,19 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
             v: {metric: {"mean": r["mean"].get(metric), "std": r["std"].get(metric), "n": len(r["runs"])}}
             for v, r in results_variants.items()
         }
+        options = metric_options(cfg, data)
         results = {
             "kind": "finetune",
             "task": "multilabel_classification" if data.multilabel else task,
             "mode": str(cfg.task.mode),
             "primary_metric": metric,
+            "metrics": metric_conventions(
+                data.task,
+                data.multilabel,
+                options["absent_labels"],
+                per_video="videos" in options,
+                per_image_dice=options["per_image_dice"],
+            ),
             "summary": summary,
             "backbone": cfg.backbone.name,
             "timm_name": cfg.backbone.get("timm_name"),
@@ -694,11 +746,25 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
 
 
 def format_summary(results: dict[str, Any]) -> list[str]:
-    """The comparison table printed at the end of a run."""
+    """The comparison table printed at the end of a run (the primary metric named with its convention), and the
+    per-video phase figures when they were computed."""
     metric = results["primary_metric"]
-    lines = [f"{'variant':<14} {metric + ' (mean +- std over ' + str(len(results['seeds'])) + ' seed(s))':<46} weights"]
+    tag = ((results.get("metrics") or {}).get("convention") or {}).get(metric)
+    named = f"{metric} [{tag}]" if tag else metric
+    lines = [f"{'variant':<14} {named + ' (mean +- std over ' + str(len(results['seeds'])) + ' seed(s))':<46} weights"]
     for variant, info in results["variants"].items():
         m, s = info["mean"].get(metric), info["std"].get(metric)
         value = "n/a" if m is None else f"{m:.4f}" + (f" +- {s:.4f}" if s is not None else "")
         lines.append(f"{variant:<14} {value:<46} {info['weights'] or '-'}")
+    for variant, info in results["variants"].items():
+        video = info["mean"].get("per_video")
+        if not video:
+            continue
+        parts = [
+            f"{kind} accuracy {video[kind]['accuracy']:.4f}, Jaccard {video[kind]['jaccard']:.4f}, "
+            f"F1 {video[kind]['f1']:.4f}"
+            for kind in ("strict", "relaxed")
+            if video.get(kind) and None not in (video[kind].get("accuracy"), video[kind].get("jaccard"))
+        ]
+        lines.append(f"{variant:<14} per-video (Cholec80): " + "; ".join(parts))
     return lines

@@ -16,6 +16,7 @@ from .diagnostics import (
     effective_rank,
     entropy,
 )
+from .dino_linear import DinoLinearResult, dino_linear_eval, linear_input
 from .embedding_map import clamp_perplexity, save_embedding_map, tsne_embedding
 from .features import (
     ExtractedFeatures,
@@ -32,6 +33,9 @@ __all__ = [
     "knn_accuracy",
     "linear_probe_accuracy",
     "fit_linear_probe",
+    "dino_linear_eval",
+    "DinoLinearResult",
+    "linear_input",
     "collapse_diagnostics",
     "collapse_warning",
     "collapse_kind",

@@ -111,8 +111,9 @@ def knn_accuracy(
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (fractions in [0, 1]) of ``knn_classify`` on labelled test features.
 
-    Top-5 counts a hit when the true class is among the 5 best-scored classes; with fewer than 5 classes it is
-    top-``num_classes`` (always 1.0). Ties are broken by class index (lower first), deterministically.
+    Top-5 counts a hit when the true class is among the 5 best-scored classes **and received a vote**: when the k
+    neighbours name fewer than 5 classes, the remaining places are not filled with unvoted classes (which would be
+    hits by index order, not by similarity). Ties are broken by class index (lower first), deterministically.
     """
     if test_labels.ndim != 1 or test_labels.shape[0] != test_features.shape[0]:
         raise ValueError(
@@ -121,11 +122,12 @@ def knn_accuracy(
         )
     if test_features.shape[0] == 0:
         raise ValueError("k-NN accuracy needs at least one test sample; the test set is empty.")
-    predictions, _ = knn_classify(
+    predictions, scores = knn_classify(
         train_features, train_labels, test_features, num_classes, k=k, temperature=temperature, chunk_size=chunk_size
     )
     target = test_labels.to(device=predictions.device, dtype=torch.long).view(-1, 1)
-    correct = predictions.eq(target)
+    voted = scores.gather(1, predictions) > 0
+    correct = predictions.eq(target) & voted
     top1 = correct[:, :1].any(dim=1).float().mean().item()
     top5 = correct[:, : min(5, num_classes)].any(dim=1).float().mean().item()
     return top1, top5

@@ -1,9 +1,10 @@
-"""Linear probe: multinomial logistic regression on frozen, standardised backbone features.
+"""The ``logistic`` linear probe: multinomial logistic regression on frozen, standardised backbone features.
 
 Why this form: a closed-form-like convex fit (scikit-learn, L-BFGS) is deterministic, needs no learning-rate
 schedule and works from a handful of images to tens of thousands, which is what a quick comparison of
-pretrained teachers needs. (The DINO paper's linear eval trains with SGD on augmented crops for 100 epochs;
-numbers from this probe are for comparing backbones with each other, not with that protocol.)
+pretrained teachers needs. The DINO paper's linear evaluation (SGD on augmented crops for 100 epochs, ViTs on the
+last 4 CLS tokens) is :mod:`.dino_linear` (``evaluate protocol=dino_linear``); the two can differ by several
+points on the same backbone, so results name which one a number comes from.
 """
 
 from __future__ import annotations

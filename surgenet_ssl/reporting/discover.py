@@ -213,19 +213,66 @@ def _data_label(results: dict[str, Any]) -> str:
     return label
 
 
+def _convention(results: dict[str, Any], key: str, task: str) -> str | None:
+    """The convention tag of a metric (``per_video.relaxed.f1`` -> the tag of ``per_video.relaxed``); results.json
+    files written before the tags existed used dataset-level / pooled metrics and left absent labels out of mAP."""
+    named = (results.get("metrics") or {}).get("convention")
+    if isinstance(named, dict):
+        return named.get(key) or named.get(".".join(key.split(".")[:2]))
+    if key == "mAP":
+        return "absent skipped"
+    if key in ("mIoU", "mDice", "accuracy", "macro_f1"):
+        return "dataset-level" if task == "segmentation" else "pooled"
+    return None
+
+
+def _lookup(block: Any, key: str) -> Any:
+    """``block["a"]["b"]`` for ``key="a.b"``; None where a part is missing."""
+    for part in key.split("."):
+        block = block.get(part) if isinstance(block, dict) else None
+        if block is None:
+            return None
+    return block
+
+
+_FINETUNE_COLUMNS = (
+    "mIoU",
+    "mDice",
+    "mDice_per_image",
+    "accuracy",
+    "macro_f1",
+    "per_video.strict.accuracy",
+    "per_video.strict.jaccard",
+    "per_video.relaxed.accuracy",
+    "per_video.relaxed.jaccard",
+    "per_video.relaxed.f1",
+    "mAP",
+    "balanced_accuracy",
+)
+
+
 def _finetune_entries(path: Path, results: dict[str, Any]) -> list[ResultEntry]:
+    """One entry per variant; each column is ``task[data]:metric (convention)``."""
     task = str(results.get("task", "finetune")).replace("_classification", "")
     label = _data_label(results)
     backbone = str(results.get("timm_name") or results.get("backbone") or "?")
     metric = results.get("primary_metric")
     entries = []
     for info in (results.get("variants") or {}).values():
-        columns = {}
+        columns: dict[str, tuple[float | None, float | None, int]] = {}
         n = len(info.get("runs") or [])
-        keys = [metric] + [k for k in ("mIoU", "mDice", "accuracy", "macro_f1", "mAP") if k != metric]
+        keys = [metric] + [k for k in _FINETUNE_COLUMNS if k != metric]
         for key in keys:
-            if key in (info.get("mean") or {}):
-                columns[f"{task}[{label}]:{key}"] = (info["mean"][key], (info.get("std") or {}).get(key), n)
+            mean = _lookup(info.get("mean") or {}, str(key))
+            if not isinstance(mean, (int, float)):
+                continue
+            tag = _convention(results, str(key), task)
+            name = str(key).rsplit(".", 1)[-1]
+            columns[f"{task}[{label}]:{name}" + (f" ({tag})" if tag else "")] = (
+                mean,
+                _lookup(info.get("std") or {}, str(key)),
+                n,
+            )
         entries.append(
             ResultEntry(
                 path,
@@ -244,9 +291,12 @@ def _evaluate_entry(path: Path, results: dict[str, Any]) -> ResultEntry:
     val_root = Path(str((results.get("val") or {}).get("root", "val")))
     label = val_root.parent.name if val_root.name.lower() in ("val", "valid", "validation", "test") else val_root.name
     columns: dict[str, tuple[float | None, float | None, int]] = {
-        f"knn[{label}]:top1": (results.get("knn_top1"), None, 1),
-        f"linear_probe[{label}]:accuracy": (results.get("linear_probe_accuracy"), None, 1),
+        f"knn[{label}]:top1 (DINO k-NN)": (results.get("knn_top1"), None, 1),
     }
+    if results.get("linear_probe_accuracy") is not None:
+        columns[f"linear_probe[{label}]:accuracy (logistic)"] = (results["linear_probe_accuracy"], None, 1)
+    if results.get("dino_linear_accuracy") is not None:
+        columns[f"linear_probe[{label}]:accuracy (DINO linear)"] = (results["dino_linear_accuracy"], None, 1)
     backbone = str(results.get("timm_name") or results.get("backbone") or "?")
     return ResultEntry(path, "evaluate", results.get("weights"), None, backbone, columns, mtime=path.stat().st_mtime)
 

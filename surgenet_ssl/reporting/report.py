@@ -212,6 +212,12 @@ def report_markdown(
     lines += ["## Runs", ""]
     for r in pretrained:
         lines.append(f"- **{r['model']}**: `{r['run_dir']}`")
+    tags = list(dict.fromkeys(c.rsplit(" (", 1)[1][:-1] for c in columns if c.endswith(")") and " (" in c))
+    if tags:
+        from surgenet_ssl.downstream.metrics import CONVENTIONS
+
+        lines += ["", "## Conventions", "", "The convention of each column is named in brackets after the metric:", ""]
+        lines += [f"- **{t}**: {CONVENTIONS.get(t, 'see the results.json metrics block')}" for t in tags]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -58,10 +58,16 @@ def test_segmentation_two_variants_two_seeds_then_report(seg_data, tmp_path):
         "overlays=2",
         "trainer.check_val_every_n_epoch=1",
         "trainer.log_every_n_steps=1",
+        "metrics.per_image_dice=true",
     )
     results = run_finetune(cfg, overrides=[])
     saved = json.loads((out / "results.json").read_text())
     assert saved["primary_metric"] == "mIoU" and saved["task"] == "segmentation" and saved["seeds"] == [0, 1]
+    assert saved["metrics"]["convention"]["mIoU"] == "dataset-level"
+    assert saved["metrics"]["convention"]["mDice_per_image"] == "per-image"
+    assert "MONAI" in saved["metrics"]["definitions"]["per-image"]
+    run0 = saved["variants"]["pretrained"]["runs"][0]["metrics"]
+    assert 0 <= run0["mDice_per_image"] <= 1 and set(run0["dice_per_image"]) == {"background", "tissue", "tool"}
     assert list(saved["variants"]) == ["pretrained", "random_init"]
     pre = saved["variants"]["pretrained"]
     assert pre["weights"] == str(weights.resolve()) and len(pre["weights_sha256"]) == 64
@@ -189,7 +195,51 @@ def test_multilabel_csv_linear_probe_with_fraction(tmp_path):
     assert results["data"]["train_samples_used"] == 6
     metrics = results["variants"]["random_init"]["runs"][0]["metrics"]
     assert set(metrics["ap"]) == {"c1", "c2"} and 0 <= metrics["mAP"] <= 1
+    assert set(metrics["balanced_accuracy_per_label"]) == {"c1", "c2"} and 0 <= metrics["balanced_accuracy"] <= 1
+    assert results["metrics"]["convention"]["mAP"] == "absent=0"
+    assert results["variants"]["random_init"]["mean"]["balanced_accuracy"] == metrics["balanced_accuracy"]
     assert (out / "results.json").is_file()
+
+
+def test_phases_with_videos_get_pooled_and_per_video_metrics_named(tmp_path):
+    from PIL import Image
+
+    rows = ["path,label,video"]
+    for v in range(3):
+        for n in range(6):
+            phase = "a" if n < 3 else "b"
+            Image.new("RGB", (24, 24), (40 + 150 * (phase == "b"), 90, 60 + 20 * v)).save(tmp_path / f"v{v}_{n}.png")
+            rows.append(f"v{v}_{n}.png,{phase},v{v}")
+    (tmp_path / "train.csv").write_text("\n".join(rows[:13]) + "\n")
+    # validation: video v2, its rows in reverse order (per-video metrics sort them by frame number)
+    (tmp_path / "val.csv").write_text("\n".join(rows[:1] + rows[18:12:-1]) + "\n")
+    out = tmp_path / "out"
+    cfg = _cfg(
+        out,
+        "task=classification",
+        "task.mode=linear",
+        "weights=null",
+        "seeds=[0]",
+        f"data.train={tmp_path / 'train.csv'}",
+        f"data.val={tmp_path / 'val.csv'}",
+        "trainer.check_val_every_n_epoch=0",
+        "trainer.log_every_n_steps=1",
+    )
+    results = run_finetune(cfg, overrides=[])
+    convention = results["metrics"]["convention"]
+    assert convention["accuracy"] == "pooled" and convention["per_video.relaxed"] == "per-video relaxed"
+    metrics = results["variants"]["random_init"]["runs"][0]["metrics"]
+    video = metrics["per_video"]
+    assert video["videos"] == 1 and video["boundary_frames"] == 10 and not video["cholec80_rules"]
+    # one validation video: its accuracy is the pooled accuracy
+    assert video["strict"]["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert video["strict"]["per_video_accuracy"] == {"v2": pytest.approx(metrics["accuracy"])}
+    assert set(video["relaxed"]["per_phase"]["jaccard"]) == {"a", "b"}
+    mean = results["variants"]["random_init"]["mean"]
+    assert mean["per_video"]["strict"]["jaccard"] == pytest.approx(video["strict"]["jaccard"])
+    cfg.metrics.absent_labels = "nan"
+    with pytest.raises(ValueError, match="metrics.absent_labels=nan"):
+        run_finetune(cfg, overrides=[])
 
 
 def test_bad_input_fails_before_anything_is_written(seg_data, tmp_path):

@@ -81,10 +81,10 @@ def test_average_precision_by_hand_with_ties_and_against_sklearn():
     assert average_precision(scores, targets) == pytest.approx(average_precision_score(targets, scores))
 
 
-def test_multilabel_map_skips_criteria_without_positives():
+def test_multilabel_map_can_skip_criteria_without_positives():
     scores = torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.8, 0.4], [0.7, 0.6, 0.3]])
     targets = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 0]])
-    m = multilabel_metrics(scores, targets, ["c1", "c2", "c3"])
+    m = multilabel_metrics(scores, targets, ["c1", "c2", "c3"], absent_labels="skip")
     # c1: 0.9 (+) -> AP 1; c2: 0.8 (+) P1, 0.6 (+) P1 -> AP 1; c3: no positive -> undefined
     assert m["ap"]["c1"] == pytest.approx(1.0) and m["ap"]["c2"] == pytest.approx(1.0)
     assert math.isnan(m["ap"]["c3"]) and m["mAP"] == pytest.approx(1.0)

@@ -106,22 +106,25 @@ def test_report_tables_figures_and_ranks(sweep, tmp_path):
     out = tmp_path / "report"
     summary = make_report([sweep["root"]], out)
     assert summary["runs"] == 2 and summary["results"] == 4  # results.json files (one holds two variants)
-    assert summary["columns"][0] == "segmentation[cholecseg8k]:mIoU"
+    assert summary["columns"][0] == "segmentation[cholecseg8k]:mIoU (dataset-level)"
     table = list(csv.DictReader(io.StringIO((out / "report.csv").read_text())))
     by_model = {r["model"]: r for r in table}
     assert set(by_model) == {"small@10%_test_convnext", "surgenet_test_convnext", "random init (test_convnext)"}
-    seg = "segmentation[cholecseg8k]:mIoU"
+    seg = "segmentation[cholecseg8k]:mIoU (dataset-level)"
     assert float(by_model["small@10%_test_convnext"][seg]) == pytest.approx(0.5)
     assert float(by_model["small@10%_test_convnext"][f"{seg} std"]) == pytest.approx(0.02)
     assert float(by_model["surgenet_test_convnext"][seg]) == pytest.approx(0.6)  # matched by sha256
     assert float(by_model["random init (test_convnext)"][seg]) == pytest.approx(0.3)
-    assert float(by_model["small@10%_test_convnext"]["knn[frames]:top1"]) == pytest.approx(0.8)  # by relative path
-    assert float(by_model["surgenet_test_convnext"]["classification[cholecseg8k]:macro_f1"]) == pytest.approx(0.4)
+    knn, f1 = "knn[frames]:top1 (DINO k-NN)", "classification[cholecseg8k]:macro_f1 (pooled)"
+    assert float(by_model["small@10%_test_convnext"][knn]) == pytest.approx(0.8)  # by relative path
+    assert float(by_model["small@10%_test_convnext"]["linear_probe[frames]:accuracy (logistic)"]) == pytest.approx(0.7)
+    assert float(by_model["surgenet_test_convnext"][f1]) == pytest.approx(0.4)
     assert by_model["surgenet_test_convnext"]["pretrain_frames"] == "2636790"
     md = (out / "report.md").read_text()
     assert "| small@10%_test_convnext | test_convnext | small (10%) | 263,679 |" in md
     assert "0.5000 ± 0.0200 (n=2)" in md and "![Downstream metric vs pretraining frames](scaling.png)" in md
     assert f"{seg}: surgenet_test_convnext 1, small@10%_test_convnext 2, random init (test_convnext) 3" in md
+    assert "- **pooled**: all frames of the split" in md and "- **DINO k-NN**: DINO weighted k-NN" in md
     for png in ("scaling.png", "ranks.png", "tsne.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert not (out / ".partial").exists()
@@ -154,3 +157,44 @@ def test_cli_single_run_dir_and_bad_input(sweep, tmp_path):
     proc = _run(str(tmp_path / "empty"), cwd=tmp_path)
     assert proc.returncode == 1 and "No pretraining run" in proc.stderr and not (tmp_path / "empty" / "report").exists()
     assert _run(cwd=tmp_path).returncode == 2
+
+
+def test_finetune_columns_name_their_convention_and_legacy_results_get_theirs(tmp_path):
+    from surgenet_ssl.reporting.discover import find_results
+
+    video = {"strict": {"accuracy": 0.7, "jaccard": 0.5}, "relaxed": {"accuracy": 0.8, "jaccard": 0.6, "f1": 0.7}}
+    new = {
+        "kind": "finetune",
+        "task": "classification",
+        "primary_metric": "macro_f1",
+        "metrics": {
+            "convention": {
+                "macro_f1": "pooled",
+                "per_video.strict": "per-video strict",
+                "per_video.relaxed": "per-video relaxed",
+            }
+        },
+        "data": {"train": {"root": "/data/cholec80/train"}},
+        "variants": {"a": {"weights": None, "mean": {"macro_f1": 0.6, "per_video": video}, "std": {}, "runs": [{}]}},
+    }
+    legacy = {
+        "kind": "finetune",
+        "task": "multilabel_classification",
+        "primary_metric": "mAP",
+        "data": {"train": {"root": "/data/cvs/train"}},
+        "variants": {"a": {"weights": None, "mean": {"mAP": 0.64}, "std": {}, "runs": [{}]}},
+    }
+    for name, body in (("new", new), ("legacy", legacy)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(body))
+    entries, _ = find_results([tmp_path])
+    columns = {c: v[0] for e in entries for c, v in e.columns.items()}
+    assert columns == {
+        "classification[cholec80]:macro_f1 (pooled)": 0.6,
+        "classification[cholec80]:accuracy (per-video strict)": 0.7,
+        "classification[cholec80]:jaccard (per-video strict)": 0.5,
+        "classification[cholec80]:accuracy (per-video relaxed)": 0.8,
+        "classification[cholec80]:jaccard (per-video relaxed)": 0.6,
+        "classification[cholec80]:f1 (per-video relaxed)": 0.7,
+        "multilabel[cvs]:mAP (absent skipped)": 0.64,  # written before the tags: absent labels were left out
+    }

@@ -85,6 +85,18 @@ def test_top5_with_fewer_than_five_classes():
     assert top5 == 1.0
 
 
+def test_top5_never_credits_a_class_without_a_vote():
+    # 6 classes, k=2: the two neighbours vote for classes 4 and 5 only. Classes 0-2 would fill places 3-5 of the
+    # ranking by index order; a query of class 0 is therefore a miss, not a top-5 hit.
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.0], [0.0, -1.0], [0.0, 1.0], [-0.5, -0.5]])
+    labels = torch.tensor([4, 5, 0, 1, 2, 3])
+    query = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    top1, top5 = knn_accuracy(train, labels, query, torch.tensor([4, 0]), num_classes=6, k=2)
+    assert top1 == pytest.approx(0.5) and top5 == pytest.approx(0.5)
+    top1, top5 = knn_accuracy(train, labels, query, torch.tensor([5, 5]), num_classes=6, k=2)
+    assert top1 == 0.0 and top5 == 1.0
+
+
 def test_bad_inputs_are_explained():
     train, labels = _three_points()
     with pytest.raises(ValueError, match="different widths"):
