@@ -163,7 +163,7 @@ def _official_multipliers(name: str, p: torch.Tensor, depth: int, decay: float, 
 
 def _tiny_student(reg_tokens: int = 0) -> MultiCropWrapper:
     backbone = build_backbone("timm", timm_name="test_vit", dynamic_img_size=True, reg_tokens=reg_tokens)
-    student = MultiCropWrapper(backbone, DINOHead(64, 32, hidden_dim=16, bottleneck_dim=8))
+    student = MultiCropWrapper(backbone, DINOHead(64, 32, hidden_dim=16, bottleneck_dim=8, norm_last_layer=False))
     student.mask_token = torch.nn.Parameter(torch.zeros(1, 64))
     return student
 
