@@ -472,8 +472,10 @@ class DINOModule(pl.LightningModule):
         self._agreement.record_loss(loss, (step, self.current_epoch, batch_idx))
         bs = crops[0].shape[0]
         shown = loss.detach()
-        log_every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors
-        if self.trainer.world_size > 1 and log_every and (step + 1) % log_every == 0:
+        # without a Trainer (a step called directly, as the tests do): one process, nothing to all-reduce
+        trainer = self._trainer
+        log_every = trainer.log_every_n_steps if trainer is not None else 0  # type: ignore[attr-defined]
+        if log_every and self.trainer.world_size > 1 and (step + 1) % log_every == 0:
             # the steps Lightning writes out show the mean over ranks, not rank 0's (one all-reduce, no host sync;
             # on a copy: the all-reduce works in place and the loss tensor is the one backward and the checks use)
             shown = self.trainer.strategy.reduce(shown.clone(), reduce_op="mean")

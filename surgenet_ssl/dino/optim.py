@@ -1,10 +1,9 @@
-"""Optimizer-side details of the DINO recipe: parameter groups, per-parameter clipping, last-layer freezing."""
+"""Optimizer-side details of the DINO recipe: parameter groups (DINOv2: layer-wise lr decay), clipping, freezing."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
 
 # Parameters that sit before the first ViT block (DINOv2's layer 0); ``reg_token`` is timm's ``register_tokens``.
 _LAYER_ZERO = ("pos_embed", "patch_embed", "mask_token", "cls_token", "reg_token", "register_tokens")
