@@ -160,7 +160,7 @@ def initialize_dino(
     return _logged(result)
 
 
-def _place_mask_token(student: nn.Module, teacher: nn.Module, token: Tensor | None) -> str:
+def _place_mask_token(student: BackboneAndHead, teacher: BackboneAndHead, token: Tensor | None) -> str:
     """An official DINOv2 backbone's iBOT mask token goes where the iBOT step reads it: the wrappers' ``mask_token``
     (student and teacher, as the backbone); without the iBOT loss (``dino.loss.ibot_weight=0``) it has no use."""
     if token is None:
@@ -171,7 +171,8 @@ def _place_mask_token(student: nn.Module, teacher: nn.Module, token: Tensor | No
     if token.numel() != own.numel():
         raise ValueError(f"the file's mask_token has {token.numel()} values, the model's {own.numel()}")
     for wrapper in (student, teacher):
-        wrapper.get_parameter("mask_token").copy_(token.reshape(own.shape))
+        held: Any = wrapper  # (the Protocol does not declare the iBOT mask token)
+        held.mask_token.copy_(token.reshape(own.shape))
     return "mask_token loaded"
 
 

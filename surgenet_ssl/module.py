@@ -424,7 +424,8 @@ class DINOModule(pl.LightningModule):
                 t_pooled, t_patch = vit_tokens(self.teacher.backbone, global_crops)
                 t_masked = t_patch.flatten(0, 1).index_select(0, masks.index)
                 if self.separate_ibot_head:
-                    teacher_out, t_patch_out = self.teacher.head(t_pooled), self.teacher.ibot_head(t_masked)
+                    ibot_head = cast("torch.nn.Module", self.teacher.ibot_head)
+                    teacher_out, t_patch_out = self.teacher.head(t_pooled), ibot_head(t_masked)
                 else:  # one pass of the shared head
                     t_all = self.teacher.head(torch.cat([t_pooled, t_masked]))
                     teacher_out, t_patch_out = t_all[: 2 * b], t_all[2 * b :]
@@ -439,7 +440,8 @@ class DINOModule(pl.LightningModule):
         n_rows = sum(f.shape[0] for f in features)
         if self.separate_ibot_head:
             student_out = self.student.head(torch.cat(features))
-            s_patch_out = self.student.ibot_head(s_masked[0]) if s_masked else student_out[:0]
+            ibot_head = cast("torch.nn.Module", self.student.ibot_head)
+            s_patch_out = ibot_head(s_masked[0]) if s_masked else student_out[:0]
         else:
             s_all = self.student.head(torch.cat(features + s_masked))
             student_out, s_patch_out = s_all[:n_rows], s_all[n_rows:]
@@ -549,7 +551,9 @@ class DINOModule(pl.LightningModule):
         backbone = torch.nn.ModuleDict({"backbone": self.student.backbone})
         if "mask_token" in dict(self.student.named_parameters(recurse=False)):
             backbone.register_parameter("mask_token", self.student.get_parameter("mask_token"))
-        heads = [self.student.head, *([self.student.ibot_head] if hasattr(self.student, "ibot_head") else [])]
+        heads = [self.student.head]
+        if hasattr(self.student, "ibot_head"):
+            heads.append(cast("torch.nn.Module", self.student.ibot_head))
         return [backbone, *heads]
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:

@@ -61,7 +61,7 @@ VIT_BACKBONES: tuple[str, ...] = tuple(VIT_MODELS)
 def set_uniform_drop_path(model: nn.Module, rate: float) -> None:
     """Every block drops its residual branches with the same probability ``rate`` (DINOv2's ``drop_path_uniform``),
     instead of timm's linear ramp from 0 at the first block to ``rate`` at the last."""
-    for block in model.get_submodule("blocks"):
+    for block in model.get_submodule("blocks").children():
         for attr in ("drop_path1", "drop_path2"):
             if hasattr(block, attr):
                 setattr(block, attr, DropPath(rate) if rate > 0 else nn.Identity())

@@ -282,6 +282,7 @@ def _extract(obj: Mapping[str, Any], backbone: str) -> _Extracted:
     total = len(sd)
     sd, skipped = _strip_prefixes(sd, steps)
     mask_token: Tensor | None = None  # (an official DINOv2 file's: counted as skipped; initialize_dino places it)
+    naming: str = "timm"
     if backbone in CONVERTIBLE_BACKBONES:
         naming = detect_naming(sd, backbone)
         timm_sd = (
@@ -290,7 +291,6 @@ def _extract(obj: Mapping[str, Any], backbone: str) -> _Extracted:
             else {k: v.detach().cpu().contiguous() for k, v in sd.items() if not _is_classifier(k)}
         )
     else:  # ViTs / any timm model: timm naming, or Meta's DINOv2 layout (converted to timm naming)
-        naming = "timm"
         if is_official_dinov2(sd):
             naming = "official DINOv2"
             sd, mask_token = from_official_dinov2(sd)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import surgenet_ssl.train  # noqa: F401  (registers the config resolvers)
-from support.tiny_training import crop_batches, tiny_dino
+from support.tiny_training import crop_batches, quiet_trainer, tiny_dino
 from surgenet_ssl.backbones import build_backbone
 from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.dino import DINOHead, MultiCropWrapper, clip_gradients_per_module, param_groups
@@ -249,15 +248,7 @@ def test_dinov2_options_train_with_lr_zero_last_layer_and_separate_ibot_head(tmp
     assert module.student.ibot_head.last_layer.weight_v.shape == (24, 8)  # its own prototypes
     last_before = module.student.head.last_layer.weight_v.detach().clone()
     ibot_before = module.student.ibot_head.mlp[0].weight.detach().clone()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path)
     trainer.fit(module, train_dataloaders=crop_batches(2, batch_size=4))
     optimizer = trainer.optimizers[0]
     last = [g for g in optimizer.param_groups if g["is_last_layer"]]
