@@ -50,9 +50,11 @@ def backbone_options(backbone_cfg: DictConfig | dict) -> dict[str, Any]:
         given = backbone_cfg
     from surgenet_ssl.init_weights import INIT_KEYS  # training options (continued pretraining), not architecture
 
-    options = {k: v for k, v in given.items() if k not in ("name", "drop_path_rate", *INIT_KEYS)}
-    if not options.get("timm_name"):
-        options.pop("timm_name", None)
+    skip = ("name", "drop_path_rate", "drop_path_uniform", *INIT_KEYS)  # (drop path: the student's only)
+    options = {k: v for k, v in given.items() if k not in skip}
+    for key in ("timm_name", "img_size"):  # null: the model's own default (ViTs: any size loads, pos_embed resampled)
+        if not options.get(key):
+            options.pop(key, None)
     return options
 
 

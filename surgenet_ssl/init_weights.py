@@ -47,13 +47,15 @@ class InitReport:
     head_tensors: int = 0  # DINO head tensors loaded into student and teacher (0: fresh head)
     center: bool = False  # the DINO center was loaded
     head_note: str = ""
+    mask_token: str = ""  # what became of an official DINOv2 file's iBOT mask token ("" : the file has none)
 
     def __str__(self) -> str:
         head = f"{self.head_tensors} DINO head tensors" if self.head_tensors else f"fresh DINO head{self.head_note}"
         center = "center loaded" if self.center else "fresh center"
+        extra = "".join(f", {n}" for n in (self.backbone.resampled, self.mask_token) if n)
         return (
             f"init_weights: student and teacher start from {self.source}: {self.backbone.loaded} backbone "
-            f"tensors ({self.backbone.format}), {head}, {center}."
+            f"tensors ({self.backbone.format}), {head}, {center}{extra}."
         )
 
 
@@ -82,7 +84,8 @@ def dino_head_and_center(obj: Mapping[str, Any]) -> tuple[dict[str, Tensor] | No
         return head or None, center if isinstance(center, Tensor) else None, "Lightning checkpoint"
     teacher = obj.get("teacher")
     if isinstance(teacher, Mapping):
-        head = _strip(_unwrap_module({k: v for k, v in teacher.items() if isinstance(v, Tensor)}), "head.")
+        tensors = _unwrap_module({k: v for k, v in teacher.items() if isinstance(v, Tensor)})
+        head = _strip(tensors, "head.") or _strip(tensors, "dino_head.")  # DINO / DINOv2 naming
         loss = obj.get("dino_loss")
         center = loss.get("center") if isinstance(loss, Mapping) else obj.get("dino_loss.center")
         return head or None, center if isinstance(center, Tensor) else None, "full DINO checkpoint"
@@ -134,6 +137,7 @@ def initialize_dino(
     report = load_backbone_weights(student.backbone, obj, backbone, source_name=name)
     teacher.backbone.load_state_dict(student.backbone.state_dict())
     result = InitReport(name, report)
+    result.mask_token = _place_mask_token(student, teacher, report.mask_token)
     head, saved_center, kind = dino_head_and_center(obj)
     if not load_head:
         result.head_note = " (backbone.init_head=false)" if head is not None else ""
@@ -154,6 +158,22 @@ def initialize_dino(
         center.copy_(saved_center.reshape(center.shape).to(center))
         result.center = True
     return _logged(result)
+
+
+def _place_mask_token(student: BackboneAndHead, teacher: BackboneAndHead, token: Tensor | None) -> str:
+    """An official DINOv2 backbone's iBOT mask token goes where the iBOT step reads it: the wrappers' ``mask_token``
+    (student and teacher, as the backbone); without the iBOT loss (``dino.loss.ibot_weight=0``) it has no use."""
+    if token is None:
+        return ""
+    own = getattr(student, "mask_token", None)
+    if not isinstance(own, Tensor):
+        return "mask_token unused (no iBOT loss)"
+    if token.numel() != own.numel():
+        raise ValueError(f"the file's mask_token has {token.numel()} values, the model's {own.numel()}")
+    for wrapper in (student, teacher):
+        held: Any = wrapper  # (the Protocol does not declare the iBOT mask token)
+        held.mask_token.copy_(token.reshape(own.shape))
+    return "mask_token loaded"
 
 
 def _logged(report: InitReport) -> InitReport:

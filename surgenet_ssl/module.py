@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytorch_lightning as pl
 import torch
 
-from surgenet_ssl.backbones import backbone_num_features, build_backbone
+from surgenet_ssl.backbones import VIT_BACKBONES, backbone_num_features, build_backbone
 from surgenet_ssl.checkpointing import check_same_checkpoint
 from surgenet_ssl.cluster import PREEMPTION
 from surgenet_ssl.config_checks import build_section
@@ -24,6 +24,7 @@ from surgenet_ssl.dino import (
     DINOLoss,
     MultiCropWrapper,
     cancel_last_layer_gradients,
+    clip_gradients_per_module,
     clip_gradients_per_parameter,
     cosine_schedule,
     param_groups,
@@ -43,7 +44,14 @@ from surgenet_ssl.step_agreement import Agreement, StepAgreement
 log = logging.getLogger(__name__)
 
 # Config fields that must match when resuming: a different value changes what the weights or schedules mean.
-RESUME_MUST_MATCH = ("backbone.name", "backbone.timm_name", "dino.out_dim", "dino.head", "dino.crops.local_number")
+RESUME_MUST_MATCH = (
+    "backbone.name",
+    "backbone.timm_name",
+    "dino.out_dim",
+    "dino.head",
+    "dino.ibot_head",
+    "dino.crops.local_number",
+)
 
 
 def _lookup(cfg: dict, dotted: str) -> Any:
@@ -102,11 +110,23 @@ class DINOModule(pl.LightningModule):
         self.backbone_cfg, self.dino_cfg, self.batch_size = dict(backbone), dict(dino), batch_size
         self.recipe = DinoRecipe.from_dict(self.dino_cfg)  # a misspelt key or a bad value fails here, naming it
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
-        skip = ("name", "timm_name", "drop_path_rate", *INIT_KEYS)  # INIT_KEYS: training options (on_fit_start)
+        skip = ("name", "timm_name", "drop_path_rate", "drop_path_uniform", *INIT_KEYS)  # INIT_KEYS: on_fit_start
         kwargs = {k: v for k, v in self.backbone_cfg.items() if k not in skip}
         name, timm_name = self.backbone_cfg["name"], self.backbone_cfg.get("timm_name")
+        if kwargs.get("img_size") is None:
+            kwargs.pop("img_size", None)
+            if name in VIT_BACKBONES:  # like the official DINO/DINOv2 training: built at the global crop size
+                kwargs["img_size"] = self.recipe.crops.global_size
+        uniform = bool(self.backbone_cfg.get("drop_path_uniform", False))
+        if uniform and name not in VIT_BACKBONES:
+            log.warning("backbone.drop_path_uniform ignored: %s is not one of the ViT backbones", name)
+            uniform = False
         student_backbone = build_backbone(
-            name, drop_path_rate=self.backbone_cfg.get("drop_path_rate", 0.0), timm_name=timm_name, **kwargs
+            name,
+            drop_path_rate=self.backbone_cfg.get("drop_path_rate", 0.0),
+            timm_name=timm_name,
+            drop_path_uniform=uniform,
+            **kwargs,
         )
         teacher_backbone = build_backbone(name, drop_path_rate=0.0, timm_name=timm_name, **kwargs)
         embed_dim = backbone_num_features(student_backbone)
@@ -118,7 +138,7 @@ class DINOModule(pl.LightningModule):
         self.student = MultiCropWrapper(student_backbone, DINOHead(embed_dim, out_dim, **head_cfg))
         self.teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, out_dim, **head_cfg))
         loss = recipe.loss
-        self._init_dinov2_options(loss, shown, embed_dim, out_dim)
+        self._init_dinov2_options(loss, shown, embed_dim, out_dim, recipe)
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -150,7 +170,9 @@ class DINOModule(pl.LightningModule):
             self.teacher.to(memory_format=torch.channels_last)
         self._compiled = False
 
-    def _init_dinov2_options(self, loss: LossRecipe | dict, shown: str, embed_dim: int, out_dim: int) -> None:
+    def _init_dinov2_options(
+        self, loss: LossRecipe | dict, shown: str, embed_dim: int, out_dim: int, recipe: DinoRecipe | None = None
+    ) -> None:
         """DINOv2-style options (``dino.loss.koleo_weight``, ``ibot_weight``; ``centering`` lives in DINOLoss).
         iBOT needs patch tokens: on a non-ViT backbone it is switched off with a warning (``dino=dinov2`` keeps KoLeo
         and Sinkhorn-Knopp). Its mask token is a parameter of the student wrapper (and, unused, of the teacher, so the
@@ -168,12 +190,22 @@ class DINOModule(pl.LightningModule):
                 shown,
             )
             self.ibot_weight = 0.0
+        ibot_head = recipe.ibot_head if recipe is not None else None
+        self.separate_ibot_head = bool(self.ibot_weight and ibot_head is not None and ibot_head.separate)
         if self.ibot_weight:
+            ibot_dim = ibot_head.out_dim if self.separate_ibot_head and ibot_head is not None else out_dim
             self.ibot_loss = IBOTPatchLoss(
-                out_dim, loss.student_temp, loss.center_momentum, loss.centering, loss.sinkhorn_iterations
+                ibot_dim, loss.student_temp, loss.center_momentum, loss.centering, loss.sinkhorn_iterations
             )
             self.student.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim))
             self.teacher.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim))
+        if self.separate_ibot_head and ibot_head is not None and recipe is not None:
+            # DINOv2's separate iBOT head: same architecture options as the DINO head, its own sizes
+            head_cfg = {**dataclasses.asdict(recipe.head), **dataclasses.asdict(ibot_head)}
+            head_cfg.pop("separate")
+            ibot_out = head_cfg.pop("out_dim")
+            self.student.ibot_head = DINOHead(embed_dim, ibot_out, **head_cfg)
+            self.teacher.ibot_head = DINOHead(embed_dim, ibot_out, **head_cfg)
         self._dinov2_step = bool(self.koleo_weight or self.ibot_loss is not None)
 
     def setup(self, stage: str) -> None:
@@ -229,7 +261,7 @@ class DINOModule(pl.LightningModule):
         """Per-optimizer-step schedules of lr, weight decay, teacher momentum and teacher temperature, for a run of
         ``total_steps`` steps of ``steps_per_epoch`` each (the official DINO arrays); indexed by progress."""
         opt, loss, tea = self.recipe.optimizer, self.recipe.loss, self.recipe.teacher
-        peak_lr = scaled_lr(opt.base_lr, global_batch, opt.reference_batch)
+        peak_lr = scaled_lr(opt.base_lr, global_batch, opt.reference_batch, opt.lr_scaling)
         warmup_steps = int(opt.warmup_epochs * steps_per_epoch)
         temp_warmup_steps = int(loss.warmup_teacher_temp_epochs * steps_per_epoch)
         for what, steps, key in (
@@ -314,7 +346,15 @@ class DINOModule(pl.LightningModule):
         betas = self.recipe.optimizer.betas
         fused = use_fused_adamw(self.performance["fused_adamw"], self.device, trainer.precision)
         extra = {"fused": True} if fused else {}
-        return torch.optim.AdamW(param_groups(self.student), lr=self.peak_lr, betas=betas, **extra)
+        opt = self.recipe.optimizer
+        groups = param_groups(
+            self.student,
+            layerwise_decay=opt.layerwise_decay,
+            patch_embed_lr_mult=opt.patch_embed_lr_mult,
+            backbone_lr_mult=opt.backbone_lr_mult,
+            split_last_layer=opt.freeze_last_layer_mode == "zero_lr",
+        )
+        return torch.optim.AdamW(groups, lr=self.peak_lr, betas=betas, **extra)
 
     # -------------------------------------------------------------------------------------------------- training
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -382,8 +422,13 @@ class DINOModule(pl.LightningModule):
                 teacher_out = self.teacher(crops[:2])
             else:
                 t_pooled, t_patch = vit_tokens(self.teacher.backbone, global_crops)
-                t_all = self.teacher.head(torch.cat([t_pooled, t_patch.flatten(0, 1).index_select(0, masks.index)]))
-                teacher_out, t_patch_out = t_all[: 2 * b], t_all[2 * b :]
+                t_masked = t_patch.flatten(0, 1).index_select(0, masks.index)
+                if self.separate_ibot_head:
+                    ibot_head = cast("torch.nn.Module", self.teacher.ibot_head)
+                    teacher_out, t_patch_out = self.teacher.head(t_pooled), ibot_head(t_masked)
+                else:  # one pass of the shared head
+                    t_all = self.teacher.head(torch.cat([t_pooled, t_masked]))
+                    teacher_out, t_patch_out = t_all[: 2 * b], t_all[2 * b :]
         if masks is None:
             s_pooled, s_masked = self.student.backbone(global_crops), []
         else:
@@ -393,8 +438,13 @@ class DINOModule(pl.LightningModule):
             s_masked = [s_patch.flatten(0, 1).index_select(0, masks.index)]
         features = [s_pooled, *backbone_features(self.student.backbone, crops[2:])]
         n_rows = sum(f.shape[0] for f in features)
-        s_all = self.student.head(torch.cat(features + s_masked))
-        student_out = s_all[:n_rows]
+        if self.separate_ibot_head:
+            student_out = self.student.head(torch.cat(features))
+            ibot_head = cast("torch.nn.Module", self.student.ibot_head)
+            s_patch_out = ibot_head(s_masked[0]) if s_masked else student_out[:0]
+        else:
+            s_all = self.student.head(torch.cat(features + s_masked))
+            student_out, s_patch_out = s_all[:n_rows], s_all[n_rows:]
         loss = self.dino_loss(student_out, teacher_out, teacher_temp)
         parts = {"dino_loss": loss.detach()}
         if self.koleo_weight:
@@ -403,7 +453,7 @@ class DINOModule(pl.LightningModule):
             loss = loss + self.koleo_weight * koleo
             parts["koleo_loss"] = koleo.detach()
         if masks is not None and self.ibot_loss is not None:  # (masks only with the iBOT loss)
-            ibot = self.ibot_loss(s_all[n_rows:], t_patch_out, masks.weights, masks.n_images, teacher_temp)
+            ibot = self.ibot_loss(s_patch_out, t_patch_out, masks.weights, masks.n_images, teacher_temp)
             loss = loss + self.ibot_weight * ibot
             parts["ibot_loss"] = ibot.detach()
         return loss, teacher_out, student_out, parts
@@ -424,8 +474,10 @@ class DINOModule(pl.LightningModule):
         self._agreement.record_loss(loss, (step, self.current_epoch, batch_idx))
         bs = crops[0].shape[0]
         shown = loss.detach()
-        log_every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors
-        if self.trainer.world_size > 1 and log_every and (step + 1) % log_every == 0:
+        # without a Trainer (a step called directly, as the tests do): one process, nothing to all-reduce
+        trainer = self._trainer
+        log_every = trainer.log_every_n_steps if trainer is not None else 0  # type: ignore[attr-defined]
+        if log_every and self.trainer.world_size > 1 and (step + 1) % log_every == 0:
             # the steps Lightning writes out show the mean over ranks, not rank 0's (one all-reduce, no host sync;
             # on a copy: the all-reduce works in place and the loss tensor is the one backward and the checks use)
             shown = self.trainer.strategy.reduce(shown.clone(), reduce_op="mean")
@@ -480,22 +532,40 @@ class DINOModule(pl.LightningModule):
         where = (self.global_step, self.current_epoch, -1)
         self._act_on(self._agreement.submit(PREEMPTION.requested, where, self.device))
         # Runs after AMP unscaling, so the clip threshold applies to true gradient norms.
-        clip = self.recipe.optimizer.clip_grad
+        opt = self.recipe.optimizer
+        clip = opt.clip_grad
         if clip:
-            total_norm = clip_gradients_per_parameter(self.student, clip)  # a device tensor: no host sync here
+            if opt.clip_mode == "per_module":  # DINOv2: backbone (+ mask token), DINO head, iBOT head
+                total_norm = clip_gradients_per_module(self._clip_modules(), clip)
+            else:
+                total_norm = clip_gradients_per_parameter(self.student, clip)  # a device tensor: no host sync here
             every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
             if every and (self.global_step + 1) % every == 0:  # the steps whose metrics Lightning writes out
                 self.log("train/grad_norm", total_norm, batch_size=self.batch_size)
-        cancel_last_layer_gradients(self.student, self.current_epoch, self.recipe.optimizer.freeze_last_layer)
+        if opt.freeze_last_layer_mode == "drop_gradient":  # DINO; DINOv2's lr 0 is set in optimizer_step
+            cancel_last_layer_gradients(self.student, self.current_epoch, opt.freeze_last_layer)
         cancel_backbone_gradients(self.student, self.current_epoch, int(self.backbone_cfg.get("freeze_epochs") or 0))
+
+    def _clip_modules(self) -> list[torch.nn.Module]:
+        """The student's parts clipped each on its own (DINOv2): the backbone with the mask token, the heads."""
+        backbone = torch.nn.ModuleDict({"backbone": self.student.backbone})
+        if "mask_token" in dict(self.student.named_parameters(recurse=False)):
+            backbone.register_parameter("mask_token", self.student.get_parameter("mask_token"))
+        heads = [self.student.head]
+        if hasattr(self.student, "ibot_head"):
+            heads.append(cast("torch.nn.Module", self.student.ibot_head))
+        return [backbone, *heads]
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         step = self._schedule_index()
         lr, wd = self._scheduled("lr", step), self._scheduled("wd", step)
+        frozen = step < int(self.recipe.optimizer.freeze_last_layer * self.steps_per_epoch)
+        last_layer_lr = 0.0 if frozen else lr  # groups with is_last_layer (freeze_last_layer_mode=zero_lr only)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-            if group.get("name") == "decay":
-                group["weight_decay"] = wd
+            # .get: groups restored from checkpoints of older versions have only name/lr/weight_decay
+            group["lr"] = (last_layer_lr if group.get("is_last_layer") else lr) * group.get("lr_multiplier", 1.0)
+            if group.get("wd_multiplier", 1.0 if group.get("name") == "decay" else 0.0):
+                group["weight_decay"] = wd * group.get("wd_multiplier", 1.0)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         momentum = self._scheduled("momentum", step)
         update_teacher(self.student, self.teacher, momentum)

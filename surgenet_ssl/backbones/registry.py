@@ -13,11 +13,12 @@ import timm
 import torch
 
 from .caformer import surgenet_caformer_s18
+from .vit import VIT_BACKBONES, VIT_MODELS, set_uniform_drop_path
 
 __all__ = ["BACKBONES", "SURGENET_BACKBONES", "VARIANTS", "build_backbone", "backbone_num_features"]
 
 #: Valid values of ``build_backbone(name=...)`` (and of the ``backbone=`` config group).
-BACKBONES: tuple[str, ...] = ("caformer_s18", "convnextv2_tiny", "pvt_v2_b2", "vit_small", "timm")
+BACKBONES: tuple[str, ...] = ("caformer_s18", "convnextv2_tiny", "pvt_v2_b2", *VIT_BACKBONES, "timm")
 
 #: Backbones with a published SurgeNet checkpoint (and hence a SurgeNet naming, see ``convert.py``).
 SURGENET_BACKBONES: tuple[str, ...] = ("caformer_s18", "convnextv2_tiny", "pvt_v2_b2")
@@ -29,8 +30,8 @@ VARIANTS: tuple[str, ...] = ("SurgeNet", "ImageNet")
 _TIMM_MODELS: dict[str, tuple[str, dict]] = {
     "convnextv2_tiny": ("convnextv2_tiny", {}),
     "pvt_v2_b2": ("pvt_v2_b2", {}),
-    # DINO's reference ViT-S/16; dynamic_img_size lets one model take 224 px global and 96 px local crops.
-    "vit_small": ("vit_small_patch16_224", {"dynamic_img_size": True}),
+    # DINO / DINOv2 / DINOv3 ViTs (backbones/vit.py); dynamic_img_size: global and local crops of any size
+    **VIT_MODELS,
 }
 
 
@@ -56,6 +57,7 @@ def build_backbone(
     drop_path_rate: float = 0.0,
     timm_name: str | None = None,
     pretrained_variant: str = "SurgeNet",
+    drop_path_uniform: bool = False,
     **timm_kwargs,
 ) -> torch.nn.Module:
     """Build a randomly initialised backbone.
@@ -67,6 +69,7 @@ def build_backbone(
     Args:
         name: one of ``BACKBONES``.
         drop_path_rate: stochastic depth rate (DINO uses 0.1 for the student).
+        drop_path_uniform: every ViT block at ``drop_path_rate`` (DINOv2) instead of timm's linear ramp to it.
         timm_name: the timm model name, required for ``name='timm'``.
         pretrained_variant: 'SurgeNet' (ReLU CaFormer, as published) or 'ImageNet' (timm's stock StarReLU
             CaFormer, to load ImageNet weights downstream). Only caformer_s18 differs between variants.
@@ -89,7 +92,12 @@ def build_backbone(
     if name == "timm":
         return timm.create_model(_check_timm_name(timm_name), pretrained=False, **kwargs)
     model_name, extra = _TIMM_MODELS[name]
-    return timm.create_model(model_name, pretrained=False, **{**extra, **kwargs})
+    model = timm.create_model(model_name, pretrained=False, **{**extra, **kwargs})
+    if drop_path_uniform:
+        if name not in VIT_BACKBONES:
+            raise ValueError(f"drop_path_uniform needs a ViT backbone ({', '.join(VIT_BACKBONES)}), not {name}")
+        set_uniform_drop_path(model, drop_path_rate)
+    return model
 
 
 def backbone_num_features(model: torch.nn.Module) -> int:

@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 from surgenet_ssl.config_checks import at_least, build_section, greater_than, in_range, increasing_pair, option
 
-__all__ = ["CropsRecipe", "DinoRecipe", "HeadRecipe", "LossRecipe", "OptimizerRecipe", "TeacherRecipe"]
+__all__ = [
+    "CropsRecipe",
+    "DinoRecipe",
+    "HeadRecipe",
+    "IbotHeadRecipe",
+    "LossRecipe",
+    "OptimizerRecipe",
+    "TeacherRecipe",
+]
 
 _PROBABILITY = in_range(0.0, 1.0)
 _POSITIVE = greater_than(0.0)
@@ -37,6 +45,18 @@ class HeadRecipe:
     use_bn: bool = option(False)
     norm_last_layer: bool = option(True)
     fp32_head: bool = option(True)  # the head in fp32 under bf16/fp16 autocast (precise teacher targets)
+
+
+@dataclass(frozen=True)
+class IbotHeadRecipe:
+    """``dino.ibot_head``: DINOv2's separate iBOT head (official for ViT-L/g: 131,072 prototypes); with
+    ``separate=false`` (the default) the iBOT loss uses the DINO head, as DINOv2's default config."""
+
+    separate: bool = option(False)
+    out_dim: int = option(65536, at_least(1))
+    hidden_dim: int = option(2048, at_least(1))
+    bottleneck_dim: int = option(256, at_least(1))
+    nlayers: int = option(3, at_least(1))
 
 
 @dataclass(frozen=True)
@@ -79,7 +99,7 @@ class LossRecipe:
 class OptimizerRecipe:
     """``dino.optimizer``: AdamW with the lr/weight-decay schedules, clipping and last-layer freezing."""
 
-    base_lr: float = option(check=at_least(0))  # scaled by global batch / reference_batch
+    base_lr: float = option(check=at_least(0))  # scaled by the lr_scaling rule of global batch / reference_batch
     min_lr: float = option(check=at_least(0))
     warmup_epochs: float = option(check=at_least(0))
     weight_decay: float = option(check=at_least(0))
@@ -87,7 +107,14 @@ class OptimizerRecipe:
     freeze_last_layer: int = option(check=at_least(0))  # epochs during which the head's last layer is not updated
     reference_batch: int = option(256, at_least(1))
     betas: tuple[float, float] = option((0.9, 0.999), in_range(0.0, 1.0, hi_open=True))
-    clip_grad: float = option(0.0, at_least(0))  # per-parameter gradient norm cap; 0 disables
+    clip_grad: float = option(0.0, at_least(0))  # gradient norm cap (see clip_mode); 0 disables
+    # DINOv2 (ssl_default_config.yaml); the defaults are DINO's behaviour
+    lr_scaling: Literal["linear", "sqrt"] = option("linear")  # base_lr x (global / reference), or its square root
+    layerwise_decay: float = option(1.0, in_range(0.0, 1.0, lo_open=True))  # ViT block i: lr x decay^(depth - i)
+    patch_embed_lr_mult: float = option(1.0, at_least(0))  # the patch embedding's lr, on top of the layer decay
+    backbone_lr_mult: float = option(1.0, at_least(0))  # the whole backbone (a loaded one learns slower than the head)
+    clip_mode: Literal["per_parameter", "per_module"] = option("per_parameter")  # DINO / DINOv2 (global per module)
+    freeze_last_layer_mode: Literal["drop_gradient", "zero_lr"] = option("drop_gradient")  # DINO / DINOv2
 
 
 @dataclass(frozen=True)
@@ -109,6 +136,7 @@ class DinoRecipe:
     teacher: TeacherRecipe = field()
     head: HeadRecipe = field(default_factory=HeadRecipe)
     crops: CropsRecipe = field(default_factory=CropsRecipe)
+    ibot_head: IbotHeadRecipe = field(default_factory=IbotHeadRecipe)
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], path: str = "dino") -> DinoRecipe:

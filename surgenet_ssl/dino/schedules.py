@@ -43,6 +43,11 @@ def teacher_temp_schedule(
     return torch.cat([warmup, torch.full((total_steps - warmup_steps,), teacher_temp, dtype=torch.float64)])
 
 
-def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
-    """The linear scaling rule of the recipe: lr = base_lr * global_batch / 256."""
+def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256, rule: str = "linear") -> float:
+    """The peak lr for a global batch: DINO's linear rule ``base_lr * global_batch / reference_batch`` or DINOv2's
+    ``sqrt_wrt_1024``, ``base_lr * sqrt(global_batch / reference_batch)`` (with reference_batch 1024)."""
+    if rule == "sqrt":
+        return base_lr * math.sqrt(global_batch / reference_batch)
+    if rule != "linear":
+        raise ValueError(f"lr scaling rule must be 'linear' or 'sqrt', got {rule!r}")
     return base_lr * global_batch / reference_batch

@@ -31,6 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from surgenet_ssl.backbones import BACKBONES, CONVERTIBLE_BACKBONES, detect_naming, surgenet_to_timm
+from surgenet_ssl.backbones.vit import (
+    from_official_dinov2,
+    is_official_dinov2,
+    pos_embed_prefix_tokens,
+    resample_pos_embed,
+)
 from surgenet_ssl.io_utils import sha256_file
 
 __all__ = [
@@ -200,6 +206,7 @@ class _Extracted:
     format: str
     naming: str
     skipped: int  # tensors in the source that are not backbone tensors (DINO head, student, classifier)
+    mask_token: Tensor | None = None  # the iBOT mask token of an official DINOv2 backbone (not a timm tensor)
 
 
 def _is_tensor_dict(obj: Mapping) -> bool:
@@ -274,6 +281,8 @@ def _extract(obj: Mapping[str, Any], backbone: str) -> _Extracted:
     sd = _unwrap(obj, steps)
     total = len(sd)
     sd, skipped = _strip_prefixes(sd, steps)
+    mask_token: Tensor | None = None  # (an official DINOv2 file's: counted as skipped; initialize_dino places it)
+    naming: str = "timm"
     if backbone in CONVERTIBLE_BACKBONES:
         naming = detect_naming(sd, backbone)
         timm_sd = (
@@ -281,13 +290,15 @@ def _extract(obj: Mapping[str, Any], backbone: str) -> _Extracted:
             if naming == "surgenet"
             else {k: v.detach().cpu().contiguous() for k, v in sd.items() if not _is_classifier(k)}
         )
-    else:  # vit_small / any timm model: timm naming is the only naming
-        naming = "timm"
+    else:  # ViTs / any timm model: timm naming, or Meta's DINOv2 layout (converted to timm naming)
+        if is_official_dinov2(sd):
+            naming = "official DINOv2"
+            sd, mask_token = from_official_dinov2(sd)
         timm_sd = {k: v.detach().cpu().contiguous() for k, v in sd.items() if not _is_classifier(k)}
     if not timm_sd:
         raise ValueError(f"No {backbone} backbone tensors left after unwrapping ({', '.join(steps) or 'flat'}).")
     fmt = ", ".join(steps or ["flat state dict"])
-    return _Extracted(timm_sd, f"{fmt}; {naming} naming", naming, total - len(timm_sd))
+    return _Extracted(timm_sd, f"{fmt}; {naming} naming", naming, total - len(timm_sd), mask_token)
 
 
 def extract_backbone_state_dict(obj: Mapping[str, Any], backbone: str) -> tuple[dict[str, Tensor], str]:
@@ -312,11 +323,16 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     skipped: int = 0  # tensors of the file that are not backbone tensors (DINO head, student, classifier)
+    # an official DINOv2 file's iBOT mask token: not a timm tensor; initialize_dino places it, others ignore it
+    mask_token: Tensor | None = field(default=None, repr=False)
+    resampled: str = ""  # e.g. "pos_embed 37x37 -> 16x16" when the position table was resampled to the model
 
     def __str__(self) -> str:
+        resampled = f", {self.resampled}" if self.resampled else ""
         return (
             f"Loaded {self.loaded} backbone tensors from {self.source} ({self.format}): "
-            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {self.skipped} non-backbone skipped."
+            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {self.skipped} non-backbone skipped"
+            f"{resampled}."
         )
 
 
@@ -329,6 +345,23 @@ def _is_model_classifier(model: nn.Module) -> Callable[[str], bool]:
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     prefixes = tuple(f"{n}." for n in names if not f"{n}.".startswith("head.norm."))
     return lambda key: _is_classifier(key) or key.startswith(prefixes)
+
+
+def _fit_pos_embed(sd: dict[str, Tensor], model: nn.Module) -> str:
+    """Resample a ViT file's square position table to the model's patch grid in place (a file at 518 px into a model
+    built at 224 or 336 px); returns what was done, "" when nothing was needed or possible (shape errors follow)."""
+    own = getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    pos = sd.get("pos_embed")
+    if not isinstance(own, Tensor) or pos is None or grid is None or pos.shape == own.shape:
+        return ""
+    prefix = pos_embed_prefix_tokens(model)
+    n = pos.shape[1] - prefix
+    side = int(n**0.5)
+    if pos.ndim != 3 or pos.shape[-1] != own.shape[-1] or side * side != n:
+        return ""
+    sd["pos_embed"] = resample_pos_embed(pos, (int(grid[0]), int(grid[1])), prefix)
+    return f"pos_embed {side}x{side} -> {grid[0]}x{grid[1]}"
 
 
 def _source_name(source: WeightSource) -> str:
@@ -369,6 +402,7 @@ def load_backbone_weights(
     target = model.state_dict()
     is_classifier = _is_model_classifier(model)
     name = source_name or _source_name(source)
+    resampled = _fit_pos_embed(sd, model)
 
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
@@ -393,6 +427,6 @@ def load_backbone_weights(
         raise ValueError(f"No tensor of {name} ({ex.format}) matches the {backbone} model; nothing would be loaded.")
     result = model.load_state_dict(loadable, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # filtered above
-    report = LoadReport(name, ex.format, len(loadable), missing, unexpected, ex.skipped)
+    report = LoadReport(name, ex.format, len(loadable), missing, unexpected, ex.skipped, ex.mask_token, resampled)
     (log.warning if (missing or unexpected) else log.info)("%s", report)
     return report

@@ -13,8 +13,37 @@ torch.set_num_threads(1)
 NUM_FEATURES = {"caformer_s18": 512, "convnextv2_tiny": 768, "pvt_v2_b2": 512, "vit_small": 384}
 
 
+VITS = (
+    "vit_small",
+    "vit_base",
+    "vit_large",
+    "dinov2_vits14",
+    "dinov2_vitb14",
+    "dinov2_vitl14",
+    "dinov2_vits14_reg4",
+    "dinov2_vitb14_reg4",
+    "dinov2_vitl14_reg4",
+    "dinov3_vits16",
+    "dinov3_vitb16",
+    "dinov3_vitl16",
+)
+
+
 def test_backbone_names_are_the_documented_choices():
-    assert BACKBONES == ("caformer_s18", "convnextv2_tiny", "pvt_v2_b2", "vit_small", "timm")
+    assert BACKBONES == ("caformer_s18", "convnextv2_tiny", "pvt_v2_b2", *VITS, "timm")
+
+
+@pytest.mark.parametrize(
+    "name,patch,prefix", [("dinov2_vits14", 14, 1), ("dinov2_vits14_reg4", 14, 5), ("dinov3_vits16", 16, 5)]
+)
+def test_vits_take_global_and_local_crops_of_any_size(name, patch, prefix):
+    # built at the global crop size like training; other sizes (a DINOv2 112-px local crop, a non-square one) run
+    model = build_backbone(name, img_size=4 * patch).eval()
+    assert model.num_prefix_tokens == prefix
+    with torch.no_grad():
+        for h, w in ((4 * patch, 4 * patch), (8 * patch, 8 * patch), (2 * patch, 3 * patch)):
+            assert model(torch.randn(1, 3, h, w)).shape == (1, 384)
+            assert model.forward_features(torch.randn(1, 3, h, w)).shape[1] == prefix + (h // patch) * (w // patch)
 
 
 def test_unknown_backbone_lists_valid_choices():

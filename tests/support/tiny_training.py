@@ -40,6 +40,15 @@ def tiny_dino(out_dim: int = 32, local_number: int = 2) -> dict:
     }
 
 
+def quiet_trainer(root, **kwargs):
+    """A one-epoch CPU Trainer without logger, checkpoints, progress bar or summary (``kwargs`` override)."""
+    import pytorch_lightning as pl
+
+    options = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False)
+    options |= dict(enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    return pl.Trainer(**(options | kwargs))
+
+
 def crop_batches(n_batches: int, batch_size: int, local_number: int = 2, seed: int = 0, nan_at: int | None = None):
     g = torch.Generator().manual_seed(seed)
     batches = []
