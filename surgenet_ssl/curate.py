@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> list:
     found, why = _discover(base)
     wanted = _plain(cfg.get("sources"))
     if wanted:
-        names = [wanted] if isinstance(wanted, str) else [str(n) for n in wanted]  # type: ignore[union-attr]
+        names = [wanted] if isinstance(wanted, str) else [str(n) for n in list(wanted)]  # type: ignore[call-overload]
         unknown = [n for n in names if n not in found]
         if unknown:
             raise CurationError(f"curate: sources {unknown} are not prepared under {base} (found: {sorted(found)})")

@@ -636,7 +636,7 @@ def _view_error(where: str, what: str) -> CurationError:
     )
 
 
-def read_curated_view(directory: L.Location, shards: list[Mapping[str, Any]]) -> dict[str, Any]:
+def read_curated_view(directory: L.Location, shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The curated view of a prepared source (local or URL), checked against the manifest's ``shards``.
 
     Returns ``{"kept": {shard file: sorted int64 ordinals}, "frames": kept frames of these shards, "summary": what
