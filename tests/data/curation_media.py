@@ -89,9 +89,10 @@ def blurred(rgb: np.ndarray, sigma: float) -> np.ndarray:
 def smoke(rgb: np.ndarray, density: float = 0.6) -> np.ndarray:
     """Surgical smoke: a bright veil over a blurred view (electrocautery plume), inside the scope's field of view
     (the optical vignette stays dark)."""
-    lit = (cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) >= 24)[..., None]
-    veil = blurred(rgb, 4.0).astype(np.float32) * (1 - density) + 230 * density
-    return np.where(lit, veil, rgb.astype(np.float32)).clip(0, 255).astype(np.uint8)
+    field = (cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (0, 0), 8) >= 24).astype(np.float32)
+    alpha = cv2.GaussianBlur(field, (0, 0), 3)[..., None] * density  # dark instruments inside are veiled too
+    veil = blurred(rgb, 4.0).astype(np.float32) * (1 - alpha) + 230 * alpha
+    return veil.clip(0, 255).astype(np.uint8)
 
 
 def near_duplicate(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -104,6 +105,7 @@ __all__ = [
     "SAMPLE_FPS",
     "black_frames",
     "blurred",
+    "encode_jpeg",
     "endoscopic_frames",
     "endoscopic_videos",
     "flat_frames",
@@ -112,4 +114,45 @@ __all__ = [
     "operating_room_frames",
     "smoke",
     "title_cards",
+    "write_frames_source",
 ]
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_frames_source(root, name: str, videos: dict, fps: float | None = 1.0, shard_max: int = 1000):
+    """A prepared source written directly: ``videos`` maps a video id to its frames in order (HxWx3 arrays, stored as
+    JPEG q90 like prepare; raw bytes are stored as they are, e.g. a corrupt frame). Keys ``<video>/<k:08d>``."""
+    import json
+
+    from surgenet_ssl.data.shards import MANIFEST_FORMAT, MANIFEST_VERSION, ShardWriter, write_json_atomic
+
+    out = root / name
+    shards = []
+    for video, frames in videos.items():
+        w = ShardWriter(out, f"shards/{video}", video, shard_max)
+        for k, frame in enumerate(frames):
+            jpg = frame if isinstance(frame, bytes) else encode_jpeg(frame)
+            meta = {"source": name, "video": video, "frame_index": k, "timestamp": k / (fps or 1.0)}
+            w.write(f"{video}/{k:08d}", {"jpg": jpg, "json": json.dumps(meta).encode()})
+        shards += [s.to_dict() for s in w.close()]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "source": name,
+        "procedure": "test",
+        "complete": True,
+        "frames": sum(s["frames"] for s in shards),
+        "videos": len(videos),
+        "inputs": len(videos),
+        "pending": 0,
+        "settings": {"fps": fps},
+        "skipped": {"inputs": [], "corrupt_images": 0},
+        "shards": shards,
+    }
+    write_json_atomic(out / "manifest.json", manifest)
+    return out
