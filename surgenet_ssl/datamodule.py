@@ -122,6 +122,7 @@ class StreamingDataModule(pl.LightningDataModule):
         self.dataset_cfg, self.data_cfg, self.crops, self.data_root, self.seed = dataset, data, crops, data_root, seed
         self.position = StreamPosition()
         self._resume: dict[str, Any] | None = None
+        self.curation: dict[str, Any] = {}  # source -> its curated view's summary, once the loader is built
 
     # ------------------------------------------------------------------------------------------ exact resume
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -209,12 +210,18 @@ class StreamingDataModule(pl.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         on, backend = self.data_cfg.get("augment_on", "cpu"), self.data_cfg.get("augment_backend", "fast")
+        temporal_p = float(self.crops.get("temporal_positive_p") or 0.0)
+        if temporal_p > 0 and on == "gpu":
+            raise ValueError(
+                "dino.crops.temporal_positive_p > 0 needs data.augment_on=cpu: in GPU mode the crops are made on the "
+                "device from one frame per sample"
+            )
         if rank == 0:
             log.info(
                 "multi-crop augmentation: %s",
                 "on the training device (GPU mode)" if on == "gpu" else f"in the loader workers, {backend} backend",
             )
-        return build_train_loader(
+        loader = build_train_loader(
             self.dataset_cfg,
             self.data_root,
             transform=build_augmentation(
@@ -238,4 +245,10 @@ class StreamingDataModule(pl.LightningDataModule):
             # saved position (epoch and batch), a new one at epoch 0.
             epoch=int(self._resume["epoch"]) if self._resume else (trainer.current_epoch if trainer is not None else 0),
             resume_position=self._resume,
+            temporal_positive_p=temporal_p,
+            temporal_window_s=float(self.crops.get("temporal_window_s") or 2.0),
         )
+        # what the model card records about the data: each source's curated view (dataset.curated)
+        mixture = getattr(loader.dataset, "mixture", None)
+        self.curation = {s.name: s.curation for s in (mixture.sources if mixture else []) if s.curation is not None}
+        return loader

@@ -210,6 +210,7 @@ def write_model_card(
         "",
         _exclusion_line(run_config),
         "",
+        *_curation_lines(checkpoint),
         *_provenance_lines(checkpoint),
         "## Load",
         "```python",
@@ -251,6 +252,46 @@ def _exclusion_line(run_config: dict) -> str:
     except ValueError as e:  # the list file is gone since training: show the setting as it was
         shown = f"{value} ({e})"
     return f"Videos excluded from pretraining (`dataset.exclude_videos`): {shown}."
+
+
+def _curation_lines(checkpoint: dict) -> list[str]:
+    """Model-card section: per source, the curated view trained on (``dataset.curated=true``): frames kept, frames
+    dropped per reason, the thresholds, and the opt-out and leakage lists applied with them (video ids and frame
+    keys), so a reader knows what the model never saw. Read from the checkpoint, so a re-export writes the same."""
+    curation = checkpoint.get("data_curation") or {}
+    if not curation:
+        return ["Curation (`dataset.curated`): not used; every prepared frame of the mixture was eligible.", ""]
+    lines = [
+        "## Curation",
+        "",
+        "Trained on the curated views (`python -m surgenet_ssl.curate`, `dataset.curated=true`):",
+        "",
+    ]
+    lines += [
+        "| source | kept / frames | dropped | excluded videos (lists) | excluded frame keys (lists) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, view in sorted(curation.items()):
+        dropped = ", ".join(f"{r} {n}" for r, n in (view.get("dropped") or {}).items() if n) or "none"
+        ex = view.get("exclusions") or {}
+        videos, frames = ex.get("videos") or {}, ex.get("frames") or {}
+        video_text = (
+            f"{len(videos.get('matched') or [])} matched of {len(videos.get('ids') or [])} ids from "
+            f"{', '.join(videos.get('origins') or []) or 'no list'}: {', '.join(videos.get('matched') or []) or '-'}"
+        )
+        frame_text = (
+            f"{frames.get('matched', 0)} matched of {frames.get('keys', 0)} keys from "
+            f"{', '.join(frames.get('origins') or []) or 'no list'}"
+        )
+        lines.append(
+            f"| {name} | {view.get('kept')} / {view.get('frames')} | {dropped} | {video_text} | {frame_text} |"
+        )
+    thresholds = {name: json.dumps(view.get("thresholds"), sort_keys=True) for name, view in curation.items()}
+    if len(set(thresholds.values())) == 1:
+        lines += ["", f"Thresholds (every source): `{next(iter(thresholds.values()))}`"]
+    else:
+        lines += [""] + [f"Thresholds of {name}: `{t}`" for name, t in sorted(thresholds.items())]
+    return lines + [""]
 
 
 def _provenance_lines(checkpoint: dict) -> list[str]:

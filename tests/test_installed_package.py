@@ -18,7 +18,7 @@ from support.cli import FAST_TRAIN, TINY_BACKBONE_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)  # [project]
-HYDRA_ENTRY_POINTS = ["train", "prepare", "evaluate", "finetune"]  # `--cfg job` composes their configs
+HYDRA_ENTRY_POINTS = ["train", "prepare", "evaluate", "finetune", "curate"]  # `--cfg job` composes their configs
 PLAIN_ENTRY_POINTS = ["export", "report", "datasets"]  # a plain command line: `--help`
 
 

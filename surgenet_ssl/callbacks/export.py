@@ -14,6 +14,13 @@ from surgenet_ssl.teacher_export import export_checkpoint
 log = logging.getLogger(__name__)
 
 
+def _curation(trainer: pl.Trainer) -> dict[str, Any]:
+    """Each source's curated view summary (``dataset.curated``: thresholds, drop counts, opt-out and leakage lists)
+    as the data module read it when it built the loader; empty without curation."""
+    datamodule = getattr(trainer, "datamodule", None)
+    return dict(getattr(datamodule, "curation", None) or {})
+
+
 class TeacherExport(pl.Callback):
     """Writes the SurgeNet ``.pth``, timm ``.safetensors`` and full DINO checkpoint from the live training state."""
 
@@ -47,6 +54,7 @@ class TeacherExport(pl.Callback):
             "progress": getattr(pl_module, "progress_state", dict)(),
             "run_config": self.run_config,
             "run_provenance": self.provenance,
+            "data_curation": _curation(trainer),
         }
         precision_state = trainer.precision_plugin.state_dict()
         if precision_state:  # the fp16 gradient scaler
@@ -66,6 +74,7 @@ class TeacherExport(pl.Callback):
         # The composed run config travels with every checkpoint, so `python -m surgenet_ssl.export` can name files.
         checkpoint["run_config"] = self.run_config
         checkpoint["run_provenance"] = self.provenance
+        checkpoint["data_curation"] = _curation(trainer)  # the curated views trained on, for the model card
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1

@@ -360,16 +360,21 @@ class OfficialMultiCrop(MultiCropAugmentation):
         self._count_converted(converted)
         return img
 
-    def __call__(self, image: Any) -> list[torch.Tensor]:
+    def _as_pil(self, image: Any) -> Image.Image:
         if isinstance(image, (bytes, bytearray, memoryview)):
-            image = self.decode(bytes(image))
-        elif isinstance(image, Image.Image):
+            return self.decode(bytes(image))
+        if isinstance(image, Image.Image):
             image, converted = to_rgb(image)
             self._count_converted(converted)
-        else:
-            image = Image.fromarray(self._as_array(image))
+            return image
+        return Image.fromarray(self._as_array(image))
+
+    def __call__(self, image: Any, second: Any = None) -> list[torch.Tensor]:
+        """``second``: a neighbouring frame of the same video the second global crop is cut from (temporal
+        positives, ``dino.crops.temporal_positive_p``); None: the same frame, as in DINO."""
+        image = self._as_pil(image)
         self._check_size(image.height, image.width)
-        crops = [self.global_1(image), self.global_2(image)]
+        crops = [self.global_1(image), self.global_2(image if second is None else self._as_pil(second))]
         crops.extend(self.local(image) for _ in range(self.local_crops_number))
         return crops
 
@@ -584,12 +589,16 @@ class FastMultiCrop(MultiCropAugmentation):
         t = torch.from_numpy(out).permute(2, 0, 1).contiguous()
         return t if self.uint8_output else t.float().mul_(self._scale).add_(self._shift)
 
-    def __call__(self, image: Any, return_params: bool = False) -> Any:
+    def __call__(self, image: Any, return_params: bool = False, second: Any = None) -> Any:
+        """``second``: a neighbouring frame of the same video the second global crop is cut from (temporal
+        positives, ``dino.crops.temporal_positive_p``); None: the same frame, as in DINO. The random draws are the
+        same either way (a run with and without it differs in that crop's pixels only)."""
         img = self._as_array(image)
         self._check_size(img.shape[0], img.shape[1])
+        other = img if second is None else self._as_array(second)
         draws = CropDraws.draw(self.rng(), self.n_crops)
         params: list | None = [] if return_params else None
-        crops = [self._crop(img, i, d, params) for i, d in enumerate(draws)]
+        crops = [self._crop(other if i == 1 else img, i, d, params) for i, d in enumerate(draws)]
         return (crops, params) if return_params else crops
 
 

@@ -59,6 +59,7 @@ STAT_NAMES = (
     "oversized_members",  # a shard member over data.max_member_bytes: skipped before it is read
     "converted_images",  # not 3-channel colour (grayscale, RGBA, CMYK, ...): converted to RGB and used
     "upscaled_images",  # smaller than the global crop (or the GPU-mode frame size): upscaled and used
+    "temporal_positives",  # samples whose second global crop came from a neighbouring frame (temporal_positive_p)
 )
 _STAT_INDEX = {n: i for i, n in enumerate(STAT_NAMES)}
 _STAT_SLOTS = 64  # one counter row per worker id (modulo): no lost updates between processes
@@ -177,7 +178,14 @@ class _SourceReader:
     ) -> None:
         self.spec, self.fraction, self.rng, self.problem, self.store = spec, fraction, rng, problems, store
         self.max_member_bytes = max_member_bytes
-        self.frames = np.array([max(0, int(s.get("frames", 0))) for s in spec.shards], dtype=np.float64)
+        # dataset.curated: the view's kept ordinals per shard (drawn by their count, others skipped unread)
+        self.curated = [set(spec.kept[s["file"]].tolist()) for s in spec.shards] if spec.kept is not None else None
+        self.frames = np.array(
+            [len(c) for c in self.curated]
+            if self.curated is not None
+            else [max(0, int(s.get("frames", 0))) for s in spec.shards],
+            dtype=np.float64,
+        )
         self.cum = np.cumsum(self.frames / self.frames.sum())
         self.in_flight = max(1, min(in_flight, len(spec.shards)))
         self.open: list[tuple[int, Iterator[int]]] = []
@@ -228,6 +236,8 @@ class _SourceReader:
                 self._drop(i)
                 continue
             key = entry.index.keys[k]
+            if self.curated is not None and k not in self.curated[i]:
+                continue
             if self.fraction < 1.0 and not keep_frame(self.spec.name, key, self.fraction):
                 continue
             if self.max_member_bytes and entry.index.largest_member(k) > self.max_member_bytes:
@@ -297,6 +307,8 @@ class MixtureStream(IterableDataset):
         max_member_bytes: int = 64 << 20,
         max_image_pixels: int = 64_000_000,
         max_consecutive_skips: int = 1000,
+        temporal_positive_p: float = 0.0,
+        temporal_window_s: float = 2.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -310,6 +322,17 @@ class MixtureStream(IterableDataset):
                 "data.max_transfers, data.max_open_files and data.shuffle_block must be >= 1, got "
                 f"{max_transfers}, {max_open_files}, {shuffle_block}"
             )
+        if not 0.0 <= float(temporal_positive_p) <= 1.0 or float(temporal_window_s) <= 0:
+            raise ValueError(
+                "dino.crops.temporal_positive_p must be in [0, 1] and temporal_window_s > 0, got "
+                f"{temporal_positive_p}, {temporal_window_s}"
+            )
+        if temporal_positive_p > 0 and sampling != "epoch":
+            raise ValueError(
+                "dino.crops.temporal_positive_p > 0 needs data.sampling=epoch (neighbours are found through the "
+                "shard index of the frame's own shard)"
+            )
+        self.temporal_positive_p, self.temporal_window_s = float(temporal_positive_p), float(temporal_window_s)
         self.mixture = mixture
         self.transform = transform
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
@@ -333,6 +356,14 @@ class MixtureStream(IterableDataset):
             self.catalog = self._build_catalog()
             total = self.catalog.epoch_size()
             self.repeats = dict(zip(self.sources, self.catalog.repeats, strict=True))
+        if self.temporal_positive_p > 0:
+            unknown = [s.name for s in mixture.sources if s.sample_fps is None]
+            if unknown:
+                log.warning(
+                    "temporal positives: sources %s were prepared with fps=null (every frame), so the time between "
+                    "their frames is unknown; their second global crop stays on the same frame",
+                    ", ".join(unknown),
+                )
         if steps_per_epoch is not None and int(steps_per_epoch) < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.epoch_frames = total
@@ -361,14 +392,16 @@ class MixtureStream(IterableDataset):
             for s, spec in enumerate(self.mixture.sources):
                 for j, shard in enumerate(spec.shards):
                     source_of.append(s)
+                    curated = spec.kept[shard["file"]] if spec.kept is not None else None  # dataset.curated
                     if store is None:
-                        frames.append(max(0, int(shard.get("frames", 0))))
-                        kept.append(None)
+                        frames.append(len(curated) if curated is not None else max(0, int(shard.get("frames", 0))))
+                        kept.append(curated)
                         continue
                     entry = _open_shard(store, spec, shard, problems, f"{spec.name}:{j}")
                     keys = entry.index.keys if entry is not None else []
+                    candidates = range(len(keys)) if curated is None else [int(k) for k in curated if k < len(keys)]
                     ordinals = np.array(
-                        [k for k, key in enumerate(keys) if keep_frame(spec.name, key, fraction)], dtype=np.int64
+                        [k for k in candidates if keep_frame(spec.name, keys[k], fraction)], dtype=np.int64
                     )
                     frames.append(len(ordinals))
                     kept.append(ordinals)
@@ -480,14 +513,15 @@ class MixtureStream(IterableDataset):
         keys: list[str] = []
         for p in positions:
             source, key, img = reader.frame(p)
-            outs.append(self._transform(img, key, consume_events))
+            second = reader.neighbour(p) if self.temporal_positive_p > 0 else None
+            outs.append(self._transform(img, key, consume_events, second))
             labels.append(source)
             keys.append(key)
         return self._collate(outs, labels, keys)
 
-    def _transform(self, img: Any, key: str, consume_events: Any) -> Any:
+    def _transform(self, img: Any, key: str, consume_events: Any, second: Any = None) -> Any:
         try:
-            out = self.transform(img)
+            out = self.transform(img) if second is None else self.transform(img, second=second)  # type: ignore[call-arg]
         except Exception as e:  # a bug in the transform, not bad data: fail loudly, naming the frame
             size = img.size if hasattr(img, "mode") else getattr(img, "shape", "?")
             raise RuntimeError(f"transform failed on frame {key} (size {size}): {e}") from e
@@ -603,6 +637,7 @@ class _EpochReader:
         )
         self.bad: set[int] = set()
         self.decode = getattr(stream.transform, "decode", decode_rgb_image)
+        self.last: tuple[int, int] = (-1, -1)  # (global shard, ordinal) of the frame frame() returned last
 
     def close(self) -> None:
         self.store.close()
@@ -666,10 +701,52 @@ class _EpochReader:
             self.problems("corrupt_images", f"sample {key} has no .jpg member; skipped")
             return None
         try:
-            return key, self.decode(sample["jpg"])
+            image = self.decode(sample["jpg"])
         except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data
             self.problems("corrupt_images", f"corrupt image {key} ({type(e).__name__}: {e}); skipped")
             return None
+        self.last = (j, k)
+        return key, image
+
+    def neighbour(self, p: int) -> Any | None:
+        """With probability ``temporal_positive_p``, a neighbouring frame of the frame :meth:`frame` returned for
+        position ``p`` (decoded), else None. Neighbours: frames of the same video (the key's part before its last
+        ``/``) in the same shard (prepare writes a video's frames in order), at most ``temporal_window_s`` seconds
+        away (consecutive prepared frames are 1/fps s apart, fps: the source's prepare setting), that the epoch
+        may use (the curated view's and the fraction's frames). Drawn from (seed, epoch, position): a resumed run
+        makes the same choices. None too when there is no usable neighbour (a video of one frame)."""
+        stream = self.stream
+        rng = np.random.default_rng([stream.seed, self.epoch, p, 0x7E3])
+        if rng.random() >= stream.temporal_positive_p:
+            return None
+        j, k = self.last
+        _, spec, shard = self.shards[j]
+        if spec.sample_fps is None:
+            return None
+        window = max(1, int(np.floor(stream.temporal_window_s * spec.sample_fps + 1e-9)))
+        entry = _open_shard(self.store, spec, shard, self.problems, f"{spec.name}:{j}")
+        if entry is None:
+            return None
+        keys, kept = entry.index.keys, self.catalog.kept[j]
+        video = keys[k].rpartition("/")[0]
+        candidates = [
+            o
+            for o in range(max(0, k - window), min(len(keys), k + window + 1))
+            if o != k
+            and keys[o].rpartition("/")[0] == video
+            and (kept is None or _contains(kept, o))
+            and not (stream.max_member_bytes and entry.index.largest_member(o) > stream.max_member_bytes)
+        ]
+        if not candidates:
+            return None
+        o = candidates[int(rng.integers(len(candidates)))]
+        try:
+            image = self.decode(entry.read(o, ("jpg",))["jpg"])
+        except Exception as e:  # noqa: BLE001 - a bad neighbour: the anchor's own frame is used instead
+            self.problems("corrupt_images", f"corrupt neighbour {spec.name}/{keys[o]} ({type(e).__name__}); skipped")
+            return None
+        stream._counters.add("temporal_positives")
+        return image
 
     def _mark_bad(self, j: int, source: int, spec: SourceSpec) -> None:
         self.bad.add(j)
@@ -680,6 +757,11 @@ class _EpochReader:
                 "warnings above). Check it with `python -m surgenet_ssl.datasets verify=true`, re-prepare it, or "
                 "remove it from the mixture."
             )
+
+
+def _contains(sorted_values: np.ndarray, value: int) -> bool:
+    i = int(np.searchsorted(sorted_values, value))
+    return i < len(sorted_values) and int(sorted_values[i]) == value
 
 
 def resumed_samples(resume: Mapping[str, Any] | None) -> int:

@@ -12,6 +12,7 @@ Config schema (surgenet_ssl/configs/dataset/*.yaml)::
     path: null                   # dataset=custom: one prepared directory (or a folder of them)
     generate: null               # "demo": build the embedded demo data under `root` on first use
     exclude_videos: null         # leakage guard: videos left out of every source (see data/video_exclusion.py)
+    curated: false               # true: train on each source's curated view (python -m surgenet_ssl.curate)
 
 ``sources: null`` means "every prepared source found under ``path``/``root``" (used by custom and demo).
 A key outside this schema (top level or in a source's mapping) is an error naming the closest valid key.
@@ -29,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from surgenet_ssl.config_checks import check_keys
 from surgenet_ssl.data import location as L
@@ -58,6 +61,7 @@ _KNOWN_KEYS = {
     "generate",
     "description",
     "exclude_videos",
+    "curated",
 }
 _SOURCE_KEYS = {"weight", "path"}  # dataset.sources.<name>: a weight, null, or {weight: 2.0, path: DIR}
 
@@ -78,6 +82,10 @@ class SourceSpec:
     weight: float  # sampling probability (normalised over present sources)
     procedure: str = "unknown"
     excluded_videos: list[str] = field(default_factory=list)  # left out by dataset.exclude_videos
+    # dataset.curated: per shard file, the ordinals of the frames the curated view keeps (None: every frame)
+    kept: dict[str, np.ndarray] | None = None
+    curation: dict[str, Any] | None = None  # the curated view's summary (thresholds, counts, exclusions)
+    sample_fps: float | None = None  # frames per second of video that prepare kept (consecutive frames' spacing)
 
 
 @dataclass
@@ -279,6 +287,7 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
         )
 
     exclusion = load_video_exclusion(cfg.get("exclude_videos"))
+    curated = bool(cfg.get("curated", False))
     present: list[SourceSpec] = []
     missing: list[MissingSource] = []
     for n in entries:
@@ -291,6 +300,20 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
         assert manifest is not None
         shards, left_out = _without_videos(n, list(manifest["shards"]), exclusion)
         frames = sum(int(sh.get("frames", 0)) for sh in shards) if left_out else int(manifest["frames"])
+        kept, curation = None, None
+        if curated:
+            from surgenet_ssl.data.curation import read_curated_view
+
+            view = read_curated_view(dirs[n], shards)
+            kept, curation, frames = view["kept"], view["summary"], view["frames"]
+            log.info(
+                "source %s: curated view keeps %d of its %d frames (%s)",
+                n,
+                frames,
+                sum(int(sh.get("frames", 0)) for sh in shards),
+                ", ".join(f"{r} {c}" for r, c in (curation.get("dropped") or {}).items() if c) or "none dropped",
+            )
+        fps = (manifest.get("settings") or {}).get("fps")
         present.append(
             SourceSpec(
                 name=n,
@@ -301,6 +324,11 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
                 expected_frames=int(round(frames * fraction)),
                 weight=0.0,
                 procedure=str(manifest.get("procedure", "unknown")),
+                kept=kept,
+                curation=curation,
+                sample_fps=float(fps)
+                if isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0
+                else None,
             )
         )
 

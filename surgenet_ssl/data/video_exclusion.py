@@ -8,6 +8,11 @@ ship with the package (``surgenet_ssl/data/video_lists/*.txt``, each with its so
 ``exclude_videos`` takes a list (or one item); each item is a shipped list's name, a text file (one video id a
 line, ``#`` comments) or a video id. An id matches a prepared video whose id is the same or ends with ``/<id>``
 (``video41`` matches ``videos/video41`` and ``cholec80/videos/video41``).
+
+``exclude_frames`` (curation, :mod:`surgenet_ssl.data.curation`) is the same for single frames: a patient who opted
+out of part of a recording, a frame that shows a face. Items are text files (one frame key a line) or keys; a key
+``<video>/<frame>`` matches a prepared frame whose key is it or ends with ``/<key>``, and a numeric frame part
+matches the prepared frame index whatever its zero padding (``video41/25`` matches ``videos/video41/00000025``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from typing import Any
 
 from surgenet_ssl.data.shards import sanitize_id
 
-__all__ = ["LISTS_DIR", "VideoExclusion", "shipped_lists", "load_video_exclusion"]
+__all__ = [
+    "LISTS_DIR",
+    "FrameExclusion",
+    "VideoExclusion",
+    "load_frame_exclusion",
+    "load_video_exclusion",
+    "shipped_lists",
+]
 
 LISTS_DIR = Path(__file__).resolve().parent / "video_lists"
 
@@ -57,11 +69,11 @@ class VideoExclusion:
         return {"origins": list(self.origins), "ids": sorted(self.ids)}
 
 
-def _read_ids(path: Path) -> list[str]:
+def _read_ids(path: Path, setting: str = "exclude_videos") -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"exclude_videos: cannot read {path} ({e})") from e
+        raise ValueError(f"{setting}: cannot read {path} ({e})") from e
     ids = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     return [i for i in ids if i]
 
@@ -101,3 +113,72 @@ def load_video_exclusion(value: Any, setting: str = "exclude_videos") -> VideoEx
     if inline:
         origins.append(f"{len(inline)} ids given inline")
     return VideoExclusion(frozenset(sanitize_id(i) for i in ids), tuple(origins))
+
+
+def _canonical_frame(key: str) -> str:
+    """A frame key with a numeric last part written as prepare writes frame indices (8 digits)."""
+    head, _, last = key.rpartition("/")
+    if last.isdigit():
+        last = f"{int(last):08d}"
+    return f"{head}/{last}" if head else last
+
+
+@dataclass(frozen=True)
+class FrameExclusion:
+    """Frame keys to leave out (opt-outs of single frames) and the files or settings they came from."""
+
+    keys: frozenset[str] = frozenset()
+    origins: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def match(self, key: str) -> str | None:
+        """The listed key that the prepared frame ``key`` (``<video>/<frame>``) matches, or None."""
+        key = _canonical_frame(key)
+        parts = key.split("/")
+        for i in range(len(parts) - 1):  # a listed key names at least <video>/<frame>
+            tail = "/".join(parts[i:])
+            if tail in self.keys:
+                return tail
+        return None
+
+    def describe(self) -> str:
+        return f"{len(self.keys)} frame keys from {', '.join(self.origins)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"origins": list(self.origins), "keys": len(self.keys)}
+
+
+def load_frame_exclusion(value: Any) -> FrameExclusion:
+    """Parse an ``exclude_frames`` setting (None, one item or a list: text files of frame keys, or keys). A missing
+    file is an error naming it; a key without a ``/`` (no video part) is refused, as it would match any video."""
+    if value is None or value == "":
+        return FrameExclusion()
+    items: Iterable[Any] = [value] if isinstance(value, (str, Path)) else value
+    keys: set[str] = set()
+    origins: list[str] = []
+    inline: list[str] = []
+    for raw in items:
+        item = str(raw).strip()
+        if not item:
+            continue
+        path = Path(item).expanduser()
+        if path.is_file():
+            keys.update(_read_ids(path, "exclude_frames"))
+            origins.append(str(path))
+        elif item.lower().endswith((".txt", ".csv")) or path.is_absolute():
+            raise ValueError(f"exclude_frames: {item} is not a file. Give text files of frame keys or frame keys.")
+        else:
+            inline.append(item)
+    keys.update(inline)
+    if inline:
+        origins.append(f"{len(inline)} keys given inline")
+    canonical = {_canonical_frame(sanitize_id(k)) for k in keys}
+    bad = sorted(k for k in canonical if "/" not in k)
+    if bad:
+        raise ValueError(
+            f"exclude_frames: {bad[:5]} name no video: give frame keys as <video>/<frame> (as in the shards, e.g. "
+            "videos/video41/00000025, or video41/25)"
+        )
+    return FrameExclusion(frozenset(canonical), tuple(origins))

@@ -76,6 +76,10 @@ class CropsRecipe:
     blur_sigma: tuple[float, float] = option((0.1, 2.0), increasing_pair(0.0, lo_open=True))
     solarize_p: float = option(0.2, _PROBABILITY)
     solarize_threshold: int = option(128, in_range(0, 256))
+    # Temporal positives (off: DINO's recipe): with this probability the second global crop is cut from a
+    # neighbouring frame of the same video, at most temporal_window_s seconds away (README "Curation").
+    temporal_positive_p: float = option(0.0, _PROBABILITY)
+    temporal_window_s: float = option(2.0, _POSITIVE)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ __all__ = [
     "read_state_dict",
     "extract_backbone_state_dict",
     "load_backbone_weights",
+    "load_model_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -429,4 +430,33 @@ def load_backbone_weights(
     assert not result.unexpected_keys, result.unexpected_keys  # filtered above
     report = LoadReport(name, ex.format, len(loadable), missing, unexpected, ex.skipped, ex.mask_token, resampled)
     (log.warning if (missing or unexpected) else log.info)("%s", report)
+    return report
+
+
+def load_model_weights(model: nn.Module, source: WeightSource, sha256: str | None = None) -> LoadReport:
+    """Load a *whole* timm model, its classifier included (a user's frame classifier for curation), from any
+    supported file: read like every weight file here (``weights_only``/safetensors), wrappers and transparent
+    prefixes removed, then every tensor must match the model by name and shape (raises naming the ones that do
+    not: a file for another architecture or number of classes never loads partly)."""
+    obj = read_state_dict(source, sha256=sha256)
+    steps: list[str] = []
+    sd, _ = _strip_prefixes(_unwrap(obj, steps), steps)
+    name = _source_name(source)
+    target = model.state_dict()
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    if mismatched or missing or unexpected:
+        raise ValueError(
+            f"{name} does not match the model ({', '.join(steps) or 'flat state dict'}): {len(mismatched)} "
+            f"mis-shaped {mismatched[:5]}, {len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected "
+            f"{unexpected[:5]}. Is the file for another architecture or number of classes?"
+        )
+    model.load_state_dict(sd, strict=True)
+    report = LoadReport(name, ", ".join(steps or ["flat state dict"]), len(sd))
+    log.info("%s", report)
     return report
