@@ -50,8 +50,14 @@ def _normalise(name: str) -> str:
 
 
 def declared_dependencies() -> set[str]:
+    """The dependencies, plus those of the feature extras (e.g. ``parquet``: imported only by the feature that needs
+    it, with an error naming the extra); the ``test`` extra is not a feature."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return {_normalise(re.match(r"[A-Za-z0-9._-]+", spec).group(0)) for spec in project["dependencies"]}
+    specs = list(project["dependencies"])
+    for extra, extra_specs in project.get("optional-dependencies", {}).items():
+        if extra != "test":
+            specs += extra_specs
+    return {_normalise(re.match(r"[A-Za-z0-9._-]+", spec).group(0)) for spec in specs}
 
 
 def third_party_imports() -> dict[str, set[str]]:

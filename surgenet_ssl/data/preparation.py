@@ -41,6 +41,7 @@ from typing import Any
 from surgenet_ssl.data import shards as S
 from surgenet_ssl.data.decode import load_rgb_image
 from surgenet_ssl.data.inputs import InputError, Member, container_stem, list_members, local_copy, read_member
+from surgenet_ssl.data.shard_index import index_path
 from surgenet_ssl.data.video import (
     IMAGE_EXTENSIONS,
     SAMPLING_RULES,
@@ -388,9 +389,10 @@ def process_unit(
         record["shards"] = [s.to_dict() for s in writer.close()]
         record["frames"] = frames
     except BaseException as e:
-        writer.abort()  # no shard of a failed unit stays behind
+        writer.abort()  # no shard of a failed unit stays behind (nor its index)
         for s in writer.finished:
             (out / s.file).unlink(missing_ok=True)
+            index_path(out / s.file).unlink(missing_ok=True)
         if isinstance(e, InputError):
             e = VideoDecodeError(str(e))
         if not isinstance(e, (VideoDecodeError, OSError)) or getattr(e, "errno", None) in _FATAL_ERRNOS:
@@ -557,6 +559,7 @@ def _remove_unit_shards(out: Path, unit: Unit) -> int:
     stale = [p for p in folder.glob(f"{glob_escape(flat)}-*.tar") if _SHARD_NUMBER.fullmatch(p.name[len(flat) :])]
     for p in stale:
         p.unlink(missing_ok=True)
+        index_path(p).unlink(missing_ok=True)  # the loader's byte-offset index written beside it
     return len(stale)
 
 

@@ -67,12 +67,17 @@ def test_a_replaced_input_leaves_no_stale_shards(tmp_path: Path) -> None:
     write_video(src / "clip.mp4", frames=50)  # 10 frames: clip-00000..00002
     write_video(src / "clip-00001.mp4", frames=20)  # a video whose name looks like a shard number of "clip"
     prepare_source(src, out, settings(), workers=0, progress=False)
-    shards = sorted(p.name for p in (out / "shards").iterdir())
+    shards = sorted(p.name for p in (out / "shards").glob("*.tar"))
     assert shards == ["clip-00000.tar", "clip-00001-00000.tar", "clip-00001.tar", "clip-00002.tar"]
     write_video(src / "clip.mp4", frames=15)  # a new recording under the same name: 3 frames, one shard
     s = prepare_source(src, out, settings(), workers=0, progress=False)
     assert s.units_done_now == 1 and s.units_done_before == 1
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["clip-00000.tar", "clip-00001-00000.tar"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [  # each shard with its index, nothing stale
+        "clip-00000.tar",
+        "clip-00000.tar.idx.json",
+        "clip-00001-00000.tar",
+        "clip-00001-00000.tar.idx.json",
+    ]
     assert sorted(s["file"] for s in manifest_of(out)["shards"]) == [
         "shards/clip-00000.tar",
         "shards/clip-00001-00000.tar",
