@@ -53,20 +53,24 @@ class VideoExclusion:
 
     def match(self, video: str) -> str | None:
         """The listed id that ``video`` (a prepared video id) matches, or None."""
-        if video in self.ids:
-            return video
-        parts = video.split("/")
-        for i in range(1, len(parts)):
-            tail = "/".join(parts[i:])
-            if tail in self.ids:
-                return tail
-        return None
+        return _listed_tail(video, self.ids, min_parts=1)
 
     def describe(self) -> str:
         return f"{len(self.ids)} video ids from {', '.join(self.origins)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"origins": list(self.origins), "ids": sorted(self.ids)}
+
+
+def _listed_tail(name: str, listed: set[str] | frozenset[str], min_parts: int) -> str | None:
+    """The longest tail of ``name`` (whole ``/`` components, at least ``min_parts``) that is ``listed``, or None: a
+    listed id matches a prepared id that ends with it (``cholec80/video01`` matches ``video01``)."""
+    parts = name.split("/")
+    for i in range(len(parts) - min_parts + 1):
+        tail = "/".join(parts[i:])
+        if tail in listed:
+            return tail
+    return None
 
 
 def _read_ids(path: Path, setting: str = "exclude_videos") -> list[str]:
@@ -135,13 +139,7 @@ class FrameExclusion:
 
     def match(self, key: str) -> str | None:
         """The listed key that the prepared frame ``key`` (``<video>/<frame>``) matches, or None."""
-        key = _canonical_frame(key)
-        parts = key.split("/")
-        for i in range(len(parts) - 1):  # a listed key names at least <video>/<frame>
-            tail = "/".join(parts[i:])
-            if tail in self.keys:
-                return tail
-        return None
+        return _listed_tail(_canonical_frame(key), self.keys, min_parts=2)  # a listed key: <video>/<frame> at least
 
     def describe(self) -> str:
         return f"{len(self.keys)} frame keys from {', '.join(self.origins)}"
