@@ -230,7 +230,7 @@ def build_strategy(cfg: DictConfig):
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
-    from surgenet_ssl.callbacks import PreemptionCheckpoint, TeacherExport
+    from surgenet_ssl.callbacks import LoggingStepProgressBar, PreemptionCheckpoint, TeacherExport
 
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
@@ -247,6 +247,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
             callbacks.append(hydra.utils.instantiate(steps))
         callbacks.append(hydra.utils.instantiate(node))
     callbacks.append(PreemptionCheckpoint(run_dir / "checkpoints"))
+    if (cfg.get("trainer") or {}).get("enable_progress_bar", True):
+        callbacks.append(LoggingStepProgressBar())  # reads the loss on the logging steps only (no per-step sync)
     if cfg.export.enabled:
         callbacks.append(
             TeacherExport(run_dir / "export", cfg.dataset.name, _container(cfg), cfg.export.every_n_epochs)
