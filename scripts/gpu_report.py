@@ -1,6 +1,6 @@
 """GPU report: the training-step figures the README's benchmark section is waiting for, in one run on a GPU node.
 
-The default run (on CUDA, under 10 minutes on an H100, guarded by ``--time-budget``) prints markdown tables of:
+The default run (on CUDA, within about six minutes, guarded by ``--time-budget``) prints markdown tables of:
 
 1. the matrix backbone (caformer_s18, convnextv2_tiny, pvt_v2_b2, vit_small) x precision (bf16-mixed, 16-mixed) x
    torch.compile (off, on): the Lightning step of the real ``DINOModule`` at recipe crop sizes (2x224 + 8x96) on
@@ -10,7 +10,7 @@ The default run (on CUDA, under 10 minutes on an H100, guarded by ``--time-budge
    augmentation batches); the target is 0 inside the training step;
 4. the data-wait fraction of the real loader (demo dataset) feeding the step, CPU vs GPU augmentation, 16 workers;
 5. the GPU multi-crop augmentation (``data.augment_on=gpu``) alone: frames/s, and whether it or the gradient
-   clipping synchronises with the host.
+   clipping synchronises with the host, and its ATen ops per call (kernel launches).
 
 Order (a spent budget costs the last parts first): the GPU augmentation and the host syncs, the eager matrix
 cells, the data wait, the largest batch, then the compile cells (each started only with >= 180 s of budget left,
