@@ -19,31 +19,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
+from surgenet_ssl.performance import AtenOpCounter
 
 # (valid h, w) of 4:3, 5:4, 1:1 and 16:9 frames in the 320x568 canvas (shorter side 320)
 ASPECTS = ((320, 427), (320, 400), (320, 320), (320, 568))
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched while active (``counts``: op name -> calls)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket.__name__)
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
 
 
 def inputs(batch: int, canvas: tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +39,11 @@ def inputs(batch: int, canvas: tuple[int, int], seed: int = 0) -> tuple[torch.Te
     return frames, sizes[:batch]
 
 
-def ops_per_call(aug: GpuMultiCrop, frames: torch.Tensor, sizes: torch.Tensor) -> OpCounter:
+def ops_per_call(aug: GpuMultiCrop, frames: torch.Tensor, sizes: torch.Tensor) -> AtenOpCounter:
     """The ops of one warm call (the first call creates the per-device constants)."""
     g = torch.Generator().manual_seed(0)
     aug(frames, g, sizes=sizes)
-    with OpCounter() as counter:
+    with AtenOpCounter() as counter:
         aug(frames, g, sizes=sizes)
     return counter
 

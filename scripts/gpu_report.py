@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +61,7 @@ from surgenet_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 from surgenet_ssl.dino import clip_gradients_per_parameter
 from surgenet_ssl.module import DINOModule
+from surgenet_ssl.performance import AtenOpCounter
 from surgenet_ssl.recipe import dino_recipe
 
 OFF = {"compile": False, "channels_last": False, "fused_adamw": False, "cudnn_benchmark": False}
@@ -521,7 +521,7 @@ def augment_report(args: argparse.Namespace, device: torch.device) -> dict[str, 
     _sync(device)
     per_batch = (time.perf_counter() - start) / args.aug_iters
     out: dict[str, Any] = {"gpu_augment_frames_per_s": b / per_batch, "gpu_augment_ms_per_batch": per_batch * 1e3}
-    with _OpCounter() as ops:
+    with AtenOpCounter() as ops:
         aug(frames, g, sizes=sizes)
     out["gpu_augment_ops_per_call"] = ops.total  # each one a kernel launch (scripts/bench_gpu_augment.py)
     if device.type == "cuda":
@@ -542,18 +542,6 @@ def augment_report(args: argparse.Namespace, device: torch.device) -> dict[str, 
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     return out
-
-
-class _OpCounter(TorchDispatchMode):
-    """ATen ops dispatched while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +108,22 @@ def use_fused_adamw(enabled: bool, device: torch.device, precision: str) -> bool
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     """4-D tensors to NHWC memory layout (same values and shape); anything else unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+class AtenOpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active (views included; ``counts``: op name -> calls). Why: on a GPU
+    each op is at least one kernel launch paid in host time, and the count does not depend on the device, so it is
+    measured on CPU tensors (scripts/bench_gpu_augment.py, scripts/gpu_report.py, the augmentation's op test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func.overloadpacket.__name__)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())

@@ -72,7 +72,7 @@ def _cached(key: tuple, make: Any) -> torch.Tensor:
     """A small constant tensor per key (device included), created once instead of one host copy per call."""
     if key not in _CONSTANTS:
         _CONSTANTS[key] = make()
-    return _CONSTANTS[key]  # type: ignore[return-value]
+    return _CONSTANTS[key]
 
 
 def _luma(device: torch.device) -> torch.Tensor:

@@ -4,21 +4,11 @@ with a dispatch mode): each op is a kernel launch paid in host time on a GPU (is
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
+from surgenet_ssl.performance import AtenOpCounter
 
 MAX_OPS = 500
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _ops_per_call(batch: int, local_number: int = 8, sizes: bool = True) -> int:
@@ -27,7 +17,7 @@ def _ops_per_call(batch: int, local_number: int = 8, sizes: bool = True) -> int:
     hw = torch.tensor([[40, 53], [40, 50], [40, 40], [40, 72]] * batch)[:batch] if sizes else None
     aug = GpuMultiCrop(32, 16, local_crops_number=local_number)
     aug(frames, g, sizes=hw)  # the first call creates the per-device constants
-    with _Ops() as ops:
+    with AtenOpCounter() as ops:
         crops = aug(frames, g, sizes=hw)
     assert [tuple(c.shape) for c in crops] == [(batch, 3, 32, 32)] * 2 + [(batch, 3, 16, 16)] * local_number
     return ops.total
