@@ -276,6 +276,8 @@ class DINOModule(pl.LightningModule):
         """Whether Lightning writes this optimizer step's metrics (``trainer.log_every_n_steps``; called before the
         step increments ``global_step``). Everything that reads a value back to the host happens on these steps
         only: Lightning's own ``.item()`` of the logged metrics, the progress bar, the collapse diagnostics."""
+        if self._trainer is None:  # a step called by hand (tests): nothing is written
+            return False
         every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors
         return bool(every) and (self.global_step + 1) % every == 0
 
@@ -443,7 +445,7 @@ class DINOModule(pl.LightningModule):
         self._agreement.record_loss(loss, (step, self.current_epoch, batch_idx))
         bs = crops[0].shape[0]
         shown = loss.detach()
-        if self.trainer.world_size > 1 and self._is_log_step():
+        if self._is_log_step() and self.trainer.world_size > 1:
             # the steps Lightning writes out show the mean over ranks, not rank 0's (one all-reduce, no host sync;
             # on a copy: the all-reduce works in place and the loss tensor is the one backward and the checks use)
             shown = self.trainer.strategy.reduce(shown.clone(), reduce_op="mean")
