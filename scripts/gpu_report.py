@@ -1,6 +1,6 @@
 """GPU report: the training-step figures the README's benchmark section is waiting for, in one run on a GPU node.
 
-The default run (on CUDA, under 10 minutes on an H100, guarded by ``--time-budget``) prints markdown tables of:
+The default run (on CUDA, within about six minutes, guarded by ``--time-budget``) prints markdown tables of:
 
 1. the matrix backbone (caformer_s18, convnextv2_tiny, pvt_v2_b2, vit_small) x precision (bf16-mixed, 16-mixed) x
    torch.compile (off, on): the Lightning step of the real ``DINOModule`` at recipe crop sizes (2x224 + 8x96) on
@@ -10,17 +10,25 @@ The default run (on CUDA, under 10 minutes on an H100, guarded by ``--time-budge
    augmentation batches); the target is 0 inside the training step;
 4. the data-wait fraction of the real loader (demo dataset) feeding the step, CPU vs GPU augmentation, 16 workers;
 5. the GPU multi-crop augmentation (``data.augment_on=gpu``) alone: frames/s, and whether it or the gradient
-   clipping synchronises with the host.
+   clipping synchronises with the host, and its ATen ops per call (kernel launches).
 
-The compile cells run last, so a run that reaches the time budget drops those first (the table says so).
-``--variants`` adds the older table of cumulative hot-path variants for ``--backbone`` (``baseline``: float32
-crops, unpinned; ``uint8``; ``fused``: + fused AdamW, cudnn.benchmark; ``channels_last``; ``compile``).
+Order (a spent budget costs the last parts first): the GPU augmentation and the host syncs, the eager matrix
+cells, the data wait, the largest batch, then the compile cells (each started only with >= 180 s of budget left,
+its seconds reported). ``--time-budget`` (default 300 s): no cell starts after it, so a run ends within about six
+minutes. ``--variants`` adds the older table of cumulative hot-path variants for ``--backbone`` (``baseline``:
+float32 crops, unpinned; ``uint8``; ``fused``: + fused AdamW, cudnn.benchmark; ``channels_last``; ``compile``).
+
+Nothing measured is lost: ``--out`` (a ``.json`` file, or a directory such as ``$OUT`` that gets
+``gpu_report.json``) is rewritten atomically after every cell, with the cells not run yet marked "pending"; a run
+stopped by SIGTERM (``timeout``) writes and prints what it has. ``/dev/shm`` is checked first (the loader's
+workers pass batches through it). cuDNN/cuBLAS allocation failures count as out of memory.
 
 ``--tiny`` checks the plumbing on CPU in well under a minute (tiny timm backbone and crops, a cell or two of each
-part, "n/a on CPU" where CUDA is needed; its numbers mean nothing). ``--out`` writes the results as JSON. The LAST
-line is ``best_samples_per_s=<float> backbone=<name> precision=<p> compile=<bool> host_syncs_per_step=<int|na>``.
+part, "n/a on CPU" where CUDA is needed; its numbers mean nothing). The LAST line is
+``best_samples_per_s=<float> backbone=<name> precision=<p> compile=<bool> host_syncs_per_step=<int|na>``.
 
     python scripts/gpu_report.py                          # the full report (CUDA)
+    python scripts/gpu_report.py --out "$OUT"               # JSON written into the directory $OUT after every cell
     python scripts/gpu_report.py --backbones vit_small --parts matrix,max_batch --out gpu_report.json
     python scripts/gpu_report.py --parts none --variants baseline,uint8,compile   # the hot-path variants only
     python scripts/gpu_report.py --tiny                   # CPU plumbing check
@@ -33,6 +41,8 @@ import gc
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import time
 import warnings
@@ -51,6 +61,7 @@ from surgenet_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 from surgenet_ssl.dino import clip_gradients_per_parameter
 from surgenet_ssl.module import DINOModule
+from surgenet_ssl.performance import AtenOpCounter
 from surgenet_ssl.recipe import dino_recipe
 
 OFF = {"compile": False, "channels_last": False, "fused_adamw": False, "cudnn_benchmark": False}
@@ -70,6 +81,9 @@ PARTS = ("matrix", "max_batch", "syncs", "data_wait", "augment")
 ASPECTS = ((320, 427), (320, 400), (320, 320), (320, 568))
 NA_CPU = "n/a on CPU"
 OVER_BUDGET = "skipped (time budget)"
+PENDING = "pending (not run yet)"
+PREFETCH = 4  # the loader's prefetch_factor in the data-wait part
+COMPILE_MIN_LEFT = 180.0  # seconds of budget a compile cell needs to be started
 
 
 def dino_cfg(args: argparse.Namespace) -> dict:
@@ -122,6 +136,35 @@ def synthetic_batches(
         if not uint8:
             crops = [(c.float() / 255.0 - mean) / std for c in crops]
         out.append({"crops": crops, **extra})
+    return out
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the RuntimeErrors of cuDNN/cuBLAS when their workspace cannot be allocated
+    (``CUDNN_STATUS_ALLOC_FAILED``, ``CUBLAS_STATUS_ALLOC_FAILED``, "... out of memory"): the same limit."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
+
+
+SHM_MIN_GB = 2.0
+
+
+def shm_check(path: str = "/dev/shm") -> dict[str, Any]:
+    """Size of ``/dev/shm``: the loader's workers pass every batch through it, and a container's default (64 MiB)
+    makes them fail with a bus error or "No space left on device" as soon as a few batches of crops queue up."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as err:
+        return {"dev_shm_gb": None, "dev_shm_note": f"{path} unavailable ({err.strerror}): loader workers may fail"}
+    gb = usage.total / 1024**3
+    out: dict[str, Any] = {"dev_shm_gb": round(gb, 2), "dev_shm_free_gb": round(usage.free / 1024**3, 2)}
+    if gb < SHM_MIN_GB:
+        out["dev_shm_note"] = (
+            f"{path} is {gb:.2f} GiB (< {SHM_MIN_GB:g}): loader workers may fail; give the container more "
+            "(docker run --shm-size=16g) or use fewer workers"
+        )
     return out
 
 
@@ -200,21 +243,22 @@ class _WaitTimer(pl.Callback):
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.wait, self.total, self.steps, self.images = warmup, 0.0, 0.0, 0, 0
+        self.per_step: list[tuple[float, float]] = []  # (wait, wait + step) of each timed step
         self._last_end: float | None = None
-        self._start = 0.0
+        self._start, self._wait = 0.0, 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         now = time.perf_counter()
-        if idx > self.warmup and self._last_end is not None:
-            self.wait += now - self._last_end
-            self.total += now - self._last_end
+        self._wait = now - self._last_end if idx > self.warmup and self._last_end is not None else 0.0
         self._start = now
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
         _sync(pl_module.device)  # the step's device work belongs to the step, not to the next wait
         now = time.perf_counter()
         if idx > self.warmup:
-            self.total += now - self._start
+            self.per_step.append((self._wait, self._wait + now - self._start))
+            self.wait += self._wait
+            self.total += self._wait + now - self._start
             self.steps += 1
             self.images += trainer.lightning_module.batch_size
         self._last_end = now
@@ -249,17 +293,21 @@ def run_steps(
     steps: int | None = None,
     frames: bool = False,
     extra_callbacks: list | None = None,
+    module: DINOModule | None = None,
 ) -> dict[str, Any]:
-    """The Lightning DINO step on fixed synthetic batches: ms/step, samples/s, peak device memory."""
+    """The Lightning DINO step on fixed synthetic batches: ms/step, samples/s, peak device memory. ``module``: one
+    to reuse (the largest-batch search builds one per backbone, not one per try)."""
     b = batch_size or args.batch_size
     warmup = args.warmup if warmup is None else warmup
     steps = args.steps if steps is None else steps
     torch.backends.cudnn.benchmark = False  # the options set it again when they ask for it
     torch.manual_seed(0)
     _free(device)
-    module = DINOModule(
-        backbone_cfg(backbone), dino_cfg(args), batch_size=b, diagnostics_every_n_steps=0, performance=perf
-    )
+    if module is None:
+        module = DINOModule(
+            backbone_cfg(backbone), dino_cfg(args), batch_size=b, diagnostics_every_n_steps=0, performance=perf
+        )
+    module.batch_size = b
     data = synthetic_batches(args, uint8, b, n=1 if b > args.batch_size else 2, frames=frames)
     total = warmup + steps
     pin = (uint8 or frames) and device.type == "cuda"  # the baseline is the old path: float32, never pinned
@@ -273,6 +321,8 @@ def run_steps(
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
     if perf.get("compile"):
         result["compiled"] = module.student.backbone._compiled_call_impl is not None
+    for p in module.parameters():
+        p.grad = None  # a reused module keeps no gradients (memory) into the next run
     del module, trainer, loader, data
     _free(device)
     return result
@@ -314,9 +364,11 @@ def matrix_cell(
     warmup = args.warmup + (args.compile_warmup if compiled else 0)
     try:
         return {**cell, **run_steps(args, device, backbone, precision, perf, warmup=warmup)}
-    except torch.cuda.OutOfMemoryError:
-        _free(device)
-        return {**cell, "note": f"out of memory at batch {args.batch_size}"}
+    except RuntimeError as err:  # (torch.cuda.OutOfMemoryError is one)
+        if not is_out_of_memory(err):
+            raise
+    _free(device)  # outside the except: the traceback no longer holds the step's tensors
+    return {**cell, "note": f"out of memory at batch {args.batch_size}"}
 
 
 def max_batch(args: argparse.Namespace, device: torch.device, backbone: str, budget: Budget) -> dict[str, Any]:
@@ -326,11 +378,21 @@ def max_batch(args: argparse.Namespace, device: torch.device, backbone: str, bud
     if device.type != "cuda":
         return {**out, "note": NA_CPU}
 
+    module = DINOModule(
+        backbone_cfg(backbone),
+        dino_cfg(args),
+        batch_size=args.batch_size,
+        diagnostics_every_n_steps=0,
+        performance=TRAIN_PERF,
+    )
+
     def fits(b: int) -> bool:
         try:
-            run_steps(args, device, backbone, "bf16-mixed", TRAIN_PERF, batch_size=b, warmup=1, steps=1)
+            run_steps(args, device, backbone, "bf16-mixed", TRAIN_PERF, batch_size=b, warmup=1, steps=1, module=module)
             ok = True
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as err:  # (torch.cuda.OutOfMemoryError is one)
+            if not is_out_of_memory(err):
+                raise
             ok = False
         _free(device)  # outside the except: the traceback no longer holds the step's tensors
         return ok
@@ -386,10 +448,14 @@ def data_wait(args: argparse.Namespace, device: torch.device, augment_on: str) -
     from surgenet_ssl.datamodule import StreamingDataModule
 
     backbone = args.backbones[0]
+    slots = args.workers * PREFETCH  # batches the workers queue before the first step: they hide the loader
     out: dict[str, Any] = {"backbone": backbone, "augment_on": augment_on, "workers": args.workers}
+    out["timed_steps"], out["queue_slots"] = slots + args.data_steps, slots
     cache = Path(args.cache_dir).expanduser()
     ensure_demo_dataset(cache)
-    total = args.data_warmup + args.data_steps + 1  # +1: the first wait includes the worker start-up, never counted
+    # timed: the queued batches and then data_steps more, so the steady state (the loader's own rate) is in it;
+    # +1: the first wait includes the worker start-up, never counted
+    total = args.data_warmup + slots + args.data_steps + 1
     dataset = {
         "name": "demo",
         "generate": "demo",
@@ -408,7 +474,7 @@ def data_wait(args: argparse.Namespace, device: torch.device, augment_on: str) -
         "uint8_crops": True,
         "pin_memory": "auto",
         "persistent_workers": True,
-        "prefetch_factor": 4,
+        "prefetch_factor": PREFETCH,
         "steps_per_epoch": total,
         "shuffle_buffer": 200,
     }
@@ -426,9 +492,12 @@ def data_wait(args: argparse.Namespace, device: torch.device, augment_on: str) -
     _free(device)
     if not timer.steps or timer.total <= 0:
         return {**out, "note": "no timed steps"}
+    steady = timer.per_step[slots:]  # after the queued batches: the loader's own rate
+    steady_total = sum(t for _, t in steady)
     return {
         **out,
         "data_wait_fraction": timer.wait / timer.total,
+        "steady_data_wait_fraction": sum(w for w, _ in steady) / steady_total if steady_total > 0 else None,
         "ms_per_step": timer.total / timer.steps * 1e3,
         "samples_per_s": timer.images / timer.total,
     }
@@ -452,6 +521,9 @@ def augment_report(args: argparse.Namespace, device: torch.device) -> dict[str, 
     _sync(device)
     per_batch = (time.perf_counter() - start) / args.aug_iters
     out: dict[str, Any] = {"gpu_augment_frames_per_s": b / per_batch, "gpu_augment_ms_per_batch": per_batch * 1e3}
+    with AtenOpCounter() as ops:
+        aug(frames, g, sizes=sizes)
+    out["gpu_augment_ops_per_call"] = ops.total  # each one a kernel launch (scripts/bench_gpu_augment.py)
     if device.type == "cuda":
         model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).to(device)
         for p in model.parameters():
@@ -490,7 +562,17 @@ def render(report: dict[str, Any]) -> list[str]:
     if report.get("matrix"):
         out += ["", "### Training step (recipe crops, synthetic uint8 batches, per GPU)", ""]
         out += table(
-            ["backbone", "precision", "compile", "batch", "samples/s", "ms/step", "peak memory (GiB)", "note"],
+            [
+                "backbone",
+                "precision",
+                "compile",
+                "batch",
+                "samples/s",
+                "ms/step",
+                "peak memory (GiB)",
+                "cell s",
+                "note",
+            ],
             [
                 [
                     c["backbone"],
@@ -500,6 +582,7 @@ def render(report: dict[str, Any]) -> list[str]:
                     c.get("samples_per_s"),
                     c.get("ms_per_step"),
                     _fmt(c.get("peak_memory_gb"), ".2f"),
+                    c.get("seconds"),
                     c.get("note", "" if c.get("compiled", True) else "compile fell back to eager"),
                 ]
                 for c in report["matrix"]
@@ -534,15 +617,34 @@ def render(report: dict[str, Any]) -> list[str]:
             ],
         )
     if report.get("data_wait"):
-        out += ["", "### Data wait: the real loader (demo dataset) feeding the step", ""]
+        out += [
+            "",
+            "### Data wait: the real loader (demo dataset) feeding the step",
+            "",
+            "Timed: the batches the workers queued before the first step (workers x prefetch 4), then --data-steps "
+            "more; 'after the queue' is the fraction over those (the loader's own rate).",
+            "",
+        ]
         out += table(
-            ["backbone", "augment_on", "workers", "data-wait fraction", "ms/step", "samples/s", "note"],
+            [
+                "backbone",
+                "augment_on",
+                "workers",
+                "timed steps",
+                "data-wait fraction",
+                "after the queue",
+                "ms/step",
+                "samples/s",
+                "note",
+            ],
             [
                 [
                     r["backbone"],
                     r["augment_on"],
                     r["workers"],
+                    r.get("timed_steps"),
                     _fmt(r.get("data_wait_fraction"), ".3f"),
+                    _fmt(r.get("steady_data_wait_fraction"), ".3f"),
                     r.get("ms_per_step"),
                     r.get("samples_per_s"),
                     r.get("note", ""),
@@ -608,7 +710,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sync-warmup", type=int, default=3, help="steps before the host syncs are counted")
     ap.add_argument("--sync-steps", type=int, default=3, help="steps whose host syncs are counted")
     ap.add_argument("--workers", type=int, default=16, help="loader workers of the data-wait part")
-    ap.add_argument("--data-steps", type=int, default=40, help="timed steps of the data-wait part")
+    ap.add_argument(
+        "--data-steps", type=int, default=40, help="timed steps of the data-wait part after the workers x 4 queued"
+    )
     ap.add_argument("--data-warmup", type=int, default=16, help="untimed steps: the workers start and fill up")
     ap.add_argument(
         "--cache-dir",
@@ -618,12 +722,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--time-budget",
         type=float,
-        default=540.0,
-        help="seconds; cells and parts not started by then are skipped with a note",
+        default=300.0,
+        help="seconds; cells and parts not started by then are skipped with a note (300: ends within ~6 min)",
     )
     ap.add_argument("--aug-iters", type=int, default=10)
     ap.add_argument("--variants", default=None, help=f"comma-separated, of {','.join(VARIANTS)}: adds that table")
-    ap.add_argument("--out", help="write the report as JSON here")
+    ap.add_argument("--out", help="a .json file or a directory (gets gpu_report.json): rewritten after every cell")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     args.canvas = (320, 568)
@@ -650,14 +754,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("surgenet_ssl").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     budget = Budget(args.time_budget)
+    out_path = report_path(args.out)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    shm = shm_check()
     print(
         f"device {name}, backbones {','.join(args.backbones)}, batch {args.batch_size}, crops 2x{args.global_size} "
         f"+ {args.local_number}x{args.local_size}, {args.steps} timed steps ({args.warmup} warm-up), "
-        f"time budget {args.time_budget:.0f} s",
+        f"time budget {args.time_budget:.0f} s, /dev/shm {shm['dev_shm_gb']} GiB",
         flush=True,
     )
+    if "dev_shm_note" in shm:
+        print(f"WARNING: {shm['dev_shm_note']}", flush=True)
+    cells = [(b, p, c) for b in args.backbones for p in precisions for c in compiles]
     report: dict[str, Any] = {
         "device": name,
         "backbone": args.backbone,
@@ -665,14 +774,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "precision": args.precision,
         "tiny": args.tiny,
-        "matrix": [],
+        **shm,
+        "finished": False,
+        "matrix": [{"backbone": b, "precision": p, "compile": c, "note": PENDING} for b, p, c in cells],
         "max_batch": [],
         "syncs": [],
         "data_wait": [],
         "steps": [],
     }
 
-    longest: dict[str, float] = {"compile": 60.0}  # seconds a cell of that kind took (a guess before the first)
+    def save() -> None:
+        if out_path is not None:
+            write_json_atomically(out_path, report)
+
+    save()
+    longest: dict[str, float] = {"compile": COMPILE_MIN_LEFT}  # seconds a cell of that kind needs (at least)
 
     def guarded(fn: Any, skipped: dict[str, Any], kind: str = "") -> dict[str, Any]:
         """Run ``fn`` unless the budget cannot hold it (as long as the longest cell of its ``kind`` so far). A part
@@ -685,60 +801,97 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 - reported in the table
             first = (str(err).splitlines() or [""])[0][:100]
             r = {**skipped, "note": f"failed: {type(err).__name__}: {first}"}
+        seconds = time.perf_counter() - t0
+        r["seconds"] = round(seconds, 1)
         if kind:
-            longest[kind] = max(longest[kind], time.perf_counter() - t0)
+            longest[kind] = max(longest[kind], seconds)
         print(f"[{time.perf_counter() - budget.start:6.0f} s] {r}", file=sys.stderr, flush=True)
         return r
 
-    # eager cells, then the cheaper parts, then the compiled cells: a spent budget costs compile cells first
-    cells = [(b, p, c) for b in args.backbones for p in precisions for c in compiles]
-    results: dict[tuple, dict] = {}
-    if "matrix" in parts:
-        for b, p, c in [x for x in cells if not x[2]]:
-            results[(b, p, c)] = guarded(
-                partial(matrix_cell, args, device, b, p, c), {"backbone": b, "precision": p, "compile": c}
-            )
-    if "syncs" in parts:
-        for frames in (False, True):
-            report["syncs"].append(
-                guarded(
-                    partial(host_syncs, args, device, args.backbones[0], frames),
-                    {"backbone": args.backbones[0], "augment_on": "gpu" if frames else "cpu"},
+    try:
+        # cheap and most wanted first; a spent budget costs the compile cells first
+        if "augment" in parts:
+            aug = guarded(partial(augment_report, args, device), {})
+            aug["gpu_augment_seconds"] = aug.pop("seconds", None)
+            if "note" in aug:
+                aug["gpu_augment_note"] = aug.pop("note")
+            report.update(aug)
+            save()
+        if "syncs" in parts:
+            for frames in (False, True):
+                report["syncs"].append(
+                    guarded(
+                        partial(host_syncs, args, device, args.backbones[0], frames),
+                        {"backbone": args.backbones[0], "augment_on": "gpu" if frames else "cpu"},
+                    )
                 )
-            )
-    if "data_wait" in parts:
-        for on in ("cpu", "gpu"):
-            report["data_wait"].append(
-                guarded(
-                    partial(data_wait, args, device, on),
-                    {"backbone": args.backbones[0], "augment_on": on, "workers": args.workers},
+                save()
+        for i, (b, p, c) in enumerate(cells):
+            if "matrix" in parts and not c:
+                report["matrix"][i] = guarded(
+                    partial(matrix_cell, args, device, b, p, c), {"backbone": b, "precision": p, "compile": c}
                 )
-            )
-    if "max_batch" in parts:
-        for b in args.backbones:
-            report["max_batch"].append(guarded(partial(max_batch, args, device, b, budget), {"backbone": b}))
-    if "matrix" in parts:
-        for b, p, c in [x for x in cells if x[2]]:
-            results[(b, p, c)] = guarded(
-                partial(matrix_cell, args, device, b, p, c),
-                {"backbone": b, "precision": p, "compile": c},
-                kind="compile",
-            )
-        report["matrix"] = [results[x] for x in cells]
-    for v in variants:
-        report["steps"].append(guarded(partial(run_variant, v, args, device), {"variant": v}))
-    report["steps"] = [r for r in report["steps"] if "images_per_s" in r]
-    if "augment" in parts and not budget.over():
-        report.update(augment_report(args, device))
-
-    report["summary"] = summary_line(report)
-    print("\n".join(render(report)))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"\nreport written to {args.out}")
-    print(report["summary"], flush=True)
+                save()
+        if "data_wait" in parts:
+            for on in ("cpu", "gpu"):
+                report["data_wait"].append(
+                    guarded(
+                        partial(data_wait, args, device, on),
+                        {"backbone": args.backbones[0], "augment_on": on, "workers": args.workers},
+                    )
+                )
+                save()
+        if "max_batch" in parts:
+            for b in args.backbones:
+                report["max_batch"].append(guarded(partial(max_batch, args, device, b, budget), {"backbone": b}))
+                save()
+        for i, (b, p, c) in enumerate(cells):
+            if "matrix" in parts and c:
+                report["matrix"][i] = guarded(
+                    partial(matrix_cell, args, device, b, p, c),
+                    {"backbone": b, "precision": p, "compile": c},
+                    kind="compile",
+                )
+                save()
+        if "matrix" not in parts:
+            report["matrix"] = []
+        for v in variants:
+            report["steps"].append(guarded(partial(run_variant, v, args, device), {"variant": v}))
+            save()
+        report["steps"] = [r for r in report["steps"] if "images_per_s" in r]
+        report["finished"] = True
+    finally:  # also on SIGTERM (timeout) or Ctrl-C: what was measured is written and printed
+        report["summary"] = summary_line(report)
+        save()
+        print("\n".join(render(report)))
+        if out_path is not None:
+            print(f"\nreport written to {out_path}")
+        print(report["summary"], flush=True)
     return report
 
 
+def report_path(out: str | None) -> Path | None:
+    """``--out``: a ``.json`` file, or a directory (created; e.g. ``$OUT``) that gets ``gpu_report.json``."""
+    if not out:
+        return None
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".json" or path.is_dir():
+        path = path / "gpu_report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temporary file, then rename: a run killed mid-write leaves the previous complete file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through main's finally: the report is written and printed
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     main()

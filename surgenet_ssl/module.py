@@ -151,6 +151,7 @@ class DINOModule(pl.LightningModule):
             sinkhorn_iterations=loss.sinkhorn_iterations,
         )
         self.schedules: dict[str, torch.Tensor] = {}
+        self._schedule_values: dict[str, list[float]] = {}
         self.global_batch = batch_size
         # Training progress, the schedules' clock: epochs done (fractional) and samples trained on, whatever the world
         # size, batch or accumulation of the processes that did them (checkpointed; see _schedule_index).
@@ -287,6 +288,8 @@ class DINOModule(pl.LightningModule):
                 loss.warmup_teacher_temp, loss.teacher_temp, temp_warmup_steps, total_steps
             ),
         }
+        # Python copies, read every step: indexing a tensor and float() of the element is an ATen read per value
+        self._schedule_values = {k: v.tolist() for k, v in self.schedules.items()}
         self.global_batch = global_batch
         self.peak_lr = peak_lr
         self.steps_per_epoch = max(1, steps_per_epoch)
@@ -298,8 +301,26 @@ class DINOModule(pl.LightningModule):
         return int(round(self.progress_epochs * self.steps_per_epoch))
 
     def _scheduled(self, name: str, step: int) -> float:
-        values = self.schedules[name]
-        return float(values[min(step, len(values) - 1)])
+        values = self._schedule_values[name]
+        return values[min(step, len(values) - 1)]
+
+    def _is_log_step(self) -> bool:
+        """Whether Lightning writes this optimizer step's metrics (``trainer.log_every_n_steps``; called before the
+        step increments ``global_step``). Everything that reads a value back to the host happens on these steps
+        only: Lightning's own ``.item()`` of the logged metrics, the progress bar, the collapse diagnostics."""
+        if self._trainer is None:  # a step called by hand (tests): nothing is written
+            return False
+        every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors
+        return bool(every) and (self.global_step + 1) % every == 0
+
+    def _log_scalars(self, values: dict[str, float], batch_size: int) -> None:
+        """Host numbers logged as device tensors made by a fill kernel (``torch.full``): ``self.log`` of a Python
+        float is ``torch.tensor(v, device=...)``, a blocking host-to-device copy. Only on the steps Lightning
+        writes out: in between they would be overwritten unread."""
+        if self._is_log_step():
+            self.log_dict(
+                {k: torch.full((), float(v), device=self.device) for k, v in values.items()}, batch_size=batch_size
+            )
 
     def progress_state(self) -> dict[str, Any]:
         """What a checkpoint records of the progress (plain values: checkpoints are loaded with weights_only)."""
@@ -474,17 +495,18 @@ class DINOModule(pl.LightningModule):
         self._agreement.record_loss(loss, (step, self.current_epoch, batch_idx))
         bs = crops[0].shape[0]
         shown = loss.detach()
-        # without a Trainer (a step called directly, as the tests do): one process, nothing to all-reduce
-        trainer = self._trainer
-        log_every = trainer.log_every_n_steps if trainer is not None else 0  # type: ignore[attr-defined]
-        if log_every and self.trainer.world_size > 1 and (step + 1) % log_every == 0:
+        if self._is_log_step() and self.trainer.world_size > 1:
             # the steps Lightning writes out show the mean over ranks, not rank 0's (one all-reduce, no host sync;
             # on a copy: the all-reduce works in place and the loss tensor is the one backward and the checks use)
             shown = self.trainer.strategy.reduce(shown.clone(), reduce_op="mean")
-        self.log("train/loss", shown, prog_bar=True, batch_size=bs)
-        self.log("train/teacher_temp", teacher_temp, batch_size=bs)
+        # A device tensor, not prog_bar=True: Lightning converts progress-bar metrics with .item() after every batch.
+        # The progress bar (surgenet_ssl.callbacks.progress) shows it on the logging steps only.
+        self.log("train/loss", shown, batch_size=bs)
+        self._log_scalars({"train/teacher_temp": teacher_temp}, bs)
         every = self.diagnostics_every_n_steps
-        if every and step % every == 0 and batch_idx % self.trainer.accumulate_grad_batches == 0:
+        # their figures are read on the host: on the steps (step + 1) % N == 0, logging steps when N is a multiple of
+        # trainer.log_every_n_steps (the defaults: 50 and 10)
+        if every and (step + 1) % every == 0 and batch_idx % self.trainer.accumulate_grad_batches == 0:
             self._log_diagnostics(teacher_out, student_out, teacher_temp, bs)
         return loss
 
@@ -539,8 +561,7 @@ class DINOModule(pl.LightningModule):
                 total_norm = clip_gradients_per_module(self._clip_modules(), clip)
             else:
                 total_norm = clip_gradients_per_parameter(self.student, clip)  # a device tensor: no host sync here
-            every = self.trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
-            if every and (self.global_step + 1) % every == 0:  # the steps whose metrics Lightning writes out
+            if self._is_log_step():  # the steps whose metrics Lightning writes out
                 self.log("train/grad_norm", total_norm, batch_size=self.batch_size)
         if opt.freeze_last_layer_mode == "drop_gradient":  # DINO; DINOv2's lr 0 is set in optimizer_step
             cancel_last_layer_gradients(self.student, self.current_epoch, opt.freeze_last_layer)
@@ -574,15 +595,16 @@ class DINOModule(pl.LightningModule):
             self.ibot_loss.update_center()
         self.progress_epochs += 1.0 / self.steps_per_epoch
         self.samples_seen += self.global_batch  # what this step really trained on (for the model card)
-        self.log_dict(
+        # global_step is not incremented yet here (Lightning does it after this hook): the logging step rule holds
+        self._log_scalars(
             {
                 "train/lr": lr,
                 "train/weight_decay": wd,
                 "train/teacher_momentum": momentum,
-                "train/global_batch": float(self.global_batch),
-                "train/batch_per_device": float(self.batch_size),
+                "train/global_batch": self.global_batch,
+                "train/batch_per_device": self.batch_size,
             },
-            batch_size=self.batch_size,
+            self.batch_size,
         )
 
     def on_train_epoch_start(self) -> None:

@@ -166,6 +166,27 @@ def apply_torch_threads(
     return threads
 
 
+def check_worker_cores(num_workers: int) -> str | None:
+    """Warn (and return the message) when this process may use fewer cores than its loader workers + itself:
+    under SLURM >= 22.05 ``srun`` no longer inherits ``--cpus-per-task`` from ``sbatch``, so each task is bound to
+    one core while ``data.num_workers`` workers are started, all on that core."""
+    cores, wanted = usable_cpus(), max(0, int(num_workers)) + 1
+    if num_workers <= 0 or cores >= wanted:
+        return None
+    fix = "lower data.num_workers"
+    if os.environ.get("SLURM_JOB_ID"):
+        fix = (
+            "pass the cores to the step: srun --cpus-per-task=$SLURM_CPUS_PER_TASK ... (SLURM >= 22.05 does not "
+            "inherit it from sbatch; slurm/*.sbatch do), or " + fix
+        )
+    message = (
+        f"this process may use {cores} CPU core(s) but data.num_workers={num_workers} loader workers and the "
+        f"training process assume {wanted}: the workers share {cores} core(s) and the GPU waits for data. Fix: {fix}"
+    )
+    log.warning(message)
+    return message
+
+
 def limit_worker_threads() -> None:
     """Inside a loader worker: one torch thread (each worker already is one of the process' cores). OpenCV's thread
     count is set in the parent before the fork (:func:`single_threaded_opencv_fork`): changing it inside a forked

@@ -27,7 +27,13 @@ from surgenet_ssl.cluster import PREEMPTION, RunDirInUseError, RunDirLock, Train
 from surgenet_ssl.config_dirs import CONFIG_DIR
 from surgenet_ssl.data.mixture import check_dataset_config
 from surgenet_ssl.io_utils import write_text_atomic
-from surgenet_ssl.resources import apply_torch_threads, auto_workers, no_gpu_before_torch, usable_cpus
+from surgenet_ssl.resources import (
+    apply_torch_threads,
+    auto_workers,
+    check_worker_cores,
+    no_gpu_before_torch,
+    usable_cpus,
+)
 from surgenet_ssl.storage_errors import storage_error_message, write_failure_message
 
 if TYPE_CHECKING:
@@ -230,7 +236,7 @@ def build_strategy(cfg: DictConfig):
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
-    from surgenet_ssl.callbacks import PreemptionCheckpoint, TeacherExport
+    from surgenet_ssl.callbacks import LoggingStepProgressBar, PreemptionCheckpoint, TeacherExport
 
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
@@ -247,6 +253,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
             callbacks.append(hydra.utils.instantiate(steps))
         callbacks.append(hydra.utils.instantiate(node))
     callbacks.append(PreemptionCheckpoint(run_dir / "checkpoints"))
+    if (cfg.get("trainer") or {}).get("enable_progress_bar", True):
+        callbacks.append(LoggingStepProgressBar())  # reads the loss on the logging steps only (no per-step sync)
     if cfg.export.enabled:
         callbacks.append(
             TeacherExport(run_dir / "export", cfg.dataset.name, _container(cfg), cfg.export.every_n_epochs)
@@ -323,6 +331,8 @@ def _train(cfg: DictConfig, run_dir: Path, kwargs: dict) -> tuple[Path, bool]:
 
     pl.seed_everything(cfg.seed, workers=True)
     apply_torch_threads(cfg.data.get("torch_threads"), int(cfg.data.num_workers), cfg.trainer, _is_local_zero())
+    if _is_local_zero():
+        check_worker_cores(int(cfg.data.num_workers))  # e.g. srun without --cpus-per-task: one core per task
 
     module = DINOModule(
         backbone=_container(cfg.backbone),

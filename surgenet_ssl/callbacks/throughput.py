@@ -2,6 +2,10 @@
 
 The data-wait time is the gap between the end of one training batch and the start of the next: that is where the
 loop waits for the loader. A wait fraction near 1 means the data pipeline, not the model, limits training.
+
+Logged on the steps whose metrics Lightning writes out (the module's rule, :func:`surgenet_ssl.callbacks.progress.
+logs_written_now`), as device tensors made by a fill kernel: ``self.log`` of a Python float would be a blocking
+host-to-device copy.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+
+from surgenet_ssl.callbacks.progress import logs_written_now
 
 
 def peak_host_memory_gb() -> float:
@@ -52,8 +58,7 @@ class ThroughputMonitor(pl.Callback):
         images = batch["crops"][0].shape[0] if isinstance(batch, dict) else 0
         self._window["images"] += images
         self._images_total += images
-        every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
-        if (batch_idx + 1) % max(1, every) == 0:
+        if logs_written_now(trainer, batch_idx):
             self._log(trainer, pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -74,5 +79,7 @@ class ThroughputMonitor(pl.Callback):
             for key, value in stats.items():
                 if isinstance(value, (int, float)):
                     metrics[f"data/{key}"] = float(value)
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        device = pl_module.device
+        logged = {k: torch.full((), float(v), device=device) for k, v in metrics.items()}
+        pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=1)
         self._window = {"images": 0.0, "step_time": 0.0, "wait_time": 0.0}

@@ -15,10 +15,16 @@ the 2 + N crops of the recipe with a handful of batched kernels:
 - ImageNet normalisation.
 
 No host synchronisation in the per-step path: no ``.item()``, ``.tolist()``, ``nonzero()``, ``bool(tensor)`` or
-host-to-device copies; per-sample choices are ``torch.where`` selections (the jitter runs each op position over
-the whole batch), constants are cached per device. Device-agnostic (CPU tensors in the tests). Random numbers come
-from the ``torch.Generator`` passed in (the training module keeps one per rank). Call with ``return_params=True``
-to get the drawn parameters (per crop index, tensors over the batch).
+host-to-device copies; per-sample choices are ``torch.where`` selections or per-row coefficients, constants are
+cached per device. Device-agnostic (CPU tensors in the tests). Random numbers come from the ``torch.Generator``
+passed in (the training module keeps one per rank). Call with ``return_params=True`` to get the drawn parameters
+(per crop index, tensors over the batch).
+
+Few ops per call, whatever the batch: on a GPU every ATen op is a kernel launch paid in host time that cannot
+overlap with the step. The two global crops of the batch are one tensor of ``2B`` rows and all local crops one of
+``N*B`` rows (row ``i*B + b``: crop ``i`` of frame ``b``), each op runs once per group with per-row parameters
+(crop boxes, flip, jitter factors and order, grayscale, blur sigma, solarization): about 400 ops per call instead
+of one pass per crop (~5,100). ``scripts/bench_gpu_augment.py`` counts them.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from surgenet_ssl.data.augment import (
 __all__ = ["GpuMultiCrop", "adjust_hue", "normalize_uint8", "random_resized_boxes", "rgb_to_gray"]
 
 _LUMA = (0.299, 0.587, 0.114)
-_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_CONSTANTS: dict[tuple, Any] = {}
 
 
 def _constants(
@@ -62,6 +68,17 @@ def _constants(
     return _CONSTANTS[key]
 
 
+def _cached(key: tuple, make: Any) -> torch.Tensor:
+    """A small constant tensor per key (device included), created once instead of one host copy per call."""
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = make()
+    return _CONSTANTS[key]
+
+
+def _luma(device: torch.device) -> torch.Tensor:
+    return _cached(("luma", str(device)), lambda: torch.tensor(_LUMA).view(1, 3, 1, 1).to(device))
+
+
 def normalize_uint8(
     x: torch.Tensor,
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -78,55 +95,36 @@ def normalize_uint8(
 
 
 def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) -> (B,1,H,W) luma (ITU-R 601, as PIL and torchvision)."""
-    return (_LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]).to(x.dtype)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (other + factor.view(-1, 1, 1, 1) * (x - other)).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
-
-
-def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, rgb_to_gray(x), f)
+    """(B,3,H,W) -> (B,1,H,W) luma (ITU-R 601, as PIL and torchvision); two ops."""
+    return (x * _luma(x.device).to(x.dtype)).sum(dim=1, keepdim=True)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``shift`` (fraction of the circle, per sample) via HSV, as torchvision's tensor path."""
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h))
-    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
-    s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    h6, vs = h * 6.0, maxc * s
-    # HSV -> RGB without branches: channel = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1
-    out = [
-        maxc - vs * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-        for k in (torch.remainder(n + h6, 6.0) for n in (5.0, 3.0, 1.0))
-    ]
-    return torch.stack(out, 1).clamp_(0.0, 1.0)
+    """Rotate the hue by ``shift`` (fraction of the circle, per sample) via HSV, as torchvision's tensor path.
 
-
-_JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def _per_sample(v: int | torch.Tensor, n: int, device: torch.device | str) -> torch.Tensor:
-    """A size given as an int or an (n,) tensor -> (n,) float64 tensor on ``device`` (``full``: no host copy)."""
-    if isinstance(v, torch.Tensor):
-        return v.to(device=device, dtype=torch.float64).reshape(n)
-    return torch.full((n,), float(v), device=device, dtype=torch.float64)
+    In sixths of the circle throughout (``h6``), with the hue's sector chosen by the first maximal channel (red,
+    then green, then blue: torchvision's priority) and HSV -> RGB without branches: channel = v - (v - min) *
+    clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6, n = 5, 3, 1 (about 20 ops)."""
+    maxc, first = x.max(dim=1, keepdim=True)  # the first maximal channel (documented for max over a dim)
+    delta = maxc - x.amin(dim=1, keepdim=True)
+    coloured = delta > 0
+    c = (maxc - x) / torch.where(coloured, delta, 1.0)  # (rc, gc, bc)
+    sectors = (
+        c.roll(1, dims=1)
+        - c.roll(-1, dims=1)
+        + _cached(
+            ("hue_offsets", str(x.device), x.dtype),
+            lambda: torch.tensor([0.0, 2.0, 4.0], dtype=x.dtype).view(1, 3, 1, 1).to(x.device),
+        )
+    )  # (bc - gc, 2 + rc - bc, 4 + gc - rc): the hue in sixths when r, g or b is the maximum
+    h6 = torch.where(coloured, sectors.gather(1, first), 0.0)
+    h6 = torch.remainder(h6 + 6.0 * shift.view(-1, 1, 1, 1), 6.0)
+    n = _cached(
+        ("hue_n", str(x.device), x.dtype),
+        lambda: torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype).view(1, 3, 1, 1).to(x.device),
+    )
+    k = torch.remainder(h6 + n, 6.0)
+    return torch.addcmul(maxc, delta, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0).clamp_(0.0, 1.0)
 
 
 def random_resized_boxes(
@@ -142,35 +140,46 @@ def random_resized_boxes(
 
     ``height``/``width``: the frame size, one int for all samples or an (n,) tensor of per-sample valid sizes.
     """
-    hgt, wid = _per_sample(height, n, device), _per_sample(width, n, device)
-    area = (hgt * wid)[:, None]
-    u = torch.rand(n, 10, 2, generator=generator, device=device, dtype=torch.float64)
-    target = area * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
+    if isinstance(height, torch.Tensor) or isinstance(width, torch.Tensor):
+        hw = torch.stack([torch.as_tensor(v).expand(n) for v in (height, width)], 1)  # (tensors: no host copy)
+        hw = hw.to(device=device, dtype=torch.float64)
+    else:
+        hw = torch.tensor([[float(height), float(width)]], dtype=torch.float64).to(device).expand(n, 2)
+    return _boxes(hw, scale, ratio, generator)
+
+
+def _boxes(hw: torch.Tensor, scale: Sequence[float], ratio: Sequence[float], g: torch.Generator) -> torch.Tensor:
+    """:func:`random_resized_boxes` for ``hw`` (n, 2) float64 frame sizes ``(h, w)``: both sides at once (~45 ops).
+
+    torchvision's rule: 10 attempts of an area in ``scale`` and a log-uniform aspect in ``ratio``, the first that
+    fits, at a uniform position; else the central fallback, the whole frame or its central part of the nearest
+    allowed aspect (h = min(H, round(W / min ratio)), w = min(W, round(H * max ratio)))."""
+    n, dev = hw.shape[0], hw.device
+    area_u, aspect_u = torch.rand(n, 10, 2, generator=g, device=dev, dtype=torch.float64).unbind(2)
+    target = hw.prod(dim=1, keepdim=True) * (area_u * (scale[1] - scale[0]) + scale[0])
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lo + u[..., 1] * (hi - lo))
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= wid[:, None]) & (h > 0) & (h <= hgt[:, None])
+    aspect = torch.exp(aspect_u * (hi - lo) + lo)
+    dims = torch.sqrt(torch.stack([target / aspect, target * aspect], 2)).round_()  # (n, 10, 2): (h, w)
+    ok = ((dims > 0) & (dims <= hw.unsqueeze(1))).all(dim=2)
     first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)  # first valid attempt (0 if none; masked below)
-    any_ok = ok.any(dim=1)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    # Central fallback (torchvision): the whole frame, or its central part of the nearest allowed aspect.
-    in_ratio = wid / hgt
-    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
-    fw = torch.where(wide, torch.round(hgt * max(ratio)), wid).clamp(min=1)
-    fh = torch.where(narrow, torch.round(wid / min(ratio)), hgt).clamp(min=1)
-    w, h = torch.where(any_ok, w, fw), torch.where(any_ok, h, fh)
-    pos = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64)
-    top = torch.minimum(torch.floor(pos[:, 0] * (hgt - h + 1)), hgt - h)
-    left = torch.minimum(torch.floor(pos[:, 1] * (wid - w + 1)), wid - w)
-    top = torch.where(any_ok, top, torch.floor((hgt - h) / 2))
-    left = torch.where(any_ok, left, torch.floor((wid - w) / 2))
-    return torch.stack([top, left, h, w], 1).long()
+    any_ok = ok.any(dim=1, keepdim=True)
+    chosen = dims.gather(1, first.unsqueeze(2).expand(n, 1, 2)).squeeze(1)
+    fallback_scale = _cached(
+        ("box_fallback", str(dev), min(ratio), max(ratio)),
+        lambda: torch.tensor([1.0 / min(ratio), max(ratio)], dtype=torch.float64).to(dev),
+    )
+    fallback = torch.minimum(hw, (hw.flip(1) * fallback_scale).round_()).clamp_(min=1)
+    dims = torch.where(any_ok, chosen, fallback)
+    room = hw - dims
+    pos = torch.rand(n, 2, generator=g, device=dev, dtype=torch.float64)
+    offset = torch.minimum(torch.floor(pos * (room + 1)), room)
+    offset = torch.where(any_ok, offset, torch.floor(room / 2))
+    return torch.cat([offset, dims], 1).long()
 
 
 def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """(n, 2*radius+1) normalised 1-D Gaussian kernels; sigma <= 0 gives the identity kernel."""
-    x = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    x = _cached(("blur_taps", str(sigma.device), radius), lambda: torch.arange(-radius, radius + 1.0).to(sigma.device))
     s = sigma.clamp(min=1e-3).float().view(-1, 1)
     k = torch.exp(-0.5 * (x / s) ** 2)
     k = k / k.sum(dim=1, keepdim=True)
@@ -210,24 +219,50 @@ def replicate_edges(x: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
     return x.scatter(2, dst, x.gather(2, src))
 
 
+def _jitter_passes(apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row coefficients ``(f, a, b)`` of the six linear passes of :func:`color_jitter`, each ``(3, n, 1, 1, 1)``.
+
+    Brightness, contrast and saturation are all ``f x + (1 - f) other`` with ``other`` 0, the mean gray or the
+    gray image: one formula ``f x + a mean + b gray``. Hue sits at one position ``k`` of each row's order: passes
+    1-3 run the positions 0, 1, 2 where they come before ``k``, passes 4-6 the positions 1, 2, 3 after it, and
+    ``(1, 0, 0)`` (exactly the identity) elsewhere and on rows without jitter."""
+    dev, n = order.device, order.shape[0]
+    # per op (brightness, contrast, saturation, hue): (f, a, b) = base + factor * slope
+    base, slope, identity, position, before = _cached(
+        ("jitter_tables", str(dev)),
+        lambda: tuple(
+            t.to(dev)
+            for t in (
+                torch.tensor([[0.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]]),
+                torch.tensor([[1.0, 0, 0], [1, -1, 0], [1, 0, -1], [0, 0, 0]]),
+                torch.tensor([1.0, 0.0, 0.0]),
+                torch.tensor([0, 1, 2, 1, 2, 3]),  # the order position each pass runs
+                torch.tensor([True, True, True, False, False, False]),  # passes before the hue
+            )
+        ),
+    )
+    per_op = torch.addcmul(base, factors.unsqueeze(2), slope)  # (n, 4 ops, 3)
+    per_pass = per_op.gather(1, order.index_select(1, position).unsqueeze(2).expand(n, 6, 3))  # (n, 6, 3)
+    k = order.argsort(dim=1)[:, 3:]  # each row's hue position (the inverse permutation's entry 3)
+    runs = torch.where(before, position < k, position > k) & apply.view(-1, 1)
+    per_pass = torch.where(runs.unsqueeze(2), per_pass, identity)
+    return per_pass.permute(1, 2, 0).reshape(6, 3, n, 1, 1, 1).unbind(0)
+
+
 def color_jitter(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """torchvision ColorJitter per sample: the four ops in each sample's own ``order`` where ``apply``.
 
     ``factors`` (B, 4): brightness, contrast, saturation factors and hue shift; ``order`` (B, 4): a permutation of
-    0..3 per sample. Each position runs over the whole batch and ``torch.where`` keeps each sample's op: no
-    data-dependent indexing, so no host synchronisation (the hue is computed four times, the price of that).
+    0..3 per sample. Three linear passes, the hue, three linear passes (see :func:`_jitter_passes`), each over the
+    whole batch with per-row coefficients: no data-dependent indexing, so no host synchronisation, and about 80 ops
+    whatever the batch.
     """
-    for position in range(4):
-        op = order[:, position]
+    passes = _jitter_passes(apply, factors, order)
+    for i, (f, a, b) in enumerate(passes):
         gray = rgb_to_gray(x)
-        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-        zero = torch.zeros_like(mean)
-        other = torch.where((op == 1).view(-1, 1, 1, 1), mean, torch.where((op == 2).view(-1, 1, 1, 1), gray, zero))
-        factor = factors.gather(1, op.clamp(max=2).view(-1, 1)).view(-1, 1, 1, 1)
-        blended = (other + factor * (x - other)).clamp_(0.0, 1.0)
-        hue = adjust_hue(x, factors[:, 3])
-        new = torch.where((op == 3).view(-1, 1, 1, 1), hue, blended)
-        x = torch.where(apply.view(-1, 1, 1, 1), new, x)
+        x = torch.addcmul(torch.addcmul(x * f, a, gray.mean(dim=(2, 3), keepdim=True)), b, gray).clamp_(0.0, 1.0)
+        if i == 2:  # between the passes before and after each row's hue
+            x = torch.where(apply.view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
     return x
 
 
@@ -258,57 +293,82 @@ class GpuMultiCrop(CropGeometry):
         )
         self.p, self.dtype = recipe_probabilities(probabilities), dtype
 
-    def _crop(
+    def _group(
         self,
         x: torch.Tensor,
-        index: int,
+        first: int,
+        count: int,
         g: torch.Generator,
         sizes: torch.Tensor | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Crops ``first .. first + count - 1`` of every frame as one tensor of ``count * B`` rows (row ``i * B + b``:
+        crop ``first + i`` of frame ``b``), each op once over all rows with per-row parameters. ``sizes``: (B, 2)
+        float64 valid sizes, or None (the whole canvas)."""
         b, _, height, width = x.shape
-        dev = x.device
-        is_global = index < 2
+        n, dev, p = count * b, x.device, self.p
+        is_global = first < 2
         size = self.global_crops_size if is_global else self.local_crops_size
         scale = self.global_crops_scale if is_global else self.local_crops_scale
-        hgt, wid = (height, width) if sizes is None else (sizes[:, 0], sizes[:, 1])
-        boxes = random_resized_boxes(b, hgt, wid, scale, RATIO, g, dev)
-        top, left, h, w = boxes.float().unbind(1)
-        rois = torch.stack([torch.arange(b, device=dev, dtype=torch.float32), left, top, left + w, top + h], 1)
+        if sizes is None:
+            hw = _cached(
+                ("frame_hw", str(dev), n, height, width),
+                lambda: torch.tensor([[float(height), float(width)]], dtype=torch.float64).to(dev).expand(n, 2),
+            )
+        else:
+            hw = sizes.repeat(count, 1)
+        boxes = _boxes(hw, scale, RATIO, g)
+        frame = _cached(
+            ("frame_of_row", str(dev), b, count),
+            lambda: torch.arange(b, dtype=torch.float32).repeat(count).view(-1, 1).to(dev),
+        )
+        top, left, h, w = boxes.float().split(1, dim=1)
+        rois = torch.cat([frame, left, top, left + w, top + h], 1)
         # sampling_ratio=0: ceil(box/out) bilinear points per output pixel, chosen per box inside the kernel.
         out = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
         out = out.clamp_(0.0, 1.0)
-        # the per-crop draws, named after the recipe step that uses each (one (b, 8) draw: same seed, same crops)
-        flip_u, jitter_u, bri_u, con_u, sat_u, hue_u, gray_u, _ = torch.rand(b, 8, generator=g, device=dev).unbind(1)
-        flip = flip_u < self.p["flip"]
+        # the per-row draws, named after the recipe step that uses each (one (n, 11) draw: same seed, same crops)
+        u = torch.rand(n, 11, generator=g, device=dev)
+        flip_u, jitter_u, bri_u, con_u, sat_u, hue_u, gray_u, blur_u, sigma_u, solarize_u, _ = u.unbind(1)
+        flip = flip_u < p["flip"]
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
-        jitter = jitter_u < self.p["jitter"]
-        bri, con, sat, hue = self.p["jitter_strength"]  # dino.crops.color_jitter (recipe: JITTER)
-        factors = torch.stack(
-            [
-                1 - bri + 2 * bri * bri_u,
-                1 - con + 2 * con * con_u,
-                1 - sat + 2 * sat * sat_u,
-                -hue + 2 * hue * hue_u,
-            ],
-            1,
+        jitter = jitter_u < p["jitter"]
+        bri, con, sat, hue = p["jitter_strength"]  # dino.crops.color_jitter (recipe: JITTER)
+        factors = torch.addcmul(
+            _cached(
+                ("jitter_low", str(dev), bri, con, sat, hue),
+                lambda: torch.tensor([1 - bri, 1 - con, 1 - sat, -hue]).to(dev),
+            ),
+            u[:, 2:6],
+            _cached(
+                ("jitter_span", str(dev), bri, con, sat, hue),
+                lambda: torch.tensor([2 * bri, 2 * con, 2 * sat, 2 * hue]).to(dev),
+            ),
         )
-        order = torch.argsort(torch.rand(b, 4, generator=g, device=dev), dim=1)  # random permutation per sample
-        if self.p["jitter"] > 0:
+        order = torch.argsort(torch.rand(n, 4, generator=g, device=dev), dim=1)  # random permutation per row
+        if p["jitter"] > 0:
             out = color_jitter(out, jitter, factors, order)
-        gray = gray_u < self.p["gray"]
-        if self.p["gray"] > 0:
-            out = torch.where(gray.view(-1, 1, 1, 1), rgb_to_gray(out).expand_as(out), out)
-        blur_p = self.p["blur"][min(index, 2)]
-        blur_u, sigma_u, solarize_u = torch.rand(b, 3, generator=g, device=dev).unbind(1)
-        blur = blur_u < blur_p
-        lo, hi = self.p["blur_sigma"]  # dino.crops.blur_sigma (recipe: SIGMA)
-        sigma = torch.where(blur, lo + sigma_u * (hi - lo), torch.zeros_like(sigma_u))
-        if blur_p > 0:
+        gray = gray_u < p["gray"]
+        if p["gray"] > 0:
+            out = torch.where(gray.view(-1, 1, 1, 1), rgb_to_gray(out), out)
+        blur_p = [p["blur"][min(i, 2)] for i in range(first, first + count)]
+        if len(set(blur_p)) == 1:
+            blur = blur_u < blur_p[0]
+        else:  # the two global crops: their own probabilities
+            blur = torch.cat([u_i < p_i for u_i, p_i in zip(blur_u.chunk(count), blur_p, strict=True)])
+        lo, hi = p["blur_sigma"]  # dino.crops.blur_sigma (recipe: SIGMA)
+        sigma = torch.where(blur, lo + sigma_u * (hi - lo), 0.0)
+        if max(blur_p) > 0:
             out = gaussian_blur(out, sigma, radius=math.ceil(3.0 * hi))  # sigma 0 (not drawn): identity kernel
-        sol = (solarize_u < self.p["solarize"]) if index == 1 else torch.zeros_like(blur)
-        if index == 1 and self.p["solarize"] > 0:
-            threshold = self.p["solarize_threshold"] / 255.0  # dino.crops.solarize_threshold (recipe: 128)
+        solarizes = first <= 1 < first + count and p["solarize"] > 0  # global crop 2 only
+        if solarizes:
+            second = _cached(  # the rows of crop index 1
+                ("crop1_rows", str(dev), b, first, count), lambda: (torch.arange(n) // b == 1 - first).to(dev)
+            )
+            sol = (solarize_u < p["solarize"]) & second
+            threshold = p["solarize_threshold"] / 255.0  # dino.crops.solarize_threshold (recipe: 128)
             out = torch.where(sol.view(-1, 1, 1, 1) & (out >= threshold), 1.0 - out, out)
+        else:
+            sol = torch.zeros_like(blur)
         mean, std = _constants(dev, self.mean, self.std, uint8=False)
         out = ((out - mean) / std).to(self.dtype)
         params = {
@@ -322,8 +382,6 @@ class GpuMultiCrop(CropGeometry):
             "sigma": sigma,
             "solarize": sol,
         }
-        if sizes is not None:
-            params["frame_hw"] = sizes
         return out, params
 
     @torch.no_grad()
@@ -339,15 +397,25 @@ class GpuMultiCrop(CropGeometry):
         if sizes is not None and tuple(sizes.shape) != (frames.shape[0], 2):
             raise ValueError(f"sizes must be (B, 2) valid (h, w) per frame, got shape {tuple(sizes.shape)}")
         x = frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames.float()
+        hw = None
         if sizes is not None:
             sizes = sizes.to(device=frames.device, dtype=torch.long)
             x = replicate_edges(x, sizes)
+            hw = sizes.double()
         if generator is None:
             generator = torch.Generator(device=frames.device)
             generator.seed()
-        crops, params = [], []
-        for i in range(self.n_crops):
-            c, p = self._crop(x, i, generator, sizes)
-            crops.append(c)
-            params.append(p)
+        crops: list[torch.Tensor] = []
+        params: list[dict[str, torch.Tensor]] = []
+        for first, count in ((0, 2), (2, self.local_crops_number)):
+            if count == 0:
+                continue
+            out, drawn = self._group(x, first, count, generator, hw)
+            crops += out.chunk(count)  # views of one contiguous tensor, crop by crop
+            if return_params:
+                per_crop = {k: v.chunk(count) for k, v in drawn.items()}
+                for i in range(count):
+                    params.append({k: v[i] for k, v in per_crop.items()})
+                    if sizes is not None:
+                        params[-1]["frame_hw"] = sizes
         return (crops, params) if return_params else crops

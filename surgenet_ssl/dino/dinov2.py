@@ -74,7 +74,7 @@ def sinkhorn_knopp(teacher_output: Tensor, teacher_temp: float, n_iterations: in
     sum(Q) is left out because the first row normalisation removes any global factor. Float32.
     """
     log_q = teacher_output.detach().float() / teacher_temp  # B x K (samples x prototypes)
-    count = log_q.new_tensor(float(log_q.shape[0]))
+    count = log_q.new_full((), float(log_q.shape[0]))  # a fill kernel, not a host-to-device copy
     if _distributed():
         dist.all_reduce(count)
     if log_q.shape[0] == 0:
@@ -268,7 +268,7 @@ class IBOTPatchLoss(nn.Module):
         if self.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(t, teacher_temp, self.sinkhorn_iterations)
         s = t.sum(dim=0, keepdim=True)
-        c = t.new_tensor(float(t.shape[0]))
+        c = t.new_full((), float(t.shape[0]))  # a fill kernel, not a host-to-device copy
         self._pending_sum = s if self._pending_sum is None else self._pending_sum + s
         self._pending_count = c if self._pending_count is None else self._pending_count + c
         return F.softmax((t - self.center) / teacher_temp, dim=-1)

@@ -84,7 +84,9 @@ class DINOLoss(nn.Module):
         """center = m * center + (1 - m) * mean teacher output since the last call, over all ranks."""
         if self._pending_sum is None:
             return
-        stats = torch.cat([self._pending_sum.reshape(-1), self._pending_sum.new_tensor([self._pending_count])])
+        # new_full: a fill kernel with the count as its argument; new_tensor([count]) was a host-to-device copy
+        count = self._pending_sum.new_full((1,), float(self._pending_count))
+        stats = torch.cat([self._pending_sum.reshape(-1), count])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         batch_center = (stats[:-1] / stats[-1]).reshape_as(self.center)

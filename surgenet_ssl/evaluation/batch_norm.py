@@ -33,6 +33,27 @@ def uncalibrated_batch_norms(model: nn.Module) -> list[str]:
     ]
 
 
+class _PlainBatchNorm(_BatchNorm):
+    """A SyncBatchNorm's parameters and statistics as a local BatchNorm for inputs of any rank (N, C, ...)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dimensions, got {input.dim()}")
+
+
+def _without_sync(model: nn.Module) -> nn.Module:
+    """``model`` (a copy) with its SyncBatchNorm layers as local BatchNorms: with ``trainer=gpu`` BatchNorm backbones
+    become SyncBatchNorm, and a train-mode pass on one rank (the k-NN baseline runs on rank 0 alone) would start
+    a collective the other ranks never join (NCCL hangs until its timeout)."""
+    if isinstance(model, nn.SyncBatchNorm):
+        plain = _PlainBatchNorm(model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats)
+        plain.load_state_dict(model.state_dict())
+        return plain.to(next(iter(model.state_dict().values()), torch.zeros(())).device).train(model.training)
+    for name, child in model.named_children():
+        setattr(model, name, _without_sync(child))
+    return model
+
+
 @torch.no_grad()
 def calibrate_batch_norm(
     model: nn.Module, batches: Iterable[Tensor], device: torch.device | str | None = None
@@ -41,14 +62,15 @@ def calibrate_batch_norm(
     BatchNorm layers hold the mean and variance of their inputs over ``batches`` (cumulative average over the
     batches, not an EMA), in eval mode. Everything else (dropout, drop-path, other norms) stays in eval mode while
     the statistics are collected; the original model is not touched. Batches of a single image are skipped (train-
-    mode BatchNorm cannot normalise one value per channel)."""
+    mode BatchNorm cannot normalise one value per channel). SyncBatchNorm layers become local BatchNorms in the copy:
+    the statistics pass runs on one rank and must not start a collective."""
     names = set(uncalibrated_batch_norms(model))
     if not names:
         return model, 0
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-    calibrated = copy.deepcopy(model).to(device).eval()
+    calibrated = _without_sync(copy.deepcopy(model)).to(device).eval()
     layers = [layer for name, layer in calibrated.named_modules() if name in names]
     momenta = [layer.momentum for layer in layers]
     for layer in layers:

@@ -215,3 +215,25 @@ def test_wandb_logger_does_not_trigger_the_anonymous_deprecation_warning(tmp_pat
         wandb.finish()
     out, err = capfd.readouterr()
     assert "anonymous setting" not in out + err
+
+
+def test_a_task_bound_to_fewer_cores_than_its_workers_is_told_the_fix(monkeypatch, caplog):
+    """srun without --cpus-per-task (SLURM >= 22.05): each task is bound to one core while 15 workers start."""
+    monkeypatch.setattr(resources, "usable_cpus", lambda: 1)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.resources"):
+        message = resources.check_worker_cores(15)
+    assert message is not None and "srun --cpus-per-task=$SLURM_CPUS_PER_TASK" in caplog.text
+    assert "1 CPU core(s)" in message and "data.num_workers=15" in message
+    monkeypatch.setattr(resources, "usable_cpus", lambda: 16)
+    assert resources.check_worker_cores(15) is None  # 15 workers + the training process on 16 cores
+    assert resources.check_worker_cores(0) is None
+
+
+def test_sbatch_templates_pass_the_cores_to_srun():
+    from pathlib import Path
+
+    slurm = Path(__file__).resolve().parents[2] / "slurm"
+    for template in ("single_node.sbatch", "multi_node.sbatch"):
+        steps = [line for line in (slurm / template).read_text().splitlines() if line.startswith("srun ")]
+        assert steps and all('--cpus-per-task="${SLURM_CPUS_PER_TASK}"' in line for line in steps), template

@@ -132,3 +132,31 @@ def test_performance_options_reject_unknown_keys() -> None:
     assert performance_options(None)["compile"] is False
     with pytest.raises(ValueError, match="unknown performance option"):
         performance_options({"compiel": True})
+
+
+def test_compile_falls_back_to_eager_when_the_backward_fails_to_compile(tmp_path, caplog) -> None:
+    """With static shapes the backward graph compiles at the first backward(), in Lightning's loop: a failure
+    there must fall back to eager with the warning too (here a backward compiler that always fails)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    calls: list[str] = []
+
+    def forward_compiler(gm, example_inputs):
+        calls.append("forward")
+        return gm.forward
+
+    def failing_backward_compiler(gm, example_inputs):
+        calls.append("backward")
+        raise RuntimeError("backward codegen failed")
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=failing_backward_compiler)
+    model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True})
+    model.performance["compile_backend"] = backend  # a callable backend, not a config value
+    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.performance"):
+        trainer = _fit(model, tmp_path)
+    assert trainer.global_step == 2 and "backward" in calls
+    warned = [r.getMessage() for r in caplog.records if "performance.compile" in r.getMessage()]
+    assert any("student backbone" in w and "backward codegen failed" in w for w in warned)
+    assert model.student.backbone._compiled_call_impl is None  # eager from then on
+    torch._dynamo.reset()
