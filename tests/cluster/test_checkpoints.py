@@ -25,8 +25,8 @@ def test_atomic_save_writes_beside_the_destination_and_a_failed_write_keeps_the_
     real_save = torch.save
 
     def save_then_die(obj, f, *args, **kwargs):  # the job is killed halfway through writing
-        seen_dirs.append(Path(f).parent)
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        seen_dirs.append(Path(f.file.name).parent)  # a file object: hashed while written
+        f.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpointing.torch, "save", save_then_die)
@@ -35,7 +35,8 @@ def test_atomic_save_writes_beside_the_destination_and_a_failed_write_keeps_the_
     monkeypatch.setattr(checkpointing.torch, "save", real_save)
     assert seen_dirs == [dest.parent]  # the temp file lives in the destination directory
     assert torch.load(dest, weights_only=False)["global_step"] == 1  # the old checkpoint, whole
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["last.ckpt"] and not list(node_local_tmp.iterdir())
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+    assert not list(node_local_tmp.iterdir())
 
 
 def test_newest_checkpoint_that_does_not_load_is_reported_and_the_previous_one_used(tmp_path, caplog):
