@@ -19,7 +19,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -78,7 +78,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             writer = _HashingWriter(f)
-            torch.save(obj, writer)
+            torch.save(obj, cast("IO[bytes]", writer))  # torch.save calls write and flush only
         checksum_path(path).unlink(missing_ok=True)
     write_text_atomic(checksum_path(path), f"{writer.sha256.hexdigest()}  {path.name}\n")
     _fsync_dir(path.parent)

@@ -3,6 +3,7 @@ the newest and old rolling checkpoints are pruned across resumes."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import torch
 
 from cluster.slurm_sim import TOTAL_STEPS, SlurmJob
 from surgenet_ssl import checkpointing
-from surgenet_ssl.checkpointing import AtomicCheckpointIO, checkpoint_problem, find_resume_checkpoint
+from surgenet_ssl.checkpointing import (
+    AtomicCheckpointIO,
+    checkpoint_problem,
+    checksum_path,
+    find_resume_checkpoint,
+    normalize_loop_progress,
+    remove_partial_saves,
+)
 
 
 def test_atomic_save_writes_beside_the_destination_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -76,3 +84,82 @@ def test_truncated_newest_checkpoint_rerun_resumes_from_previous_and_keeps_last_
     names = sorted(p.name for p in ckpts.glob("*.ckpt"))
     assert names == ["epoch0002-step00000012.ckpt", "last.ckpt", "step00000012.ckpt"], names  # pruned, no -v1
     assert (ckpts / "epoch0001-step00000008.ckpt.corrupt").exists()  # set aside, not deleted
+
+
+def test_checkpoint_with_flipped_bytes_is_refused_by_its_checksum_and_the_previous_one_used(tmp_path, caplog):
+    ckpts = tmp_path / "checkpoints"
+    io = AtomicCheckpointIO()
+    weights = {"w": torch.arange(250_000, dtype=torch.float32)}  # 1 MB: the middle of the file is tensor data
+    old, new = ckpts / "step00000001.ckpt", ckpts / "step00000002.ckpt"
+    io.save_checkpoint({"state_dict": weights, "global_step": 1}, old)
+    io.save_checkpoint({"state_dict": weights, "global_step": 2}, new)
+    os.utime(old, ns=(1_000_000_000, 1_000_000_000))
+    (ckpts / "last.ckpt").symlink_to(new.name)
+    assert checkpoint_problem(new) is None and checksum_path(new).read_text().endswith(f"  {new.name}\n")
+    data = bytearray(new.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    new.write_bytes(bytes(data))  # still loads: only the checksum tells
+    assert torch.load(new, weights_only=True)["global_step"] == 2
+
+    assert find_resume_checkpoint(tmp_path, set_aside=True) == old
+    assert "step00000002.ckpt cannot be resumed from: its sha256" in caplog.text
+    assert (ckpts / "step00000002.ckpt.corrupt").exists() and (ckpts / "step00000002.ckpt.corrupt.sha256").exists()
+    assert (ckpts / "last.ckpt").resolve() == old.resolve()  # last.ckpt: the newest checkpoint that is whole
+
+
+def test_partial_saves_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "archive").mkdir(parents=True)
+    kept = [ckpts / "step00000002.ckpt", ckpts / "step00000002.ckpt.sha256", ckpts / "archive" / "epoch0004.ckpt"]
+    partial = [ckpts / ".epoch0001-step00000008.ckpt.a1b2c3d4.tmp", ckpts / ".last.ckpt.tmp-4242"]
+    partial.append(ckpts / "archive" / ".epoch0004.ckpt.x9y8z7w6.tmp")
+    for path in kept + partial:
+        path.write_bytes(b"x")
+    assert sorted(remove_partial_saves(tmp_path)) == sorted(partial)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in partial)
+
+
+def _fit_loop(epoch: dict, batch: dict, is_last_batch: bool) -> dict:
+    progress = {"total": dict(epoch), "current": dict(epoch)}
+    batches = {"total": dict(batch), "current": dict(batch), "is_last_batch": is_last_batch}
+    return {
+        "epoch_progress": progress,
+        "epoch_loop.batch_progress": batches,
+        "epoch_loop.state_dict": {"_batches_that_stepped": 7},
+    }
+
+
+def test_loop_counters_are_normalized_to_the_forms_lightning_restores_exactly():
+    last_batch = {"ready": 4, "started": 4, "processed": 4, "completed": 3}  # saved in on_train_batch_end
+    # A step checkpoint on epoch 1's last batch: written back as epoch 1 done (the on_train_epoch_end form).
+    ckpt = {
+        "loops": {"fit_loop": _fit_loop({"ready": 2, "started": 2, "processed": 1, "completed": 1}, last_batch, True)}
+    }
+    normalize_loop_progress(ckpt)
+    fit = ckpt["loops"]["fit_loop"]
+    assert fit["epoch_progress"]["current"] == {"ready": 2, "started": 2, "processed": 2, "completed": 1}
+    assert fit["epoch_loop.batch_progress"]["current"]["completed"] == 4
+    assert fit["epoch_loop.state_dict"]["_batches_that_stepped"] == 8
+    # The skewed epoch-end checkpoint Lightning writes after resuming from such a file: epoch 2 done.
+    epoch_end = {"ready": 4, "started": 4, "processed": 4, "completed": 4}
+    ckpt = {
+        "loops": {"fit_loop": _fit_loop({"ready": 1, "started": 1, "processed": 2, "completed": 1}, epoch_end, True)}
+    }
+    normalize_loop_progress(ckpt)
+    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["total"] == {
+        "ready": 2,
+        "started": 2,
+        "processed": 2,
+        "completed": 1,
+    }
+    # A skewed mid-epoch checkpoint of the same run: epoch 1 started, not processed. A consistent one is unchanged.
+    mid = {"ready": 2, "started": 2, "processed": 2, "completed": 1}
+    skewed = {"loops": {"fit_loop": _fit_loop({"ready": 1, "started": 1, "processed": 1, "completed": 1}, mid, False)}}
+    consistent = {
+        "loops": {"fit_loop": _fit_loop({"ready": 2, "started": 2, "processed": 1, "completed": 1}, mid, False)}
+    }
+    expected = copy.deepcopy(consistent)
+    normalize_loop_progress(skewed)
+    normalize_loop_progress(consistent)
+    assert skewed == consistent == expected
