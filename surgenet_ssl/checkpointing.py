@@ -163,11 +163,9 @@ def checksum_problem(path: Path) -> str | None:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be resumed from (bytes changed since it was written, truncated, corrupt, holds objects
-    other than tensors and plain data, not a training checkpoint), or None if it is whole and loads."""
-    changed = checksum_problem(path)
-    if changed is not None:
-        return changed
+    """Why ``path`` cannot be resumed from (truncated, corrupt, holds objects other than tensors and plain data, not
+    a training checkpoint, bytes changed since it was written), or None if it loads and is whole. The load check
+    (memory-mapped: the archive's index only) comes first: it names a truncated file as such."""
     try:
         ckpt = load_checkpoint(path)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
@@ -180,7 +178,7 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"file is truncated or corrupt ({type(err).__name__}: {first})"
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return "not a Lightning training checkpoint (no state_dict/global_step)"
-    return None
+    return checksum_problem(path)
 
 
 def resume_candidates(run_dir: Path) -> list[Path]:

@@ -138,10 +138,11 @@ def _kill_at(run_dir: Path, cache: Path, hook: str, step: int) -> str:
         deadline = time.time() + 300
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     output = log.read_text()
-    assert marker.exists(), f"training did not reach {hook} at step {step}:\n{output[-4000:]}"
+    assert marker.exists(), f"training did not reach {hook} at step {step} (rc={proc.returncode}):\n{output[-4000:]}"
     return output
 
 
