@@ -273,34 +273,35 @@ def normalize_loop_progress(checkpoint: dict[str, Any]) -> None:
     and its ``on_train_epoch_start`` hooks. Every checkpoint that run writes afterwards carries the skewed counts;
     a rerun from its epoch-end checkpoint then restarts "mid-epoch": it trains one batch past the epoch end,
     restarts the epoch and shifts every later epoch boundary (the teacher ends far from an uninterrupted run's).
+    With ``trainer.max_steps`` set, Lightning restores even a clean epoch-end checkpoint that way.
 
-    Here every checkpoint is written back into one of the two forms Lightning restores exactly, derived from the
-    epochs done (``processed``, plus the epoch whose last batch was just trained):
+    Here every checkpoint is written back into one of the two forms Lightning restores exactly, with and without
+    ``max_steps``, derived from the epochs done (``processed``, plus the epoch whose last batch was just trained):
 
-    - at an epoch boundary (the last batch of the epoch was trained: ``is_last_batch``), the form of a checkpoint
-      written in ``on_train_epoch_end``: the epoch done, the next one starts with its hooks. The epoch-end hooks of
-      that epoch are not replayed (Lightning does not replay them either);
+    - at an epoch boundary (the epoch's last batch was trained: ``is_last_batch``), the form of a checkpoint
+      written when the next epoch starts: that epoch runs from its first batch, with its hooks. The epoch-end
+      hooks of the epoch done are not replayed (Lightning does not replay them either);
     - mid-epoch, the form of a checkpoint written in ``on_train_batch_end``: the epoch started, not processed.
 
-    Checkpoints already in these forms are left as they are, and the checkpoints written after the resume are
-    consistent again. Checkpoints without loop state (weights only) are untouched.
+    Mid-epoch checkpoints of an uninterrupted run are left as they are, and the checkpoints written after the
+    resume are consistent again. Checkpoints without loop state (weights only) are untouched.
     """
     fit = (checkpoint.get("loops") or {}).get("fit_loop")
     if not isinstance(fit, dict) or "epoch_progress" not in fit or "epoch_loop.batch_progress" not in fit:
         return
     epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+    done = int(epochs["total"]["processed"])
     if batches.get("is_last_batch"):
-        in_batch_end = batches["current"]["completed"] < batches["current"]["processed"]
-        done = int(epochs["total"]["processed"]) + int(in_batch_end)
-        counts = {"ready": done, "started": done, "processed": done, "completed": done - 1}
-        if in_batch_end:  # the batch's completion and its logging step, as the epoch-end form has them
-            for key in ("current", "total"):
-                batches[key]["completed"] = batches[key]["processed"]
+        if batches["current"]["completed"] < batches["current"]["processed"]:  # saved in on_train_batch_end
+            done += 1
             loop_state = fit.get("epoch_loop.state_dict")
             if isinstance(loop_state, dict) and "_batches_that_stepped" in loop_state:
-                loop_state["_batches_that_stepped"] += 1
+                loop_state["_batches_that_stepped"] += 1  # the logging step the batch's end would have counted
+        batches["total"]["completed"] = batches["total"]["processed"]  # every batch so far done
+        batches["current"] = dict.fromkeys(batches["current"], 0)  # none of the next epoch yet
+        batches["is_last_batch"] = False
+        counts = {"ready": done + 1, "started": done, "processed": done, "completed": done}
     else:
-        done = int(epochs["total"]["processed"])
         counts = {"ready": done + 1, "started": done + 1, "processed": done, "completed": done}
     for key in ("current", "total"):
         epochs[key].update(counts)

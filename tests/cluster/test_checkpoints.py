@@ -120,46 +120,36 @@ def test_partial_saves_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
     assert all(p.exists() for p in kept) and not any(p.exists() for p in partial)
 
 
-def _fit_loop(epoch: dict, batch: dict, is_last_batch: bool) -> dict:
-    progress = {"total": dict(epoch), "current": dict(epoch)}
-    batches = {"total": dict(batch), "current": dict(batch), "is_last_batch": is_last_batch}
-    return {
-        "epoch_progress": progress,
-        "epoch_loop.batch_progress": batches,
-        "epoch_loop.state_dict": {"_batches_that_stepped": 7},
+def _loops(epoch: tuple[int, int, int, int], batch: tuple[int, int, int, int], last: bool, stepped: int) -> dict:
+    """Saved loop state; progress counts given as (ready, started, processed, completed)."""
+    keys = ("ready", "started", "processed", "completed")
+    epochs, batches = dict(zip(keys, epoch, strict=True)), dict(zip(keys, batch, strict=True))
+    fit = {
+        "epoch_progress": {"total": dict(epochs), "current": dict(epochs)},
+        "epoch_loop.batch_progress": {"total": dict(batches), "current": dict(batches), "is_last_batch": last},
+        "epoch_loop.state_dict": {"_batches_that_stepped": stepped},
     }
+    return {"loops": {"fit_loop": fit}}
+
+
+def _normalized(ckpt: dict) -> dict:
+    normalize_loop_progress(ckpt)
+    return ckpt
 
 
 def test_loop_counters_are_normalized_to_the_forms_lightning_restores_exactly():
-    last_batch = {"ready": 4, "started": 4, "processed": 4, "completed": 3}  # saved in on_train_batch_end
-    # A step checkpoint on epoch 1's last batch: written back as epoch 1 done (the on_train_epoch_end form).
-    ckpt = {
-        "loops": {"fit_loop": _fit_loop({"ready": 2, "started": 2, "processed": 1, "completed": 1}, last_batch, True)}
-    }
-    normalize_loop_progress(ckpt)
-    fit = ckpt["loops"]["fit_loop"]
-    assert fit["epoch_progress"]["current"] == {"ready": 2, "started": 2, "processed": 2, "completed": 1}
-    assert fit["epoch_loop.batch_progress"]["current"]["completed"] == 4
-    assert fit["epoch_loop.state_dict"]["_batches_that_stepped"] == 8
-    # The skewed epoch-end checkpoint Lightning writes after resuming from such a file: epoch 2 done.
-    epoch_end = {"ready": 4, "started": 4, "processed": 4, "completed": 4}
-    ckpt = {
-        "loops": {"fit_loop": _fit_loop({"ready": 1, "started": 1, "processed": 2, "completed": 1}, epoch_end, True)}
-    }
-    normalize_loop_progress(ckpt)
-    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["total"] == {
-        "ready": 2,
-        "started": 2,
-        "processed": 2,
-        "completed": 1,
-    }
-    # A skewed mid-epoch checkpoint of the same run: epoch 1 started, not processed. A consistent one is unchanged.
-    mid = {"ready": 2, "started": 2, "processed": 2, "completed": 1}
-    skewed = {"loops": {"fit_loop": _fit_loop({"ready": 1, "started": 1, "processed": 1, "completed": 1}, mid, False)}}
-    consistent = {
-        "loops": {"fit_loop": _fit_loop({"ready": 2, "started": 2, "processed": 1, "completed": 1}, mid, False)}
-    }
-    expected = copy.deepcopy(consistent)
-    normalize_loop_progress(skewed)
-    normalize_loop_progress(consistent)
-    assert skewed == consistent == expected
+    # Epoch 1 (of 4 batches) done: the step checkpoint of its last batch, its epoch-end checkpoint, and the skewed
+    # epoch-end checkpoint Lightning writes after resuming from a last-batch checkpoint all restore alike: epoch 2
+    # starts from its first batch.
+    step_on_last_batch = _normalized(_loops((2, 2, 1, 1), (4, 4, 4, 3), True, 7))
+    epoch_end = _normalized(_loops((2, 2, 2, 1), (4, 4, 4, 4), True, 8))
+    skewed_epoch_end = _normalized(_loops((1, 1, 2, 1), (4, 4, 4, 4), True, 8))
+    assert step_on_last_batch == epoch_end == skewed_epoch_end
+    fit = epoch_end["loops"]["fit_loop"]
+    assert fit["epoch_progress"]["current"] == {"ready": 3, "started": 2, "processed": 2, "completed": 2}
+    assert fit["epoch_loop.batch_progress"]["current"] == {"ready": 0, "started": 0, "processed": 0, "completed": 0}
+    assert not fit["epoch_loop.batch_progress"]["is_last_batch"]
+    # Mid-epoch 1: a skewed checkpoint becomes the consistent one, which is left as it is.
+    consistent = _loops((2, 2, 1, 1), (2, 2, 2, 1), False, 5)
+    assert _normalized(_loops((1, 1, 1, 1), (2, 2, 2, 1), False, 5)) == _normalized(copy.deepcopy(consistent))
+    assert _normalized(copy.deepcopy(consistent)) == consistent

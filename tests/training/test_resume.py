@@ -113,7 +113,7 @@ def _teacher(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("teacher.")}
 
 
-def _kill_at(run_dir: Path, cache: Path, hook: str, step: int) -> str:
+def _kill_at(run_dir: Path, cache: Path, hook: str, step: int, extra: tuple[str, ...] = ()) -> str:
     """Run training until ``hook`` at optimizer ``step`` (support.kill_point), SIGKILL it there; its output."""
     marker = run_dir.parent / f"hold-{hook}-{step}"
     tests_dir = str(Path(__file__).resolve().parents[1])
@@ -128,7 +128,7 @@ def _kill_at(run_dir: Path, cache: Path, hook: str, step: int) -> str:
     log = run_dir.parent / f"log-{hook}-{step}.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "surgenet_ssl.train", f"hydra.run.dir={run_dir}", *KILL_SERIES_ARGS, *hold],
+            [sys.executable, "-m", "surgenet_ssl.train", f"hydra.run.dir={run_dir}", *KILL_SERIES_ARGS, *extra, *hold],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -146,6 +146,21 @@ def _kill_at(run_dir: Path, cache: Path, hook: str, step: int) -> str:
     return output
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_teacher(demo_cache, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The teacher at the end of the kill series' run without interruption (run once for this module)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_module("surgenet_ssl.train", f"hydra.run.dir={run_dir}", *KILL_SERIES_ARGS, cache=demo_cache)
+    return _teacher(run_dir / "checkpoints" / "last.ckpt")
+
+
+def _assert_same_teacher(expected: dict[str, torch.Tensor], ckpt: Path) -> None:
+    got = _teacher(ckpt)
+    assert expected.keys() == got.keys()
+    differ = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not differ, f"{len(differ)} teacher tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
+
+
 def _newest(ckpts: Path) -> Path:
     return max((p for p in ckpts.glob("*.ckpt") if not p.is_symlink()), key=lambda p: p.stat().st_mtime_ns)
 
@@ -157,11 +172,9 @@ def _supersede_steps(log: str) -> list[tuple[int, int]]:
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_then_rerun_ends_with_the_uninterrupted_teacher(demo_cache, tmp_path):
+def test_sigkill_anywhere_then_rerun_ends_with_the_uninterrupted_teacher(demo_cache, tmp_path, uninterrupted_teacher):
     """Killed on an epoch's last batch (before its epoch checkpoint), right after an epoch end and mid-epoch, a
     partial save left behind: the rerun chain ends with the uninterrupted run's teacher, bit for bit."""
-    reference = tmp_path / "reference"
-    run_module("surgenet_ssl.train", f"hydra.run.dir={reference}", *KILL_SERIES_ARGS, cache=demo_cache)
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
 
@@ -194,7 +207,21 @@ def test_sigkill_anywhere_then_rerun_ends_with_the_uninterrupted_teacher(demo_ca
 
     last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 12 and (ckpts / "last.ckpt").resolve() == _newest(ckpts).resolve()
-    expected, got = _teacher(reference / "checkpoints" / "last.ckpt"), _teacher(ckpts / "last.ckpt")
-    assert expected.keys() == got.keys()
-    differ = [k for k in expected if not torch.equal(expected[k], got[k])]
-    assert not differ, f"{len(differ)} teacher tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
+    _assert_same_teacher(uninterrupted_teacher, ckpts / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_epoch_end_checkpoint_under_max_steps_resumes_exactly(demo_cache, tmp_path, uninterrupted_teacher):
+    """With ``trainer.max_steps`` set, Lightning restores even a clean epoch-end checkpoint as an unfinished epoch
+    (one batch too many, every later epoch boundary shifted)."""
+    max_steps = ("trainer.max_steps=12",)  # the 3 epochs' 12 steps: the same run and schedules
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    _kill_at(run_dir, demo_cache, "on_train_batch_start", 4, extra=max_steps)  # right after epoch 0 ended
+    assert _newest(ckpts).name == "epoch0000-step00000004.ckpt"
+    final = run_module(
+        "surgenet_ssl.train", f"hydra.run.dir={run_dir}", *KILL_SERIES_ARGS, *max_steps, cache=demo_cache
+    )
+    assert f"resumed from {ckpts / 'epoch0000-step00000004.ckpt'} at step 4" in final.stdout + final.stderr
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 12
+    _assert_same_teacher(uninterrupted_teacher, ckpts / "last.ckpt")
