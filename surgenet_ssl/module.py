@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from surgenet_ssl.backbones import VIT_BACKBONES, backbone_num_features, build_backbone
-from surgenet_ssl.checkpointing import check_same_checkpoint
+from surgenet_ssl.checkpointing import check_same_checkpoint, normalize_loop_progress
 from surgenet_ssl.cluster import PREEMPTION
 from surgenet_ssl.config_checks import build_section
 from surgenet_ssl.dino import (
@@ -681,6 +681,7 @@ class DINOModule(pl.LightningModule):
             setattr(current, counter, done)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        normalize_loop_progress(checkpoint)  # before the Trainer restores its loops: exact from any checkpoint
         progress = checkpoint.get("progress")
         if isinstance(progress, dict):
             self._resumed_progress = dict(progress)

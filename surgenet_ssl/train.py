@@ -245,8 +245,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
         if name == "model_checkpoint" and node.get("every_n_train_steps") and node.get("every_n_epochs"):
             # Lightning takes one interval per ModelCheckpoint: split into an epoch and a step checkpointer.
             steps = copy.deepcopy(node)
-            steps.every_n_epochs = None
-            steps.save_last = False
+            steps.every_n_epochs = None  # both link last.ckpt to each file they write: it is always the newest
             steps.filename = "step{step:08d}"
             node = copy.deepcopy(node)
             node.every_n_train_steps = None
@@ -313,6 +312,9 @@ def run(cfg: DictConfig) -> tuple[Path, bool]:
     lock = RunDirLock(run_dir) if rank_zero and cfg.cluster.lock_run_dir else None
     if lock is not None:
         lock.acquire()  # one training per run dir; released when this process ends, however it ends
+        from surgenet_ssl.checkpointing import remove_partial_saves
+
+        remove_partial_saves(run_dir)  # under the lock, no live process writes them: a killed save's leftovers
     try:
         if rank_zero:
             write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from surgenet_ssl.checkpointing import PREEMPTION_PREFIX, link_atomically
+from surgenet_ssl.checkpointing import PREEMPTION_PREFIX, link_atomically, remove_checkpoint_file
 from surgenet_ssl.cluster import TrainingPreempted
 
 __all__ = ["PreemptionCheckpoint", "TrainingPreempted"]
@@ -36,7 +36,7 @@ class PreemptionCheckpoint(pl.Callback):
         if trainer.is_global_zero:
             for old in self.dirpath.glob(f"{PREEMPTION_PREFIX}*.ckpt"):
                 if old != path:
-                    old.unlink(missing_ok=True)
+                    remove_checkpoint_file(old)
             link_atomically(path, self.dirpath / "last.ckpt")
             log.warning("preemption signal: checkpoint written at optimizer step %d: %s", step, path)
         raise TrainingPreempted(step, path)

@@ -27,7 +27,7 @@ TRAIN = [*FAST_TRAIN, *TINY_BACKBONE_ARGS, "data.num_workers=0", "callbacks.knn_
 
 def test_torch_save_on_a_full_disk_is_a_storage_error_naming_the_path(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     def failing_save(obj, f) -> None:  # noqa: ANN001 - what torch.save raises when the disk fills mid-write
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2954560 vs 2954456")
 
     monkeypatch.setattr(torch, "save", failing_save)
