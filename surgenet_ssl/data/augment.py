@@ -395,10 +395,17 @@ def adjust_contrast(img: np.ndarray, factor: float) -> np.ndarray:
     return cv2.LUT(img, _lut(mean + (_IDENTITY - mean) * factor))
 
 
+_LUMA_ROWS = np.tile(np.array([0.299, 0.587, 0.114], np.float32), (3, 1))  # RGB -> luma, for each output channel
+_EYE = np.eye(3, dtype=np.float32)
+
+
 def adjust_saturation(img: np.ndarray, factor: float) -> np.ndarray:
-    """PIL ImageEnhance.Color: blend with the luma image."""
-    gray = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    return cv2.addWeighted(img, factor, gray, 1.0 - factor, 0.0)
+    """PIL ImageEnhance.Color: blend with the luma image, ``luma + factor (img - luma)``.
+
+    One 3x3 colour matrix (``cv2.transform``) instead of gray, gray-to-RGB and a blend: one pass over the pixels,
+    within one grey level of PIL (which rounds the luma first).
+    """
+    return cv2.transform(img, (1.0 - factor) * _LUMA_ROWS + factor * _EYE)
 
 
 def adjust_hue(img: np.ndarray, factor: float) -> np.ndarray:
@@ -464,17 +471,23 @@ def jitter_factors(d: CropDraws, strength: Sequence[float]) -> tuple[float, floa
 
 
 def crop_tensor(crop: np.ndarray, normalise: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """HxWx3 uint8 crop -> (3, H, W) tensor in channel-last memory (a view: no channel-first copy in the worker).
+    """HxWx3 uint8 crop -> (3, H, W) tensor in channel-last memory: no channel-first copy in the worker.
 
     The loader stacks such crops channel-last and the training module makes them contiguous on the device
     (:meth:`surgenet_ssl.module.DINOModule.on_after_batch_transfer`): the same values, the copy off the CPU.
-    ``normalise``: ``(scale, shift)`` of shape (3, 1, 1) for float output ``x * scale + shift``; None: uint8.
+    ``normalise``: per-channel ``(scale, shift)`` repeated along a row (length 3 W, from
+    :meth:`FastMultiCrop.normalise_rows`) for float output ``x * scale + shift``; None: uint8. Broadcasting a
+    whole row keeps the float arithmetic vectorised over contiguous memory (a (3,)-vector over the channel axis
+    of HxWx3 memory is about 6x slower), with the same values as normalising a channel-first copy.
     """
-    t = torch.from_numpy(crop).permute(2, 0, 1)
-    if normalise is None:
-        return t
-    scale, shift = normalise
-    return t.float().mul_(scale).add_(shift)  # float() keeps the channel-last strides
+    h, w = crop.shape[:2]
+    t = torch.from_numpy(crop)
+    if normalise is not None:
+        scale, shift = normalise
+        t = t.view(h, w * 3).float().mul_(scale).add_(shift).view(h, w, 3)
+    return t.permute(2, 0, 1)
+
+
 _BOX_UNIFORMS = 22  # random_resized_crop_params: 10 attempts x (area, log-aspect), then (top, left)
 _N_UNIFORMS = _BOX_UNIFORMS + 10  # then flip, jitter, 4 jitter factors, gray, blur, sigma, solarize
 
@@ -542,13 +555,20 @@ class FastMultiCrop(MultiCropAugmentation):
         self._rng: np.random.Generator | None = None
         self._rng_key: tuple[int, int] | None = None
         mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
-        self._scale = torch.from_numpy(1.0 / (255.0 * std)).view(3, 1, 1)
-        self._shift = torch.from_numpy(-mean / std).view(3, 1, 1)
+        self._scale, self._shift = torch.from_numpy(1.0 / (255.0 * std)), torch.from_numpy(-mean / std)
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_rng"], state["_rng_key"] = None, None  # re-seeded in each worker
         return state
+
+    def normalise_rows(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``1/(255 std)`` and ``-mean/std`` repeated for one row of HxWx3 pixels (see :func:`crop_tensor`)."""
+        rows = self._rows.get(width)
+        if rows is None:
+            rows = self._rows[width] = (self._scale.repeat(width), self._shift.repeat(width))
+        return rows
 
     def rng(self) -> np.random.Generator:
         """Per-process generator: reseeded when the process or torch's seed changes (fork/worker re-seeding)."""
@@ -591,7 +611,8 @@ class FastMultiCrop(MultiCropAugmentation):
         if params is not None:  # only when asked: a dict per crop costs time on the hot path
             jitter = None
             if factors is not None:
-                jitter = {**dict(zip(JITTER_OPS, factors)), "order": [JITTER_OPS[k] for k in d.jitter_order]}
+                jitter = dict(zip(JITTER_OPS, factors, strict=True))
+                jitter["order"] = [JITTER_OPS[k] for k in d.jitter_order]
             params.append(
                 {
                     "box": (top, left, h, w),
@@ -604,7 +625,7 @@ class FastMultiCrop(MultiCropAugmentation):
                     "frame": img.shape[:2],
                 }
             )
-        return crop_tensor(out, None if self.uint8_output else (self._scale, self._shift))
+        return crop_tensor(out, None if self.uint8_output else self.normalise_rows(size))
 
     def __call__(self, image: Any, return_params: bool = False) -> Any:
         img = self._as_array(image)
