@@ -56,6 +56,7 @@ __all__ = [
     "FastMultiCrop",
     "FrameResize",
     "FrameTransform",
+    "GPU_FRAME_SIZE",
     "MultiCropAugmentation",
     "OfficialMultiCrop",
     "multi_crop_class",
@@ -74,6 +75,8 @@ SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128  # pixels >= this are inverted (PIL ImageOps.solarize)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+# GPU mode's default canvas (height, width): 16:9 video as prepare stores it at 320 px (round(320 x 16/9) = 569).
+GPU_FRAME_SIZE = (320, 569)
 
 
 def random_resized_crop_params(
@@ -660,23 +663,35 @@ class FrameResize(FrameTransform):
     side at ``H`` (320 px, the storage size); wider ones fit the width; smaller ones stay as they are (like the CPU
     path, which upsamples the crops). The rest of the canvas is zero padding (the device replicates the edge pixel
     where bilinear sampling reaches it). Frames smaller than the canvas both ways are counted as ``upscaled_images``.
+
+    A frame that fits the canvas up to one odd pixel per side is not resized at all: its last row/column is cropped
+    (a general area resize costs about three JPEG decodes, and 16:9 video stored at 320 px is 569 px wide, one more
+    than 320 x 16/9). The default canvas, 320x569, takes those frames whole; ``data.gpu_frame_size=auto`` derives it
+    from the sources' manifests (:func:`surgenet_ssl.datamodule.gpu_frame_size`).
     """
 
     backend = "gpu"
     batch_key = "frames"
     batch_keys = ("frames", "frame_hw")
 
-    def __init__(self, frame_size: Sequence[int] = (320, 568), global_crops_size: int = 224) -> None:
+    def __init__(self, frame_size: Sequence[int] = GPU_FRAME_SIZE, global_crops_size: int = 224) -> None:
         super().__init__()
         if len(frame_size) != 2 or min(frame_size) < 1:
             raise ValueError(f"frame_size must be (height, width) > 0, got {frame_size}")
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
         self.global_crops_size = int(global_crops_size)  # informative: the crops are made on the device
 
+    def fits(self, h: int, w: int) -> bool:
+        """Whether a frame of that size goes into the canvas without a resize (padded, or its odd pixel cropped)."""
+        fh, fw = self.frame_size
+        return h <= fh + 1 and w <= fw + 1
+
     def fitted_size(self, h: int, w: int) -> tuple[int, int]:
         """The ``(h, w)`` a frame of that size gets in the canvas: aspect kept, only ever downscaled."""
         fh, fw = self.frame_size
-        s = min(fh / h, fw / w, 1.0)
+        if self.fits(h, w):
+            return min(h, fh), min(w, fw)
+        s = min(fh / h, fw / w)
         return min(fh, max(1, round(h * s))), min(fw, max(1, round(w * s)))
 
     def decode(self, data: bytes) -> np.ndarray:
@@ -695,7 +710,9 @@ class FrameResize(FrameTransform):
         if min(fh / h, fw / w) > 1:  # smaller than the canvas both ways: its crops are upsampled on the device
             self._events["upscaled_images"] += 1
         nh, nw = self.fitted_size(h, w)
-        if (nh, nw) != (h, w):
+        if self.fits(h, w):
+            img = img[:nh, :nw]  # at most the odd row/column cut
+        else:
             img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
         out = np.zeros((3, fh, fw), dtype=np.uint8)
         out[:, :nh, :nw] = img.transpose(2, 0, 1)

@@ -849,6 +849,7 @@ def build_train_loader(
     shard_cache_dir: str | Path | None = None,
     persistent_workers: bool = False,
     resume_position: Mapping[str, Any] | None = None,
+    mixture: ResolvedMixture | None = None,
     **options: Any,
 ) -> DataLoader:
     """The training DataLoader of a ``dataset`` config (see surgenet_ssl.data.mixture for the schema).
@@ -862,9 +863,10 @@ def build_train_loader(
     ``pin_memory`` (for CUDA training: page-locked batches, asynchronous copies), ``persistent_workers`` (workers
     kept between epochs; the epoch still reseeds them) and ``prefetch_factor`` are passed to the DataLoader.
     ``options``: the other keyword arguments of :class:`MixtureStream` (``sampling``, ``shuffle_block``, the
-    memory, cache and transfer bounds; see surgenet_ssl/configs/data/default.yaml).
+    memory, cache and transfer bounds; see surgenet_ssl/configs/data/default.yaml). ``mixture``: the dataset
+    already resolved from its manifests (the datamodule reads them once, also for GPU mode's canvas).
     """
-    mixture = resolve_mixture(dataset_cfg, data_root)
+    mixture = mixture if mixture is not None else resolve_mixture(dataset_cfg, data_root)
     stream = MixtureStream(
         mixture,
         transform,

@@ -78,6 +78,7 @@ class SourceSpec:
     weight: float  # sampling probability (normalised over present sources)
     procedure: str = "unknown"
     excluded_videos: list[str] = field(default_factory=list)  # left out by dataset.exclude_videos
+    frame_sizes: dict[str, int] | None = None  # "WxH" -> frames, as prepare recorded them (None: not recorded)
 
 
 @dataclass
@@ -301,6 +302,7 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
                 expected_frames=int(round(frames * fraction)),
                 weight=0.0,
                 procedure=str(manifest.get("procedure", "unknown")),
+                frame_sizes=manifest.get("frame_sizes"),
             )
         )
 
