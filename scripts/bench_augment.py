@@ -147,6 +147,12 @@ def _hue_lut(img: np.ndarray, factor: float) -> np.ndarray:
     return cv2.cvtColor(cv2.LUT(hsv, lut.reshape(1, 256, 3)), cv2.COLOR_HSV2RGB_FULL)
 
 
+def _saturation_blend(img: np.ndarray, factor: float) -> np.ndarray:
+    """The saturation before issue 30: gray, gray to RGB, then a weighted blend."""
+    gray = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(img, factor, gray, 1.0 - factor, 0.0)
+
+
 def _cv_gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(img, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE)
 
@@ -172,8 +178,16 @@ ABLATIONS: dict[str, dict[str, object]] = {
     # the kernels before issue 30, one at a time
     "decode: BGR, then channel swap": {"decode_frame": _bgr_decode},
     "hue: 3-channel lookup table": {"_JITTER_FNS": "hue_lut"},
+    "saturation: gray, gray to RGB, blend": {"_JITTER_FNS": "saturation_blend"},
     "blur: cv2.GaussianBlur (fixed point)": {"gaussian_blur": _cv_gaussian_blur},
     "crops: channel-first copy in the worker": {"crop_tensor": _channel_first_copy},
+}
+# all of them at once (with the parameter dicts made for every crop): the fast pipeline as it was before issue 30
+BEFORE_ISSUE_30: dict[str, object] = {
+    "decode_frame": _bgr_decode,
+    "_JITTER_FNS": "before_issue_30",
+    "gaussian_blur": _cv_gaussian_blur,
+    "crop_tensor": _channel_first_copy,
 }
 
 
@@ -183,6 +197,10 @@ def _patch_value(value: object) -> object:
         return _pil_jitter_fns()
     if value == "hue_lut":
         return (*A._JITTER_FNS[:3], _hue_lut)
+    if value == "saturation_blend":
+        return (*A._JITTER_FNS[:2], _saturation_blend, A._JITTER_FNS[3])
+    if value == "before_issue_30":
+        return (*A._JITTER_FNS[:2], _saturation_blend, _hue_lut)
     return value
 
 
@@ -379,6 +397,14 @@ def main() -> None:
         variants.append(
             Variant("fast, but decode forced to 1/2 (lower detail)", fast(decode_min_short=min(shape[:2]) // 2))
         )
+        for uint8 in (False, True):
+            variants.append(
+                Variant(
+                    f"fast as before issue 30, {'uint8 crops' if uint8 else 'float'}",
+                    lambda uint8=uint8: fast_fn(A.FastMultiCrop(uint8_output=uint8, **kw), return_params=True),
+                    BEFORE_ISSUE_30,
+                )
+            )
     rates = run_rounds(variants, frames, args.rounds, args.seconds)
     ref = variants[0].name
     ratios = same_round_ratios(rates, ref)
@@ -405,6 +431,9 @@ def main() -> None:
             "fast_uint8_vs_official_float": ("fast, uint8 crops", ref),
             "fast_uint8_vs_official_uint8": ("fast, uint8 crops", "official, uint8 crops"),
         }
+        if args.ablation:
+            pairs["fast_float_vs_before_issue_30"] = ("fast (OpenCV, default), float", "fast as before issue 30, float")
+            pairs["fast_uint8_vs_before_issue_30"] = ("fast, uint8 crops", "fast as before issue 30, uint8 crops")
         for key, (a, b) in pairs.items():
             rs = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
             print(f"{key}={statistics.median(rs):.2f}")
