@@ -496,7 +496,7 @@ def crop_tensor(crop: np.ndarray, normalise: tuple[torch.Tensor, torch.Tensor] |
     t = torch.from_numpy(crop)
     if normalise is not None:
         scale, shift = normalise
-        t = t.view(h, w * 3).float().mul_(scale).add_(shift).view(h, w, 3)
+        t = t.reshape(h, w * 3).float().mul_(scale).add_(shift).view(h, w, 3)
     return t.permute(2, 0, 1)
 
 
@@ -621,10 +621,12 @@ class FastMultiCrop(MultiCropAugmentation):
         if sol:
             out = solarize(out, p["solarize_threshold"])
         if params is not None:  # only when asked: a dict per crop costs time on the hot path
-            jitter = None
+            jitter: dict[str, Any] | None = None
             if factors is not None:
-                jitter = dict(zip(JITTER_OPS, factors, strict=True))
-                jitter["order"] = [JITTER_OPS[k] for k in d.jitter_order]
+                jitter = {
+                    **dict(zip(JITTER_OPS, factors, strict=True)),
+                    "order": [JITTER_OPS[k] for k in d.jitter_order],
+                }
             params.append(
                 {
                     "box": (top, left, h, w),
