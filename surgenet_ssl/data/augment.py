@@ -12,11 +12,12 @@ and official CPU backends, and :mod:`surgenet_ssl.data.gpu_augment`).
 - ``backend="official"`` (:class:`OfficialMultiCrop`): the PIL/torchvision transforms of the official DINO code,
   kept as the reference and for comparison (about 21 ms per 854x480 frame on one core).
 - ``backend="fast"`` (:class:`FastMultiCrop`, the default): the same distribution on uint8 numpy arrays with
-  OpenCV kernels, >= 3x faster per core. Why it is faster (each measured in ``scripts/bench_augment.py``):
-  OpenCV JPEG decoding straight to an array, crop *before* resizing (only the crop's pixels are touched), an
+  OpenCV kernels, about 7x faster per core. Why it is faster (each measured in ``scripts/bench_augment.py``):
+  OpenCV JPEG decoding straight to an RGB array, crop *before* resizing (only the crop's pixels are touched), an
   integer-factor area reduction followed by bicubic (antialiased like PIL's bicubic, at OpenCV-cubic speed),
-  colour ops as 256-entry lookup tables / ``cv2.addWeighted`` / OpenCV HSV, OpenCV Gaussian blur, and one
-  vectorised normalisation per crop. Reduced-size JPEG decoding (DCT scaling, :mod:`surgenet_ssl.data.decode`) is
+  colour ops as 256-entry lookup tables / one 3x3 colour matrix / OpenCV HSV with a uint8 hue add, a separable
+  Gaussian blur, crops left channel-last (the channel-first copy is made on the training device) and a
+  normalisation vectorised over whole pixel rows. Reduced-size JPEG decoding (DCT scaling, :mod:`surgenet_ssl.data.decode`) is
   used only when the frame is so large that the smallest global crop would still be downscaled
   (``decode_min_short``), so output quality is unchanged for the usual 854x480 / 320-px-storage frames.
 
