@@ -17,9 +17,10 @@ and official CPU backends, and :mod:`surgenet_ssl.data.gpu_augment`).
   integer-factor area reduction followed by bicubic (antialiased like PIL's bicubic, at OpenCV-cubic speed),
   colour ops as 256-entry lookup tables / one 3x3 colour matrix / OpenCV HSV with a uint8 hue add, a separable
   Gaussian blur, crops left channel-last (the channel-first copy is made on the training device) and a
-  normalisation vectorised over whole pixel rows. Reduced-size JPEG decoding (DCT scaling, :mod:`surgenet_ssl.data.decode`) is
-  used only when the frame is so large that the smallest global crop would still be downscaled
-  (``decode_min_short``), so output quality is unchanged for the usual 854x480 / 320-px-storage frames.
+  normalisation vectorised over whole pixel rows. Reduced-size JPEG decoding (DCT scaling,
+  :mod:`surgenet_ssl.data.decode`) is used only when the frame is so large that the smallest global crop would
+  still be downscaled (``decode_min_short``), so output quality is unchanged for the usual 854x480 /
+  320-px-storage frames.
 
 Both are subclasses of :class:`MultiCropAugmentation` (the shared signature; not instantiable itself):
 :func:`multi_crop_class` maps a ``data.augment_backend`` name to its class, and
