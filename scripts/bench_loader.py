@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--backend", default="fast", choices=["fast", "official"])
     ap.add_argument("--augment-on", default="cpu", choices=["cpu", "gpu"])
-    ap.add_argument("--frame-size", default="320x568", help="HxW of GPU-mode frames")
+    ap.add_argument("--frame-size", default="320x569", help="HxW of GPU-mode frames")
     ap.add_argument("--local-number", type=int, default=8)
     ap.add_argument("--compare-sampling", action="store_true", help="epoch vs resampled frames/s, one run")
     ap.add_argument("--sampling", default="epoch", choices=["epoch", "resampled"])

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from surgenet_ssl.data.augment import (
+    GPU_FRAME_SIZE,
     FrameResize,
     FrameTransform,
     multi_crop_class,
@@ -17,6 +18,7 @@ from surgenet_ssl.data.augment import (
     recipe_probabilities,
 )
 from surgenet_ssl.data.loader import build_train_loader
+from surgenet_ssl.data.mixture import ResolvedMixture, resolve_mixture
 from surgenet_ssl.distributed import gather_from_ranks
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ def build_augmentation(
     crops: dict,
     backend: str = "fast",
     augment_on: str = "cpu",
-    frame_size: Any = (320, 568),
+    frame_size: Any = GPU_FRAME_SIZE,
     uint8_crops: bool = False,
 ) -> FrameTransform:
     """The worker transform: the multi-crop augmentation (``augment_on="cpu"``; ``backend`` "fast" or "official",
@@ -47,6 +49,30 @@ def build_augmentation(
         uint8_output=uint8_crops,
         probabilities=recipe,
     )
+
+
+def gpu_frame_size(setting: Any, mixture: ResolvedMixture) -> tuple[int, int]:
+    """GPU mode's canvas ``(height, width)``: ``data.gpu_frame_size`` as given, or for ``auto`` the frame size the
+    sources' manifests record (prepare counts the frames it writes per size) where they agree on the height:
+    ``(that height, the widest frame)``, so that no frame is resized (narrower ones are padded). Otherwise (sizes
+    not recorded, by a prepare older than this, or frames of several heights) the default
+    :data:`~surgenet_ssl.data.augment.GPU_FRAME_SIZE`, with the reason logged."""
+    if setting is None or str(setting) != "auto":
+        return int(setting[0]), int(setting[1])
+    unknown = [s.name for s in mixture.sources if not s.frame_sizes]
+    sizes = {tuple(int(v) for v in k.split("x")) for s in mixture.sources for k in s.frame_sizes or {}}
+    heights = {h for _, h in sizes}
+    if not unknown and len(heights) == 1:
+        canvas = (heights.pop(), max(w for w, _ in sizes))
+        log.info("GPU mode canvas %dx%d (height x width): the frame sizes of the manifests", *canvas)
+        return canvas
+    why = (
+        f"the manifests of {', '.join(unknown)} record no frame sizes (prepared before they were recorded)"
+        if unknown
+        else f"the sources' frames have several heights ({', '.join(str(h) for h in sorted(heights))} px)"
+    )
+    log.info("GPU mode canvas %dx%d (data.gpu_frame_size=auto's default): %s", *GPU_FRAME_SIZE, why)
+    return GPU_FRAME_SIZE
 
 
 def loader_options(data_cfg: dict, trainer: pl.Trainer | None) -> dict[str, Any]:
@@ -221,16 +247,21 @@ class StreamingDataModule(pl.LightningDataModule):
                 "multi-crop augmentation: %s",
                 "on the training device (GPU mode)" if on == "gpu" else f"in the loader workers, {backend} backend",
             )
+        mixture = resolve_mixture(self.dataset_cfg, self.data_root)
+        frame_size = GPU_FRAME_SIZE
+        if on == "gpu":
+            frame_size = gpu_frame_size(self.data_cfg.get("gpu_frame_size", "auto"), mixture)
         loader = build_train_loader(
             self.dataset_cfg,
             self.data_root,
             transform=build_augmentation(
                 self.crops,
-                backend=self.data_cfg.get("augment_backend", "fast"),
-                augment_on=self.data_cfg.get("augment_on", "cpu"),
-                frame_size=self.data_cfg.get("gpu_frame_size", (320, 568)),
+                backend=backend,
+                augment_on=on,
+                frame_size=frame_size,
                 uint8_crops=bool(self.data_cfg.get("uint8_crops", False)),
             ),
+            mixture=mixture,
             batch_size=int(self.data_cfg["batch_size"]),
             num_workers=int(self.data_cfg["num_workers"]),
             rank=rank,
@@ -249,6 +280,5 @@ class StreamingDataModule(pl.LightningDataModule):
             temporal_window_s=float(self.crops.get("temporal_window_s") or 2.0),
         )
         # what the model card records about the data: each source's curated view (dataset.curated)
-        mixture = getattr(loader.dataset, "mixture", None)
-        self.curation = {s.name: s.curation for s in (mixture.sources if mixture else []) if s.curation is not None}
+        self.curation = {s.name: s.curation for s in mixture.sources if s.curation is not None}
         return loader

@@ -382,17 +382,21 @@ class DINOModule(pl.LightningModule):
         """Device side of the loader, after the (pinned, asynchronous) copy of uint8 data.
 
         ``data.augment_on=gpu``: the loader delivers uint8 ``frames`` (+ ``frame_hw``); make the multi-crops here.
-        ``data.uint8_crops``: normalise the uint8 crops here. ``performance.channels_last``: NHWC crops.
+        ``data.uint8_crops``: normalise the uint8 crops here. ``performance.channels_last``: NHWC crops; otherwise
+        contiguous NCHW: the fast backend ships its crops channel-last (``stack_crops`` in the loader), so the
+        channel-first copy is made here, on the device, instead of in the CPU workers.
         """
         if not isinstance(batch, dict):
             return batch
         channels_last = getattr(self, "performance", {}).get("channels_last", False)
         crops = batch.get("crops")
-        if crops is not None and (channels_last or any(c.dtype == torch.uint8 for c in crops)):
+        if crops is not None:
             from surgenet_ssl.data.gpu_augment import normalize_uint8
 
-            crops = [normalize_uint8(c) if c.dtype == torch.uint8 else c for c in crops]
-            batch = {**batch, "crops": [to_channels_last(c) for c in crops] if channels_last else crops}
+            layout = to_channels_last if channels_last else torch.Tensor.contiguous
+            ready = [layout(normalize_uint8(c) if c.dtype == torch.uint8 else c) for c in crops]
+            if any(r is not c for r, c in zip(ready, crops, strict=True)):  # else: the batch as it came
+                batch = {**batch, "crops": ready}
         if "frames" in batch:
             if getattr(self, "_gpu_augment", None) is None:
                 from surgenet_ssl.data.augment import recipe_from_crops

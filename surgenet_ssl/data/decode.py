@@ -177,16 +177,16 @@ def decode_frame(data: bytes, min_short: int = 0) -> tuple[np.ndarray, bool]:
     if info is not None and info[2] == 3 and data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
         _check_pixels(info[1], info[0])
         factor = reduction_factor(info[0], info[1], min_short)
-        flag = {
-            1: cv2.IMREAD_COLOR,
-            2: cv2.IMREAD_REDUCED_COLOR_2,
-            4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8,
-        }[factor]
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
-        if bgr is None:
+        # RGB straight from libjpeg (IMREAD_COLOR_RGB, OpenCV >= 4.11), not BGR then a channel swap: the same
+        # pixels, one pass less. The reduced modes are the grayscale flag (no BGR bit) combined with it.
+        rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+        reduced = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4}
+        reduced[8] = cv2.IMREAD_REDUCED_GRAYSCALE_8
+        colour = cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), reduced[factor] | colour | cv2.IMREAD_IGNORE_ORIENTATION)
+        if arr is None:
             raise ValueError("OpenCV could not decode the JPEG data (corrupt or truncated)")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), False
+        return (arr if rgb_flag is not None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)), False
     rgb, converted = open_rgb(data)
     return np.asarray(rgb), converted
 

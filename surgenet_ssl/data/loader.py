@@ -268,6 +268,15 @@ class _SourceReader:
             )
 
 
+def stack_crops(crops: list[torch.Tensor]) -> torch.Tensor:
+    """One crop position of a batch -> (B, 3, h, w). Channel-last crops (the fast backend's (3, h, w) views of
+    HxWx3 arrays) stay channel-last: ``torch.stack`` would otherwise do the channel-first copy here, on the CPU,
+    which the training module does on the device (``DINOModule.on_after_batch_transfer``)."""
+    if crops[0].ndim == 3 and crops[0].permute(1, 2, 0).is_contiguous():
+        return torch.stack([c.permute(1, 2, 0) for c in crops]).permute(0, 3, 1, 2)
+    return torch.stack(crops)
+
+
 def _oversized(source: str, key: str, size: int, owner: Any) -> str:
     return (
         f"frame {source}/{key} has a member of {size} bytes, over data.max_member_bytes={owner.max_member_bytes}; "
@@ -536,7 +545,7 @@ class MixtureStream(IterableDataset):
         n_crops = {len(c) for c in crops_per_sample}
         if len(n_crops) != 1:
             raise RuntimeError(f"transform returned different numbers of crops in one batch: {sorted(n_crops)}")
-        crops = [torch.stack([c[k] for c in crops_per_sample]) for k in range(n_crops.pop())]
+        crops = [stack_crops([c[k] for c in crops_per_sample]) for k in range(n_crops.pop())]
         self._counters.add("samples", len(keys))
         self._counters.add("batches")
         keys_out = getattr(self.transform, "batch_keys", (batch_key,))  # GPU mode: ("frames", "frame_hw")
@@ -922,6 +931,7 @@ def build_train_loader(
     shard_cache_dir: str | Path | None = None,
     persistent_workers: bool = False,
     resume_position: Mapping[str, Any] | None = None,
+    mixture: ResolvedMixture | None = None,
     **options: Any,
 ) -> DataLoader:
     """The training DataLoader of a ``dataset`` config (see surgenet_ssl.data.mixture for the schema).
@@ -935,9 +945,10 @@ def build_train_loader(
     ``pin_memory`` (for CUDA training: page-locked batches, asynchronous copies), ``persistent_workers`` (workers
     kept between epochs; the epoch still reseeds them) and ``prefetch_factor`` are passed to the DataLoader.
     ``options``: the other keyword arguments of :class:`MixtureStream` (``sampling``, ``shuffle_block``, the
-    memory, cache and transfer bounds; see surgenet_ssl/configs/data/default.yaml).
+    memory, cache and transfer bounds; see surgenet_ssl/configs/data/default.yaml). ``mixture``: the dataset
+    already resolved from its manifests (the datamodule reads them once, also for GPU mode's canvas).
     """
-    mixture = resolve_mixture(dataset_cfg, data_root)
+    mixture = mixture if mixture is not None else resolve_mixture(dataset_cfg, data_root)
     stream = MixtureStream(
         mixture,
         transform,

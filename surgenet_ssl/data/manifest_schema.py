@@ -20,6 +20,7 @@ __all__ = ["ManifestError", "ManifestSchemaError", "MAX_MANIFEST_BYTES", "valida
 
 MAX_MANIFEST_BYTES = 256 << 20  # ~1,000x the manifest of a 4.7 M-frame source: more is not a manifest of ours
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_FRAME_SIZE = re.compile(r"[1-9][0-9]{0,5}x[1-9][0-9]{0,5}")
 
 
 class ManifestError(RuntimeError):
@@ -84,6 +85,14 @@ def _check_source(m: Mapping[str, Any], where: str) -> None:
         _int(m, key, where, required=False)
     for key in ("source", "procedure"):
         _optional_str(m, key, where)
+    sizes = m.get("frame_sizes")
+    if sizes is not None:
+        if not isinstance(sizes, Mapping):
+            raise _fail(where, "frame_sizes", sizes, 'an object: "<width>x<height>" -> frames')
+        for size in sizes:
+            if not isinstance(size, str) or not _FRAME_SIZE.fullmatch(size):
+                raise _fail(where, "frame_sizes", size, 'keys "<width>x<height>" (e.g. "569x320")')
+            _int(sizes, size, where, "frame_sizes.")
     shards = m.get("shards", [])
     if not isinstance(shards, list):
         raise _fail(where, "shards", shards, "a list of shard entries")

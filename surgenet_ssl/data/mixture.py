@@ -86,6 +86,7 @@ class SourceSpec:
     kept: dict[str, np.ndarray] | None = None
     curation: dict[str, Any] | None = None  # the curated view's summary (thresholds, counts, exclusions)
     sample_fps: float | None = None  # frames per second of video that prepare kept (consecutive frames' spacing)
+    frame_sizes: dict[str, int] | None = None  # "WxH" -> frames, as prepare recorded them (None: not recorded)
 
 
 @dataclass
@@ -329,6 +330,7 @@ def resolve_mixture(dataset_cfg: Mapping[str, Any], data_root: str | Path) -> Re
                 sample_fps=float(fps)
                 if isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0
                 else None,
+                frame_sizes=manifest.get("frame_sizes"),
             )
         )
 

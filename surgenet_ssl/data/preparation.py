@@ -366,11 +366,12 @@ def process_unit(
         "corrupt_images": [],
     }
     frames = 0
+    sizes: Counter[str] = Counter()  # "WxH" -> frames written at that size (GPU mode sizes its canvas from them)
     try:
         if unit.kind == "video":
             report = DecodeReport()
             with local_copy(unit.members[0], out) as path:
-                frames = _write_video_frames(unit, path, settings, threads, report, writer)
+                frames = _write_video_frames(unit, path, settings, threads, report, writer, sizes)
             record.update(
                 backend=report.backend, video_fps=report.video_fps, video_frames=report.num_frames, step=report.step
             )
@@ -383,11 +384,12 @@ def process_unit(
                     f"({report.num_frames} frames)"
                 )
         else:
-            frames = _write_images(unit, settings, writer, record)
+            frames = _write_images(unit, settings, writer, record, sizes)
         if frames == 0:
             raise VideoDecodeError("no frames decoded")
         record["shards"] = [s.to_dict() for s in writer.close()]
         record["frames"] = frames
+        record["frame_sizes"] = dict(sorted(sizes.items()))
     except BaseException as e:
         writer.abort()  # no shard of a failed unit stays behind (nor its index)
         for s in writer.finished:
@@ -405,9 +407,15 @@ def process_unit(
 
 
 def _write_video_frames(
-    unit: Unit, path: Path, settings: PrepareSettings, threads: int, report: DecodeReport, writer: S.ShardWriter
+    unit: Unit,
+    path: Path,
+    settings: PrepareSettings,
+    threads: int,
+    report: DecodeReport,
+    writer: S.ShardWriter,
+    sizes: Counter[str],
 ) -> int:
-    """The sampled (or frame_list) frames of one video into ``writer``; returns how many."""
+    """The sampled (or frame_list) frames of one video into ``writer``; returns how many (``sizes``: per size)."""
     frames = 0
     indices = set(unit.indices) if unit.indices is not None else None
     fps = None if indices is not None else settings.fps
@@ -429,12 +437,16 @@ def _write_video_frames(
             f"{unit.video}/{fr.index:08d}",
             {"jpg": _jpeg(img, settings.jpeg_quality), "json": json.dumps(meta).encode()},
         )
+        sizes[f"{img.width}x{img.height}"] += 1
         frames += 1
     return frames
 
 
-def _write_images(unit: Unit, settings: PrepareSettings, writer: S.ShardWriter, record: dict[str, Any]) -> int:
-    """The images of one unit into ``writer`` (every ``image_stride``-th); corrupt ones are listed in ``record``."""
+def _write_images(
+    unit: Unit, settings: PrepareSettings, writer: S.ShardWriter, record: dict[str, Any], sizes: Counter[str]
+) -> int:
+    """The images of one unit into ``writer`` (every ``image_stride``-th); corrupt ones are listed in ``record``,
+    the frames written per size in ``sizes``."""
     frames = 0
     keys = unit.keys or [_image_keys(unit.files)[f] for f in unit.files]
     stride = 1 if unit.indices is not None else max(1, settings.image_stride)  # a frame_list chose them already
@@ -465,6 +477,7 @@ def _write_images(unit: Unit, settings: PrepareSettings, writer: S.ShardWriter, 
             f"{unit.video}/{key}",
             {"jpg": _jpeg(img, settings.jpeg_quality), "json": json.dumps(meta).encode()},
         )
+        sizes[f"{img.width}x{img.height}"] += 1
         frames += 1
     if frames == 0 and record["corrupt_images"]:
         raise VideoDecodeError(f"none of its {len(unit.files)} images could be read")
@@ -632,6 +645,7 @@ def build_manifest(
     for rec in kept:
         videos_ok += 1
         shards.extend(rec["shards"])
+    sizes = _frame_sizes([records[u.id] for u in units if records.get(u.id, {}).get("status") == "ok"] + list(kept))
     corrupt = sum(len(records[u.id].get("corrupt_images", [])) for u in units if u.id in records)
     corrupt += sum(len(rec.get("corrupt_images", [])) for rec in kept)
     warned = [
@@ -650,6 +664,7 @@ def build_manifest(
         "inputs": len(units) + len(kept),
         "pending": pending,
         "settings": settings.content() | {"backend": settings.backend},
+        **({"frame_sizes": sizes} if sizes is not None else {}),
         "skipped": {"inputs": failed, "corrupt_images": corrupt},
         "decode_warnings": warned,
         "shards": shards,
@@ -657,6 +672,17 @@ def build_manifest(
         "updated": _now(),
         "tool": "surgenet-ssl",
     }
+
+
+def _frame_sizes(records: Sequence[dict[str, Any]]) -> dict[str, int] | None:
+    """``"WxH" -> frames`` over the finished records; None when one was written before prepare recorded sizes
+    (a partial count would claim sizes the source does not have)."""
+    total: Counter[str] = Counter()
+    for rec in records:
+        if "frame_sizes" not in rec:
+            return None
+        total.update(rec["frame_sizes"])
+    return dict(sorted(total.items()))
 
 
 def _exclude_videos(units: list[Unit], exclusion: VideoExclusion, source: str) -> dict[str, Any]:

@@ -112,6 +112,8 @@ def test_names_prepare_writes_and_absolute_urls_are_accepted() -> None:
         (lambda m: m["shards"][1].update(sha256="xyz"), "shards[1].sha256 = 'xyz'", "64 lower-case hex"),
         (lambda m: m.update(complete="yes"), "complete = 'yes'", "true or false"),
         (lambda m: m["shards"].__setitem__(0, "a.tar"), "shards[0] = 'a.tar'", "an object"),
+        (lambda m: m.update(frame_sizes={"569": 3}), "frame_sizes = '569'", "<width>x<height>"),
+        (lambda m: m.update(frame_sizes={"569x320": -3}), "frame_sizes.569x320 = -3", "an integer >= 0"),
     ],
 )
 def test_manifest_fields_are_checked_and_named(tmp_path: Path, change: Any, field: str, expected: str) -> None:
