@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
-from surgenet_ssl.performance import AtenOpCounter
+from surgenet_ssl.runtime.performance import AtenOpCounter
 
 # (valid h, w) of 4:3, 5:4, 1:1 and 16:9 frames in the 320x568 canvas (shorter side 320)
 ASPECTS = ((320, 427), (320, 400), (320, 320), (320, 568))

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgenet_ssl.data.loader import build_train_loader
-from surgenet_ssl.datamodule import build_augmentation
+from surgenet_ssl.training.datamodule import build_augmentation
 
 
 def _one_thread(_: int) -> None:

@@ -37,8 +37,8 @@ from surgenet_ssl.dino import (
     param_groups,
     update_teacher,
 )
-from surgenet_ssl.module import DINOModule
-from surgenet_ssl.recipe import dino_recipe
+from surgenet_ssl.dino.recipe import dino_recipe
+from surgenet_ssl.training.module import DINOModule
 
 
 def dino_cfg(args: argparse.Namespace) -> dict:

@@ -60,9 +60,9 @@ from torch.utils.data import DataLoader
 from surgenet_ssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
 from surgenet_ssl.dino import clip_gradients_per_parameter
-from surgenet_ssl.module import DINOModule
-from surgenet_ssl.performance import AtenOpCounter
-from surgenet_ssl.recipe import dino_recipe
+from surgenet_ssl.dino.recipe import dino_recipe
+from surgenet_ssl.runtime.performance import AtenOpCounter
+from surgenet_ssl.training.module import DINOModule
 
 OFF = {"compile": False, "channels_last": False, "fused_adamw": False, "cudnn_benchmark": False}
 # the training defaults (surgenet_ssl/configs/train.yaml performance:), with compile switched by the matrix
@@ -445,7 +445,7 @@ def data_wait(args: argparse.Namespace, device: torch.device, augment_on: str) -
     """The real loader (demo dataset, StreamingDataModule) feeding the DINO step: fraction of the step time spent
     waiting for the next batch, with the multi-crop augmentation in the workers (cpu) or on the device (gpu)."""
     from surgenet_ssl.data.demo import ensure_demo_dataset
-    from surgenet_ssl.datamodule import StreamingDataModule
+    from surgenet_ssl.training.datamodule import StreamingDataModule
 
     backbone = args.backbones[0]
     slots = args.workers * PREFETCH  # batches the workers queue before the first step: they hide the loader

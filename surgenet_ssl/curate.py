@@ -13,8 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.config_dirs import CONFIG_DIR
-from surgenet_ssl.storage_errors import storage_error_message
+from surgenet_ssl.config.dirs import CONFIG_DIR
+from surgenet_ssl.runtime.storage_errors import storage_error_message
 
 log = logging.getLogger("surgenet_ssl.curate")
 

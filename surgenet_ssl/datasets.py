@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
 from surgenet_ssl.data import shards as S
 from surgenet_ssl.data.mixture import check_source_dir
 from surgenet_ssl.data.sources import MIXTURES, SOURCES, mixture_published_frames

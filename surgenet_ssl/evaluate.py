@@ -20,15 +20,15 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
+from surgenet_ssl.runtime.io_utils import check_writable
 
 # torch and surgenet_ssl.evaluation (torchvision, sklearn, matplotlib) take seconds to import: they are imported
 # inside the functions that use them, so that `--cfg job`, Hydra's errors and missing settings answer at once.
@@ -40,27 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def backbone_options(backbone_cfg: DictConfig | dict) -> dict[str, Any]:
-    """The ``backbone.*`` options as build_backbone kwargs, exactly as training passes them to the teacher
-    (DINOModule: every key but ``name``; ``drop_path_rate`` is the student's only), so a model trained with e.g.
-    ``+backbone.reg_tokens=4`` is rebuilt with the same architecture."""
-    if isinstance(backbone_cfg, DictConfig):
-        given = cast("dict[str, Any]", OmegaConf.to_container(backbone_cfg, resolve=True))
-    else:
-        given = backbone_cfg
-    from surgenet_ssl.init_weights import INIT_KEYS  # training options (continued pretraining), not architecture
-
-    skip = ("name", "drop_path_rate", "drop_path_uniform", *INIT_KEYS)  # (drop path: the student's only)
-    options = {k: v for k, v in given.items() if k not in skip}
-    for key in ("timm_name", "img_size"):  # null: the model's own default (ViTs: any size loads, pos_embed resampled)
-        if not options.get(key):
-            options.pop(key, None)
-    return options
-
-
 def build_model(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
     """The backbone with ``cfg.weights`` loaded (through the one weight loader); returns it and a load summary."""
     from surgenet_ssl.backbones import build_backbone
+    from surgenet_ssl.backbones.options import backbone_options
     from surgenet_ssl.models import build_classifier
 
     name = cfg.backbone.name
@@ -97,6 +80,7 @@ def build_random_model(cfg: DictConfig, like: torch.nn.Module | None = None) -> 
     import torch
 
     from surgenet_ssl.backbones import build_backbone
+    from surgenet_ssl.backbones.options import backbone_options
     from surgenet_ssl.models.classification import resolve_caformer_variant
 
     timm_kwargs = backbone_options(cfg.backbone)
@@ -136,20 +120,6 @@ def metric_conventions(logistic: bool, dino: bool) -> dict[str, Any]:
     if dino:
         tags["dino_linear_accuracy"] = "DINO linear"
     return {"convention": tags, "definitions": {t: CONVENTIONS[t] for t in dict.fromkeys(tags.values())}}
-
-
-def check_writable(output: Path) -> None:
-    """Create ``output`` and write a probe file there now, so a bad ``output=`` fails before minutes of feature
-    extraction instead of after them."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ValueError(
-            f"output={output} is not a writable directory ({type(err).__name__}: {err.strerror or err}); "
-            "pass output=<a directory you can write to>."
-        ) from err
 
 
 def _split_summary(dataset: ImageFolderDataset, feats) -> dict[str, Any]:

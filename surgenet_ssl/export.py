@@ -8,7 +8,7 @@ From a Lightning checkpoint of a run it writes, into ``<run_dir>/export/`` (or `
 - ``<dataset>_<backbone>_epoch<NNNN>_checkpoint.pth``: the full state in the official DINO checkpoint layout
   (``student``/``teacher`` with ``backbone.*``/``head.*``, ``optimizer``, ``epoch``, ``args``, ``dino_loss``).
 
-The export itself lives in :mod:`surgenet_ssl.teacher_export` (shared with the end-of-training callback); this
+The export itself lives in :mod:`surgenet_ssl.training.teacher_export` (shared with the end-of-training callback); this
 entry point only reads the command line and the checkpoint file.
 """
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Imported here, after the argument checks: torch and the export code take seconds to import.
     from surgenet_ssl.models.weights import read_state_dict
-    from surgenet_ssl.teacher_export import export_checkpoint, export_dino_checkpoint
+    from surgenet_ssl.training.teacher_export import export_checkpoint, export_dino_checkpoint
 
     try:  # the one weight loader: weights_only (a pickled payload is refused, never run), damaged files named
         checkpoint = read_state_dict(ckpt_path)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the disk: one message; anything else: re-raised
-        from surgenet_ssl.storage_errors import write_failure_message
+        from surgenet_ssl.runtime.storage_errors import write_failure_message
 
         storage = write_failure_message(err, output / "export")
         if storage is None:

@@ -17,30 +17,12 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from surgenet_ssl.config_dirs import CONFIG_DIR
-from surgenet_ssl.resources import auto_workers
+import surgenet_ssl.config.resolvers  # noqa: F401 - registers the ${surgenet.*} resolvers of the configs
+from surgenet_ssl.config.dirs import CONFIG_DIR
 
 log = logging.getLogger("surgenet_ssl.finetune")
-
-
-def _from_train(name: str):
-    """A config resolver of ``surgenet_ssl.train``, imported when first resolved: importing Lightning takes seconds,
-    and a run with bad input should fail before that."""
-
-    def resolve(*args):
-        import surgenet_ssl.train as train  # noqa: PLC0415 - registers its resolvers (the same functions) too
-
-        return getattr(train, name)(*args)
-
-    return resolve
-
-
-OmegaConf.register_new_resolver("surgenet.auto_workers", auto_workers, replace=True)
-for _name, _function in (("surgenet.auto_precision", "auto_precision"), ("surgenet.sweep_subdir", "sweep_subdir")):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _from_train(_function), replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="finetune")

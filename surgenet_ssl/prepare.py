@@ -16,9 +16,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
 from surgenet_ssl.data.sources import PRESETS, SOURCES, Preset, canonical_source_name, get_source
-from surgenet_ssl.storage_errors import RunDirFileHandler, storage_error_message, write_failure_message
+from surgenet_ssl.runtime.storage_errors import RunDirFileHandler, storage_error_message, write_failure_message
 
 log = logging.getLogger("surgenet_ssl.prepare")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")

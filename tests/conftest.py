@@ -17,7 +17,7 @@ def _share_the_cores() -> None:
     if workers > 1:
         import torch
 
-        from surgenet_ssl.resources import usable_cpus
+        from surgenet_ssl.runtime.resources import usable_cpus
 
         torch.set_num_threads(max(1, usable_cpus() // workers))
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from surgenet_ssl.config_checks import ConfigError, build_section, check_keys, closest_name, in_range, option
+from surgenet_ssl.config.checks import ConfigError, build_section, check_keys, closest_name, in_range, option
 
 
 def test_closest_name():

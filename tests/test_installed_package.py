@@ -94,7 +94,7 @@ def venv(tmp_path_factory, demo_cache) -> Venv:
 @pytest.mark.slow
 def test_the_wheel_not_the_checkout_is_imported(venv):
     code = (
-        "import sys, surgenet_ssl; from surgenet_ssl.config_dirs import CONFIG_DIR; "
+        "import sys, surgenet_ssl; from surgenet_ssl.config.dirs import CONFIG_DIR; "
         "print(surgenet_ssl.__file__); print(CONFIG_DIR); print(surgenet_ssl.__version__); print(sys.path)"
     )
     module_file, config_dir, version, path = venv.run(venv.python, "-c", code).stdout.splitlines()

@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from surgenet_ssl.checkpointing import PREEMPTION_PREFIX, link_atomically, remove_checkpoint_file
+from surgenet_ssl.runtime.checkpointing import PREEMPTION_PREFIX, link_atomically, remove_checkpoint_file
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from surgenet_ssl.provenance import run_provenance
-from surgenet_ssl.teacher_export import export_checkpoint
+from surgenet_ssl.training.provenance import run_provenance
+from surgenet_ssl.training.teacher_export import export_checkpoint
 
 log = logging.getLogger(__name__)
 

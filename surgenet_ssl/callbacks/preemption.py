@@ -1,9 +1,9 @@
 """Save one checkpoint and stop when the ranks have agreed that the job is being preempted.
 
-The signal handler only sets a flag (surgenet_ssl.cluster); ``DINOModule.on_before_optimizer_step`` all-reduces it
-with the non-finite-loss flag, once per optimizer step, so every rank sees the same decision at the same step. Here,
-at the end of that step, all ranks save the checkpoint together (normal code, not a signal handler) and training
-stops with :class:`TrainingPreempted`; the entry point then requeues the job (rank 0).
+The signal handler only sets a flag (surgenet_ssl.runtime.cluster); ``DINOModule.on_before_optimizer_step``
+all-reduces it with the non-finite-loss flag, once per optimizer step, so every rank sees the same decision at the
+same step. Here, at the end of that step, all ranks save the checkpoint together (normal code, not a signal handler)
+and training stops with :class:`TrainingPreempted`; the entry point then requeues the job (rank 0).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from surgenet_ssl.checkpointing import PREEMPTION_PREFIX, link_atomically, remove_checkpoint_file
-from surgenet_ssl.cluster import TrainingPreempted
+from surgenet_ssl.runtime.checkpointing import PREEMPTION_PREFIX, link_atomically, remove_checkpoint_file
+from surgenet_ssl.runtime.cluster import TrainingPreempted
 
 __all__ = ["PreemptionCheckpoint", "TrainingPreempted"]
 

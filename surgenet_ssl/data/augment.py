@@ -24,7 +24,7 @@ and official CPU backends, and :mod:`surgenet_ssl.data.gpu_augment`).
 
 Both are subclasses of :class:`MultiCropAugmentation` (the shared signature; not instantiable itself):
 :func:`multi_crop_class` maps a ``data.augment_backend`` name to its class, and
-:func:`surgenet_ssl.datamodule.build_augmentation` builds the worker transform from the config (a multi-crop
+:func:`surgenet_ssl.training.datamodule.build_augmentation` builds the worker transform from the config (a multi-crop
 backend, or :class:`FrameResize` for ``data.augment_on=gpu``). Every worker transform (:class:`FrameTransform`)
 takes a PIL image, an HxWx3 uint8 RGB array, or encoded image bytes (``transform.decode(bytes)`` is what the loader
 calls); it counts frames that had to be converted (grayscale/RGBA/CMYK/...) or were smaller than the global crop
@@ -215,7 +215,8 @@ class FrameTransform(ABC):
     """What the loader runs on every frame in its workers: ``decode(bytes)`` (encoded frame -> RGB, see
     :mod:`surgenet_ssl.data.decode`), then ``__call__`` (-> what the batch carries under ``batch_key``), and
     ``consume_events()``. Subclasses: the multi-crop backends (:class:`MultiCropAugmentation`) and, for
-    ``data.augment_on=gpu``, :class:`FrameResize`; :func:`surgenet_ssl.datamodule.build_augmentation` picks one."""
+    ``data.augment_on=gpu``, :class:`FrameResize`; :func:`surgenet_ssl.training.datamodule.build_augmentation`
+    picks one."""
 
     backend = "base"
     batch_key = "crops"
@@ -255,8 +256,8 @@ class MultiCropAugmentation(FrameTransform, CropGeometry):
 
     The common signature of the backends, :class:`FastMultiCrop` ("fast", the default) and
     :class:`OfficialMultiCrop` ("official"); build one by name with ``multi_crop_class(backend)(...)`` (or from the
-    config with :func:`surgenet_ssl.datamodule.build_augmentation`). Sizes, scales and the number of local crops
-    come from the config (``dino.crops``); defaults are the recipe's. ``uint8_output=True`` returns uint8 crops
+    config with :func:`surgenet_ssl.training.datamodule.build_augmentation`). Sizes, scales and the number of local
+    crops come from the config (``dino.crops``); defaults are the recipe's. ``uint8_output=True`` returns uint8 crops
     (0..255, not normalised): a quarter of the bytes through worker queues, pinned memory and the host-to-device
     copy; the training module normalises them on the device (:func:`surgenet_ssl.data.gpu_augment.normalize_uint8`).
     """
@@ -493,7 +494,7 @@ def crop_tensor(crop: np.ndarray, normalise: tuple[torch.Tensor, torch.Tensor] |
     """HxWx3 uint8 crop -> (3, H, W) tensor in channel-last memory: no channel-first copy in the worker.
 
     The loader stacks such crops channel-last and the training module makes them contiguous on the device
-    (:meth:`surgenet_ssl.module.DINOModule.on_after_batch_transfer`): the same values, the copy off the CPU.
+    (:meth:`surgenet_ssl.training.module.DINOModule.on_after_batch_transfer`): the same values, the copy off the CPU.
     ``normalise``: per-channel ``(scale, shift)`` repeated along a row (length 3 W, from
     :meth:`FastMultiCrop.normalise_rows`) for float output ``x * scale + shift``; None: uint8. Broadcasting a
     whole row keeps the float arithmetic vectorised over contiguous memory (a (3,)-vector over the channel axis
@@ -689,7 +690,7 @@ class FrameResize(FrameTransform):
     A frame that fits the canvas up to one odd pixel per side is not resized at all: its last row/column is cropped
     (a general area resize costs about three JPEG decodes, and 16:9 video stored at 320 px is 569 px wide, one more
     than 320 x 16/9). The default canvas, 320x569, takes those frames whole; ``data.gpu_frame_size=auto`` derives it
-    from the sources' manifests (:func:`surgenet_ssl.datamodule.gpu_frame_size`).
+    from the sources' manifests (:func:`surgenet_ssl.training.datamodule.gpu_frame_size`).
     """
 
     backend = "gpu"

@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from surgenet_ssl.config_checks import at_least, build_section, in_range, option
+from surgenet_ssl.config.checks import at_least, build_section, in_range, option
 from surgenet_ssl.data import location as L
 from surgenet_ssl.data import shards as S
 from surgenet_ssl.data.frame_scores import SCORES_VERSION, hamming, score_frame
 from surgenet_ssl.data.manifest_schema import MAX_MANIFEST_BYTES
 from surgenet_ssl.data.video_exclusion import FrameExclusion, VideoExclusion
-from surgenet_ssl.io_utils import atomic_path
+from surgenet_ssl.runtime.io_utils import atomic_path
 
 __all__ = [
     "CURATION_DIR",
@@ -149,8 +149,8 @@ class FrameClassifier:
         import torch
 
         from surgenet_ssl.backbones import BACKBONES, build_backbone
-        from surgenet_ssl.io_utils import sha256_file
         from surgenet_ssl.models.weights import load_model_weights
+        from surgenet_ssl.runtime.io_utils import sha256_file
 
         self.settings = settings
         path = Path(settings.weights).expanduser()

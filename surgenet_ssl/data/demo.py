@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from surgenet_ssl.data import shards as S
-from surgenet_ssl.io_utils import build_dir_once
+from surgenet_ssl.runtime.io_utils import build_dir_once
 
 __all__ = ["ensure_demo_dataset", "DEMO_PROCEDURES", "DEMO_VERSION", "demo_is_complete", "write_demo_video"]
 

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from surgenet_ssl.data import demo as D
-from surgenet_ssl.io_utils import build_dir_once
+from surgenet_ssl.runtime.io_utils import build_dir_once
 
 __all__ = [
     "LABELS_VERSION",

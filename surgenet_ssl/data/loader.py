@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from surgenet_ssl.cluster import ignore_preemption_signals_in_worker
 from surgenet_ssl.data import location as L
 from surgenet_ssl.data.decode import decode_rgb_image, set_max_pixels
 from surgenet_ssl.data.epochs import Catalog, epoch_order, epoch_steps, rank_batch_positions
 from surgenet_ssl.data.mixture import ResolvedMixture, SourceSpec, resolve_mixture
 from surgenet_ssl.data.shard_store import OpenShard, ShardStore
 from surgenet_ssl.data.shards import keep_frame
-from surgenet_ssl.resources import limit_worker_threads, single_threaded_opencv_fork
+from surgenet_ssl.runtime.cluster import ignore_preemption_signals_in_worker
+from surgenet_ssl.runtime.resources import limit_worker_threads, single_threaded_opencv_fork
 
 __all__ = ["MixtureStream", "build_train_loader", "STAT_NAMES", "SAMPLING_MODES"]
 

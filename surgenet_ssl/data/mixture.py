@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from surgenet_ssl.config_checks import check_keys
+from surgenet_ssl.config.checks import check_keys
 from surgenet_ssl.data import location as L
 from surgenet_ssl.data import shards as S
 from surgenet_ssl.data.sources import SOURCES, canonical_source_name

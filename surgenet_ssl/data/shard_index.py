@@ -134,7 +134,7 @@ def write_index(shard: str | Path) -> Path:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    from surgenet_ssl.io_utils import atomic_path
+    from surgenet_ssl.runtime.io_utils import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, separators=(",", ":")) + "\n")

@@ -38,7 +38,7 @@ from typing import Any
 from surgenet_ssl.data import location as L
 from surgenet_ssl.data.manifest_schema import MAX_MANIFEST_BYTES, ManifestError, ManifestSchemaError, validate_manifest
 from surgenet_ssl.data.shard_index import write_index
-from surgenet_ssl.io_utils import atomic_path, sha256_file
+from surgenet_ssl.runtime.io_utils import atomic_path, sha256_file
 
 __all__ = [
     "MANIFEST_NAME",

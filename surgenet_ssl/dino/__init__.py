@@ -1,6 +1,6 @@
 """DINO in plain PyTorch: no Lightning, no Hydra, no files, so each piece can be read and tested alone.
 
-The LightningModule in ``surgenet_ssl.module`` wires these parts into a training loop.
+The LightningModule in ``surgenet_ssl.training.module`` wires these parts into a training loop.
 """
 
 from surgenet_ssl.dino.ema import update_teacher

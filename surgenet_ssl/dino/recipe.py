@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from surgenet_ssl.config_checks import at_least, build_section, greater_than, in_range, increasing_pair, option
+from surgenet_ssl.config.checks import at_least, build_section, greater_than, in_range, increasing_pair, option
 
 __all__ = [
     "CropsRecipe",
@@ -23,6 +23,7 @@ __all__ = [
     "LossRecipe",
     "OptimizerRecipe",
     "TeacherRecipe",
+    "dino_recipe",
 ]
 
 _PROBABILITY = in_range(0.0, 1.0)
@@ -158,3 +159,20 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def dino_recipe(**overrides: Any) -> dict[str, Any]:
+    """The recipe of ``surgenet_ssl/configs/dino/default.yaml`` as a plain dict, for code that builds a
+    ``DINOModule`` without Hydra (benchmark scripts): one source of the recipe's values instead of copies that drift.
+    Dotted overrides, e.g. ``dino_recipe(**{"crops.global_size": 112, "out_dim": 4096})``; a misspelt override key
+    fails here, with the closest valid name."""
+    from omegaconf import OmegaConf  # (only here: the dataclasses above are plain Python)
+
+    from surgenet_ssl.config.dirs import CONFIG_DIR
+
+    cfg = OmegaConf.load(CONFIG_DIR / "dino" / "default.yaml")
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    recipe: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    DinoRecipe.from_dict(recipe)
+    return recipe

@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from surgenet_ssl.io_utils import atomic_path
+from surgenet_ssl.runtime.io_utils import atomic_path
 
 from .segmentation_data import CHOLECSEG8K_CLASSES, CHOLECSEG8K_COLORS
 

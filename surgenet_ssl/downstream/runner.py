@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from surgenet_ssl.io_utils import atomic_path, save_torch, sha256_file
+from surgenet_ssl.runtime.io_utils import atomic_path, save_torch, sha256_file
 
 from .classification_data import CHOLEC80_PHASES, ClassificationDataset, ClsSample, load_classification_split
 from .fractions import official_fraction, select_fraction
@@ -343,7 +343,7 @@ def resolve_variants(cfg: DictConfig, demo: bool) -> list[tuple[str, str | None]
 
 
 def build_model(cfg: DictConfig, data: PreparedData, weights: str | None) -> tuple[torch.nn.Module, str]:
-    from surgenet_ssl.evaluate import backbone_options
+    from surgenet_ssl.backbones.options import backbone_options
     from surgenet_ssl.models import BackboneFPN, build_classifier
 
     name = cfg.backbone.name
@@ -406,7 +406,7 @@ def aggregate_runs(runs: Sequence[dict]) -> tuple[dict, dict]:
 def _loggers(cfg: DictConfig, run_dir: Path, run_label: str) -> list:
     import hydra
 
-    from surgenet_ssl.train import wandb_offline
+    from surgenet_ssl.training.trainer import wandb_offline
 
     out = []
     for name, node in (cfg.get("logger") or {}).items():
@@ -430,7 +430,7 @@ def _finish_loggers(loggers: list) -> None:
 
 
 def _worker_init(_: int) -> None:
-    from surgenet_ssl.resources import limit_worker_threads
+    from surgenet_ssl.runtime.resources import limit_worker_threads
 
     limit_worker_threads()
 
@@ -470,7 +470,7 @@ def _train_one(
     import hydra
     import pytorch_lightning as pl
 
-    from surgenet_ssl.train import build_strategy, trainer_kwargs
+    from surgenet_ssl.training.trainer import build_strategy, trainer_kwargs
 
     from .module import FinetuneModule, evaluate_model
 
@@ -597,7 +597,7 @@ def _move_into(staging: Path, output: Path) -> None:
 
 
 def _is_rank_zero() -> bool:
-    from surgenet_ssl.cluster import is_global_rank_zero
+    from surgenet_ssl.runtime.cluster import is_global_rank_zero
 
     return is_global_rank_zero()
 
@@ -634,9 +634,9 @@ def run_finetune(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dic
     # everything that can be wrong with the input fails here, before training or writing anything
     data = prepare_data(cfg)  # first: bad data fails in seconds, before Lightning is even imported
     metric_options(cfg, data)  # and bad metrics.* settings
-    from surgenet_ssl.evaluate import check_writable
-    from surgenet_ssl.resources import apply_torch_threads
-    from surgenet_ssl.train import check_devices, silence_benign_warnings
+    from surgenet_ssl.runtime.io_utils import check_writable
+    from surgenet_ssl.runtime.resources import apply_torch_threads
+    from surgenet_ssl.training.trainer import check_devices, silence_benign_warnings
 
     silence_benign_warnings()
     import warnings

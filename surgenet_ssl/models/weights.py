@@ -37,7 +37,7 @@ from surgenet_ssl.backbones.vit import (
     pos_embed_prefix_tokens,
     resample_pos_embed,
 )
-from surgenet_ssl.io_utils import sha256_file
+from surgenet_ssl.runtime.io_utils import sha256_file
 
 __all__ = [
     "LoadReport",

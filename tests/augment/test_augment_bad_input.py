@@ -14,7 +14,7 @@ from augment.helpers import jpeg_bytes, smooth_image
 from surgenet_ssl.data.augment import FastMultiCrop, FrameResize, multi_crop_class
 from surgenet_ssl.data.decode import decode_frame
 from surgenet_ssl.data.loader import build_train_loader
-from surgenet_ssl.datamodule import build_augmentation
+from surgenet_ssl.training.datamodule import build_augmentation
 
 CROPS = {"global_size": 32, "local_size": 16, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4], "local_number": 2}
 

@@ -17,7 +17,7 @@ from surgenet_ssl.data.augment import (
     OfficialMultiCrop,
     multi_crop_class,
 )
-from surgenet_ssl.datamodule import build_augmentation
+from surgenet_ssl.training.datamodule import build_augmentation
 
 H, W, SAMPLES = 120, 160, 250
 

@@ -17,7 +17,7 @@ from surgenet_ssl.data import augment as A
 from surgenet_ssl.data import decode as D
 from surgenet_ssl.data.gpu_augment import normalize_uint8
 from surgenet_ssl.data.loader import stack_crops
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.module import DINOModule
 
 IMG = smooth_image(96, 128, seed=7)
 

@@ -10,10 +10,10 @@ from hydra import compose, initialize_config_dir
 from PIL import Image, ImageOps
 
 from augment.helpers import smooth_image
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
 from surgenet_ssl.data import augment as A
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
-from surgenet_ssl.datamodule import build_augmentation
+from surgenet_ssl.training.datamodule import build_augmentation
 
 OFF = {"flip": 0.0, "jitter": 0.0, "gray": 0.0, "blur": (0.0, 0.0, 0.0), "solarize": 0.0}
 FULL = {"global_crops_scale": (1.0, 1.0), "local_crops_scale": (1.0, 1.0), "local_crops_number": 1}
@@ -74,7 +74,7 @@ def test_training_paths_receive_the_knobs():
 
     from types import SimpleNamespace
 
-    from surgenet_ssl.module import DINOModule
+    from surgenet_ssl.training.module import DINOModule
 
     fake = SimpleNamespace(
         dino_cfg={"crops": {**crops, "global_size": 16, "local_size": 8}}, global_rank=0, _rng_to_restore=None

@@ -131,7 +131,7 @@ def test_pixel_level_flip_gray_solarize() -> None:
 def test_module_hook_turns_frames_into_crops() -> None:
     from types import SimpleNamespace
 
-    from surgenet_ssl.module import DINOModule
+    from surgenet_ssl.training.module import DINOModule
 
     crops_cfg = {
         "global_size": 16,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from surgenet_ssl.data.gpu_augment import GpuMultiCrop
-from surgenet_ssl.performance import AtenOpCounter
+from surgenet_ssl.runtime.performance import AtenOpCounter
 
 MAX_OPS = 500
 

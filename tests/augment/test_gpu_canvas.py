@@ -16,7 +16,7 @@ from surgenet_ssl.data import augment as A
 from surgenet_ssl.data.augment import GPU_FRAME_SIZE, FrameResize
 from surgenet_ssl.data.mixture import resolve_mixture
 from surgenet_ssl.data.preparation import PrepareSettings, prepare_source
-from surgenet_ssl.datamodule import gpu_frame_size
+from surgenet_ssl.training.datamodule import gpu_frame_size
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from PIL import Image
 from augment.helpers import smooth_image
 from surgenet_ssl.data.augment import IMAGENET_STD, FastMultiCrop, OfficialMultiCrop
 from surgenet_ssl.data.gpu_augment import normalize_uint8
-from surgenet_ssl.datamodule import build_augmentation
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.datamodule import build_augmentation
+from surgenet_ssl.training.module import DINOModule
 
 CROPS = {"global_size": 32, "local_size": 16, "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4], "local_number": 3}
 TOL = 1.0 / 255.0 / max(IMAGENET_STD)  # one uint8 level, normalised

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cluster.slurm_sim import TOTAL_STEPS, SlurmJob
-from surgenet_ssl import checkpointing
-from surgenet_ssl.checkpointing import (
+from surgenet_ssl.runtime import checkpointing
+from surgenet_ssl.runtime.checkpointing import (
     AtomicCheckpointIO,
     checkpoint_problem,
     checksum_path,

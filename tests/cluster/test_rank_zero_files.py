@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from surgenet_ssl.cluster import is_global_rank_zero
-from surgenet_ssl.train import wandb_run_id
+from surgenet_ssl.runtime.cluster import is_global_rank_zero
+from surgenet_ssl.training.trainer import wandb_run_id
 
 
 @pytest.mark.parametrize(

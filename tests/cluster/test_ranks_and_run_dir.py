@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.slurm_sim import SlurmJob
-from surgenet_ssl.cluster import RunDirInUseError, RunDirLock
+from surgenet_ssl.runtime.cluster import RunDirInUseError, RunDirLock
 
 SUPPORT = Path(__file__).resolve().parents[1] / "support"
 
@@ -45,7 +45,8 @@ def test_run_dir_lock_refuses_a_second_training_naming_the_first(tmp_path, monke
 
 def test_run_dir_lock_of_a_dead_process_is_free(tmp_path):
     code = (
-        f"from surgenet_ssl.cluster import RunDirLock; RunDirLock({str(tmp_path)!r}).acquire(); import os; os._exit(0)"
+        "from surgenet_ssl.runtime.cluster import RunDirLock; "
+        f"RunDirLock({str(tmp_path)!r}).acquire(); import os; os._exit(0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert (tmp_path / ".train.lock").exists()  # the file stays, the lock does not
@@ -94,7 +95,7 @@ def test_run_dir_lock_is_not_held_by_forked_children_of_a_killed_training(tmp_pa
     while (they notice the dead parent seconds later). The rerun must get the lock at once."""
     code = (
         "import os, signal, sys, time\n"
-        "from surgenet_ssl.cluster import RunDirLock\n"
+        "from surgenet_ssl.runtime.cluster import RunDirLock\n"
         f"RunDirLock({str(tmp_path)!r}).acquire()\n"
         "if os.fork() == 0:\n"  # a loader worker: inherits every descriptor, outlives the parent
         "    time.sleep(60); os._exit(0)\n"

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import surgenet_ssl.train  # noqa: F401  (registers the config resolvers)
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
 
 CONFIGS = str(CONFIG_DIR)
 EXPERIMENTS = {
@@ -68,7 +68,7 @@ def test_backbone_and_dataset_groups_compose(backbone, dataset):
 def test_ddp_strategy_gets_the_configured_timeout():
     from pytorch_lightning.strategies import DDPStrategy
 
-    from surgenet_ssl.train import build_strategy
+    from surgenet_ssl.training.trainer import build_strategy
 
     cfg = _compose(["trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp", "distributed.timeout_minutes=7"])
     strategy = build_strategy(cfg)
@@ -78,7 +78,7 @@ def test_ddp_strategy_gets_the_configured_timeout():
 
 
 def test_wandb_is_offline_unless_configured(monkeypatch):
-    from surgenet_ssl.train import wandb_offline
+    from surgenet_ssl.training.trainer import wandb_offline
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert wandb_offline(_compose([]).logger.wandb) is True
@@ -101,7 +101,7 @@ def test_checkpoint_callbacks_coexist_with_any_intervals(tmp_path):
     """Epoch, step and archive checkpointers with equal intervals must not collide in the Trainer's state."""
     import pytorch_lightning as pl
 
-    from surgenet_ssl.train import build_callbacks
+    from surgenet_ssl.training.pretrain import build_callbacks
 
     cfg = _compose(
         [
@@ -121,7 +121,7 @@ def test_checkpoint_callbacks_coexist_with_any_intervals(tmp_path):
 
 
 def test_sweep_job_dir_is_one_short_path_component():
-    from surgenet_ssl.train import sweep_subdir
+    from surgenet_ssl.config.resolvers import sweep_subdir
 
     assert (
         sweep_subdir(1, ["dataset.path=/data/x", "seed=1"], None, "dataset.path=/data/x,seed=1")
@@ -154,7 +154,7 @@ def test_every_trainer_argument_is_declared_so_it_overrides_without_plus():
 
 
 def test_misspelt_trainer_argument_names_the_closest_valid_one():
-    from surgenet_ssl.train import trainer_kwargs
+    from surgenet_ssl.training.trainer import trainer_kwargs
 
     out = "paths.output_dir=run"
     cfg = _compose(["+trainer.max_stpes=5", out])

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from surgenet_ssl.config_dirs import CONFIG_DIR, ENV_VAR, UserConfigDirError, user_config_dirs
+from surgenet_ssl.config.dirs import CONFIG_DIR, ENV_VAR, UserConfigDirError, user_config_dirs
 
 MY_MIX = """\
 name: my_mix
@@ -176,7 +176,7 @@ def test_compose_api_sees_the_folder_too(folders, monkeypatch):
     """Code composing the configs itself (notebooks, tests) gets the same search path as the entry points."""
     mine, _ = folders
     monkeypatch.setenv(ENV_VAR, str(mine))
-    import surgenet_ssl.train  # noqa: F401 - registers the config resolvers
+    import surgenet_ssl.config.resolvers  # noqa: F401 - registers the config resolvers
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["dataset=my_mix", "backbone=my_backbone", "experiment=my_grid"])

@@ -38,8 +38,8 @@ from surgenet_ssl.data.frame_scores import hamming, score_frame
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.data.mixture import resolve_mixture
 from surgenet_ssl.data.video_exclusion import load_frame_exclusion, load_video_exclusion
-from surgenet_ssl.io_utils import sha256_file
-from surgenet_ssl.teacher_export import _curation_lines
+from surgenet_ssl.runtime.io_utils import sha256_file
+from surgenet_ssl.training.teacher_export import _curation_lines
 
 DEFAULTS = CurationSettings()
 

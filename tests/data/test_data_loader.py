@@ -258,7 +258,7 @@ def test_custom_path_and_config_errors(root: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resumed_stream_continues_with_exactly_the_next_batches(root: Path, num_workers: int) -> None:
-    from surgenet_ssl.datamodule import StreamPosition
+    from surgenet_ssl.training.datamodule import StreamPosition
 
     def run(resume=None, stop_after=None):
         loader = build_train_loader(

@@ -18,7 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from data.data_media import tiny_jpeg, write_video
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
 from surgenet_ssl.data import inputs as I
 from surgenet_ssl.data.preparation import PrepareError, PrepareSettings, Selection, prepare_source
 from surgenet_ssl.data.shards import iter_shard

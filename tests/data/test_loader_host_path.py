@@ -11,7 +11,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from data.data_media import write_source
 from surgenet_ssl.data.loader import build_train_loader
-from surgenet_ssl.datamodule import loader_options
+from surgenet_ssl.training.datamodule import loader_options
 
 
 def uint8_crop(img: Image.Image) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data.data_media import write_source
-from surgenet_ssl.config_checks import ConfigError
+from surgenet_ssl.config.checks import ConfigError
 from surgenet_ssl.data.mixture import resolve_mixture
 
 

@@ -13,7 +13,7 @@ from surgenet_ssl.data.mixture import resolve_mixture
 from surgenet_ssl.data.preparation import PrepareSettings, prepare_source
 from surgenet_ssl.data.shards import iter_shard
 from surgenet_ssl.data.video_exclusion import load_video_exclusion, shipped_lists
-from surgenet_ssl.teacher_export import _exclusion_line
+from surgenet_ssl.training.teacher_export import _exclusion_line
 
 VIDEOS = ["video01", "video09", "video33", "video41", "video43", "video80"]
 

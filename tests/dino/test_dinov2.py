@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.backbones import build_backbone
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
 from surgenet_ssl.dino import DINOLoss
 from surgenet_ssl.dino.dinov2 import (
     IBOTPatchLoss,
@@ -26,7 +26,7 @@ from surgenet_ssl.dino.dinov2 import (
     sinkhorn_knopp,
     vit_tokens,
 )
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.module import DINOModule
 
 TINY_VIT = {"name": "timm", "timm_name": "test_vit", "drop_path_rate": 0.0, "dynamic_img_size": True}
 

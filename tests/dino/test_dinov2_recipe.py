@@ -13,14 +13,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import surgenet_ssl.train  # noqa: F401  (registers the config resolvers)
+import surgenet_ssl.config.resolvers  # noqa: F401 - registers the config resolvers
 from support.tiny_training import crop_batches, quiet_trainer, tiny_dino
 from surgenet_ssl.backbones import build_backbone
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
 from surgenet_ssl.dino import DINOHead, MultiCropWrapper, clip_gradients_per_module, param_groups
 from surgenet_ssl.dino.recipe import DinoRecipe
 from surgenet_ssl.dino.schedules import scaled_lr
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.module import DINOModule
 
 TINY_VIT = {"name": "timm", "timm_name": "test_vit", "drop_path_rate": 0.0, "dynamic_img_size": True}
 

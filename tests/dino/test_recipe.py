@@ -11,12 +11,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import surgenet_ssl.train  # noqa: F401  (registers the config resolvers)
+import surgenet_ssl.config.resolvers  # noqa: F401 - registers the config resolvers
 from support.tiny_training import TINY_BACKBONE, tiny_dino
-from surgenet_ssl.config_checks import ConfigError
-from surgenet_ssl.config_dirs import CONFIG_DIR
-from surgenet_ssl.dino.recipe import DinoRecipe, LossRecipe
-from surgenet_ssl.recipe import dino_recipe
+from surgenet_ssl.config.checks import ConfigError
+from surgenet_ssl.config.dirs import CONFIG_DIR
+from surgenet_ssl.dino.recipe import DinoRecipe, LossRecipe, dino_recipe
 
 CONFIGS = CONFIG_DIR
 
@@ -148,7 +147,7 @@ def test_dino_recipe_overrides_are_checked():
 
 # ------------------------------------------------------------------------------------------------- DINOModule
 def test_module_reads_the_recipe_and_checkpoints_keep_the_plain_dict():
-    from surgenet_ssl.module import DINOModule
+    from surgenet_ssl.training.module import DINOModule
 
     cfg = tiny_dino()
     module = DINOModule(TINY_BACKBONE, cfg, batch_size=4)
@@ -165,7 +164,7 @@ def test_module_reads_the_recipe_and_checkpoints_keep_the_plain_dict():
 
 
 def test_module_refuses_a_misspelt_recipe_key_at_construction():
-    from surgenet_ssl.module import DINOModule
+    from surgenet_ssl.training.module import DINOModule
 
     with pytest.raises(ConfigError, match="did you mean dino.optimizer.freeze_last_layer"):
         DINOModule(TINY_BACKBONE, _with(tiny_dino(), "optimizer.freeze_last_layr", 1), batch_size=4)
@@ -173,7 +172,7 @@ def test_module_refuses_a_misspelt_recipe_key_at_construction():
 
 def test_loss_section_alone():
     loss = dataclasses.asdict(DinoRecipe.from_dict(tiny_dino()).loss)
-    from surgenet_ssl.config_checks import build_section
+    from surgenet_ssl.config.checks import build_section
 
     assert build_section(LossRecipe, loss, "dino.loss") == LossRecipe(**loss)
     with pytest.raises(ConfigError, match="dino.loss.koleo_wieght.*did you mean dino.loss.koleo_weight"):

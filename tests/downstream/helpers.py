@@ -58,7 +58,7 @@ def fake_pretraining_run(
     from omegaconf import OmegaConf
 
     from surgenet_ssl.backbones import build_backbone
-    from surgenet_ssl.teacher_export import export_checkpoint
+    from surgenet_ssl.training.teacher_export import export_checkpoint
 
     torch.manual_seed(seed)
     backbone = build_backbone("timm", timm_name=timm_name).state_dict()

@@ -10,9 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import surgenet_ssl.train  # noqa: F401 - config resolvers
+import surgenet_ssl.config.resolvers  # noqa: F401 - registers the config resolvers
 from downstream.helpers import fake_pretraining_run, save_timm_teacher
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
 from surgenet_ssl.downstream.module import lr_factor
 from surgenet_ssl.downstream.runner import (
     aggregate_runs,

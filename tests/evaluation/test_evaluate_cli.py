@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from backbones.surgenet_keyfile import surgenet_keys
 from evaluation.helpers import make_image_folder
 from surgenet_ssl.backbones import build_backbone
-from surgenet_ssl.config_dirs import CONFIG_DIR
+from surgenet_ssl.config.dirs import CONFIG_DIR
 from surgenet_ssl.evaluate import build_model, evaluate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,9 @@ from hydra import compose, initialize_config_dir
 from evaluation.helpers import make_image_folder
 from support.tiny_training import tiny_dino
 from surgenet_ssl import evaluate as evaluate_mod
-from surgenet_ssl.config_dirs import CONFIG_DIR
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.backbones.options import backbone_options
+from surgenet_ssl.config.dirs import CONFIG_DIR
+from surgenet_ssl.training.module import DINOModule
 
 # A ViT with register tokens and a dynamic image size: options that change the weights / what the model accepts.
 VIT_OPTIONS = {
@@ -41,12 +42,12 @@ def trained_vit(tmp_path_factory) -> tuple[Path, DINOModule]:
 
 
 def test_backbone_options_are_those_training_passes():
-    assert evaluate_mod.backbone_options(VIT_OPTIONS) == {
+    assert backbone_options(VIT_OPTIONS) == {
         "timm_name": "test_vit",
         "reg_tokens": 2,
         "dynamic_img_size": True,
     }
-    assert evaluate_mod.backbone_options({"name": "caformer_s18", "timm_name": None, "drop_path_rate": 0.1}) == {}
+    assert backbone_options({"name": "caformer_s18", "timm_name": None, "drop_path_rate": 0.1}) == {}
 
 
 def test_model_trained_with_extra_backbone_options_is_scored(trained_vit, tmp_path):

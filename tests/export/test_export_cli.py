@@ -15,7 +15,7 @@ from support.tiny_training import crop_batches, tiny_dino
 from surgenet_ssl.backbones import build_backbone
 from surgenet_ssl.callbacks import TeacherExport
 from surgenet_ssl.models import caformer_s18, load_backbone_weights
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.module import DINOModule
 
 
 def _export(*args: str) -> subprocess.CompletedProcess:

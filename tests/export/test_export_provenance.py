@@ -19,11 +19,11 @@ import surgenet_ssl
 from evaluation.helpers import make_image_folder
 from support.tiny_training import crop_batches, tiny_dino
 from surgenet_ssl import export as export_mod
-from surgenet_ssl import provenance, teacher_export
 from surgenet_ssl.callbacks import TeacherExport
 from surgenet_ssl.callbacks.knn_monitor import KNNMonitor
-from surgenet_ssl.config_dirs import CONFIG_DIR
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.config.dirs import CONFIG_DIR
+from surgenet_ssl.training import provenance, teacher_export
+from surgenet_ssl.training.module import DINOModule
 
 REPO = Path(__file__).resolve().parents[2]
 PROVENANCE = {

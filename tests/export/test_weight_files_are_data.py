@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from support.cli import run_module
-from surgenet_ssl.checkpointing import checkpoint_problem, find_resume_checkpoint
+from surgenet_ssl.runtime.checkpointing import checkpoint_problem, find_resume_checkpoint
 
 
 class Payload:

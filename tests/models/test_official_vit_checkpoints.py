@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from support.tiny_training import tiny_dino
 from surgenet_ssl.backbones import build_backbone
-from surgenet_ssl.init_weights import initialize_dino
 from surgenet_ssl.models.weights import load_backbone_weights
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.init_weights import initialize_dino
+from surgenet_ssl.training.module import DINOModule
 
 DIM, HEADS, DEPTH = 384, 6, 12  # ViT-S
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino  # noqa: E402
-from surgenet_ssl.module import DINOModule  # noqa: E402
+from surgenet_ssl.training.module import DINOModule  # noqa: E402
 
 
 class PerRankData(pl.LightningDataModule):

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.tiny_training import tiny_dino  # noqa: E402
-from surgenet_ssl.module import DINOModule  # noqa: E402
+from surgenet_ssl.training.module import DINOModule  # noqa: E402
 
 BACKBONE = {"name": "timm", "timm_name": "test_vit", "drop_path_rate": 0.0}  # LayerNorm only: no batch statistics
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from support.cli import FAST_TRAIN, TINY_BACKBONE_ARGS, run_module
-from surgenet_ssl import storage_errors
-from surgenet_ssl.checkpointing import atomic_torch_save
-from surgenet_ssl.storage_errors import RunDirFileHandler, StorageError, storage_error_message
+from surgenet_ssl.runtime import storage_errors
+from surgenet_ssl.runtime.checkpointing import atomic_torch_save
+from surgenet_ssl.runtime.storage_errors import RunDirFileHandler, StorageError, storage_error_message
 
 TRAIN = [*FAST_TRAIN, *TINY_BACKBONE_ARGS, "data.num_workers=0", "callbacks.knn_monitor.every_n_epochs=0"]
 

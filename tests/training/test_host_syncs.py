@@ -27,11 +27,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
-import surgenet_ssl.module as module_lib
+import surgenet_ssl.training.module as module_lib
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.callbacks import LoggingStepProgressBar, ThroughputMonitor
-from surgenet_ssl.module import DINOModule
-from surgenet_ssl.step_agreement import StepAgreement
+from surgenet_ssl.runtime.step_agreement import StepAgreement
+from surgenet_ssl.training.module import DINOModule
 
 READS = {
     torch.ops.aten._local_scalar_dense.default: "item",

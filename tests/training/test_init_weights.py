@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.backbones import timm_to_surgenet
-from surgenet_ssl.init_weights import dino_head_and_center, initialize_dino
-from surgenet_ssl.module import DINOModule
-from surgenet_ssl.teacher_export import export_checkpoint
+from surgenet_ssl.training.init_weights import dino_head_and_center, initialize_dino
+from surgenet_ssl.training.module import DINOModule
+from surgenet_ssl.training.teacher_export import export_checkpoint
 
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:

@@ -12,7 +12,7 @@ import torch
 from evaluation.helpers import make_image_folder
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.callbacks import KNNMonitor
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.module import DINOModule
 
 
 class _Recorder(pl.loggers.Logger):

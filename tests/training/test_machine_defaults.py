@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from support.cli import run_module
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
-from surgenet_ssl import resources
-from surgenet_ssl import train as train_mod
-from surgenet_ssl.config_dirs import CONFIG_DIR
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.config.dirs import CONFIG_DIR
+from surgenet_ssl.runtime import resources
+from surgenet_ssl.training import trainer as trainer_mod
+from surgenet_ssl.training.module import DINOModule
 
 
 @pytest.fixture()
@@ -28,7 +28,7 @@ def machine(monkeypatch):
 
     def set_machine(cores: int, gpus: int = 0) -> None:
         monkeypatch.setattr(resources, "usable_cpus", lambda: cores)
-        monkeypatch.setattr(train_mod, "usable_cpus", lambda: cores)
+        monkeypatch.setattr(trainer_mod, "usable_cpus", lambda: cores)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
 
     monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
@@ -100,7 +100,7 @@ def test_apply_torch_threads_sets_and_logs_once(machine, caplog):
     machine(2)
     before = torch.get_num_threads()
     try:
-        with caplog.at_level(logging.INFO, logger="surgenet_ssl.resources"):
+        with caplog.at_level(logging.INFO, logger="surgenet_ssl.runtime.resources"):
             assert resources.apply_torch_threads(None, 1, _trainer()) == 1
             assert torch.get_num_threads() == 1
             assert resources.apply_torch_threads(3, 1, _trainer(), announce=False) == 3
@@ -124,12 +124,12 @@ def test_more_cpu_devices_than_cores_fails_with_the_fix(machine):
             match=r"only 2 CPU core\(s\) are usable here. Use trainer.devices=2 .*"
             r"trainer.strategy=ddp",
         ):
-            train_mod.check_devices(OmegaConf.create(trainer))
-    train_mod.check_devices(OmegaConf.create(_trainer(accelerator="cpu", devices=3, strategy="ddp")))  # on purpose
-    train_mod.check_devices(OmegaConf.create(_trainer(accelerator="cpu", devices=2)))
-    train_mod.check_devices(OmegaConf.create(_trainer(accelerator="cpu", devices="auto")))
+            trainer_mod.check_devices(OmegaConf.create(trainer))
+    trainer_mod.check_devices(OmegaConf.create(_trainer(accelerator="cpu", devices=3, strategy="ddp")))  # on purpose
+    trainer_mod.check_devices(OmegaConf.create(_trainer(accelerator="cpu", devices=2)))
+    trainer_mod.check_devices(OmegaConf.create(_trainer(accelerator="cpu", devices="auto")))
     machine(2, gpus=4)
-    train_mod.check_devices(OmegaConf.create(_trainer(devices=3)))  # auto picks the GPUs: not a CPU request
+    trainer_mod.check_devices(OmegaConf.create(_trainer(devices=3)))  # auto picks the GPUs: not a CPU request
 
 
 def test_cli_cpu_devices_beyond_cores_fails_at_once(demo_cache, tmp_path):
@@ -183,14 +183,14 @@ def _fit_and_record(silenced: bool) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if silenced:
-            train_mod.silence_benign_warnings()
+            trainer_mod.silence_benign_warnings()
         trainer.fit(module, datamodule=_DataModule())
     return [str(w.message) for w in caught]
 
 
 def test_benign_lightning_warnings_are_silenced(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    benign = [re.compile(p) for p in train_mod.BENIGN_WARNINGS]
+    benign = [re.compile(p) for p in trainer_mod.BENIGN_WARNINGS]
     loud = _fit_and_record(silenced=False)
     # the patterns still match what this Lightning version says (else the filters would silently go stale)
     assert any(benign[0].match(m) for m in loud) and any(benign[1].match(m) for m in loud), loud
@@ -199,11 +199,11 @@ def test_benign_lightning_warnings_are_silenced(tmp_path, monkeypatch):
 
 
 def test_wandb_logger_does_not_trigger_the_anonymous_deprecation_warning(tmp_path, capfd, monkeypatch):
-    from surgenet_ssl.loggers import WandbLogger
+    from surgenet_ssl.training.loggers import WandbLogger
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train")
-    assert cfg.logger.wandb._target_ == "surgenet_ssl.loggers.WandbLogger"
+    assert cfg.logger.wandb._target_ == "surgenet_ssl.training.loggers.WandbLogger"
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(project="t", save_dir=str(tmp_path), offline=True)
     assert "anonymous" not in logger._wandb_init
@@ -221,7 +221,7 @@ def test_a_task_bound_to_fewer_cores_than_its_workers_is_told_the_fix(monkeypatc
     """srun without --cpus-per-task (SLURM >= 22.05): each task is bound to one core while 15 workers start."""
     monkeypatch.setattr(resources, "usable_cpus", lambda: 1)
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.resources"):
+    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.runtime.resources"):
         message = resources.check_worker_cores(15)
     assert message is not None and "srun --cpus-per-task=$SLURM_CPUS_PER_TASK" in caplog.text
     assert "1 CPU core(s)" in message and "data.num_workers=15" in message

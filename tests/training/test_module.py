@@ -6,10 +6,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import surgenet_ssl.module as module_lib
+import surgenet_ssl.training.module as module_lib
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.dino import DINOLoss
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.module import DINOModule
 
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:

@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
-from surgenet_ssl.module import DINOModule
-from surgenet_ssl.performance import performance_options, use_fused_adamw
+from surgenet_ssl.runtime.performance import performance_options, use_fused_adamw
+from surgenet_ssl.training.module import DINOModule
 
 
 def _fit(model: DINOModule, tmp_path, batches: int = 2, **kwargs) -> pl.Trainer:
@@ -75,7 +75,7 @@ def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplo
         TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True, "compile_backend": "aot_eager"}
     )
     keys = list(model.state_dict())
-    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.performance"):
+    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.runtime.performance"):
         trainer = _fit(model, tmp_path)
     assert trainer.global_step == 2
     warned = [r.getMessage() for r in caplog.records if "performance.compile" in r.getMessage()]
@@ -90,7 +90,7 @@ def test_compile_setup_failure_leaves_the_backbone_eager(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(torch, "compile", unsupported)
     model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True})
-    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.performance"):
+    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.runtime.performance"):
         assert _fit(model, tmp_path).global_step == 2
     assert any("not supported here" in r.getMessage() for r in caplog.records)
 
@@ -103,7 +103,7 @@ def test_compile_true_compiles_or_falls_back_and_training_runs(tmp_path, caplog)
         TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True, "compile_backend": "aot_eager"}
     )
     keys = list(model.state_dict())
-    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.performance"):
+    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.runtime.performance"):
         trainer = _fit(model, tmp_path)
     assert trainer.global_step == 2 and list(model.state_dict()) == keys
     compiled = model.student.backbone._compiled_call_impl is not None
@@ -153,7 +153,7 @@ def test_compile_falls_back_to_eager_when_the_backward_fails_to_compile(tmp_path
     backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=failing_backward_compiler)
     model = DINOModule(TINY_BACKBONE, tiny_dino(), batch_size=4, performance={"compile": True})
     model.performance["compile_backend"] = backend  # a callable backend, not a config value
-    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.performance"):
+    with caplog.at_level(logging.WARNING, logger="surgenet_ssl.runtime.performance"):
         trainer = _fit(model, tmp_path)
     assert trainer.global_step == 2 and "backward" in calls
     warned = [r.getMessage() for r in caplog.records if "performance.compile" in r.getMessage()]

@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from support.tiny_training import crop_batches, tiny_dino
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.module import DINOModule
 
 BACKBONE = {"name": "timm", "timm_name": "test_vit", "drop_path_rate": 0.0}
 

@@ -11,7 +11,7 @@ import torch
 
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
 from surgenet_ssl.dino.schedules import cosine_schedule, scaled_lr
-from surgenet_ssl.module import DINOModule
+from surgenet_ssl.training.module import DINOModule
 
 
 class LrRecorder(pl.Callback):

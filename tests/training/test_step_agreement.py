@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from support.tiny_training import TINY_BACKBONE, crop_batches, tiny_dino
-from surgenet_ssl.module import DINOModule
-from surgenet_ssl.step_agreement import StepAgreement
+from surgenet_ssl.runtime.step_agreement import StepAgreement
+from surgenet_ssl.training.module import DINOModule
 
 CPU = torch.device("cpu")
 

@@ -19,7 +19,7 @@ from surgenet_ssl.data.augment import (
 )
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.data.mixture import ResolvedMixture, resolve_mixture
-from surgenet_ssl.distributed import gather_from_ranks
+from surgenet_ssl.runtime.distributed import gather_from_ranks
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, shard or export."""
+"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, shard or export; and an output
+directory checked writable before the work that fills it."""
 
 from __future__ import annotations
 
@@ -93,3 +94,17 @@ def build_dir_once(target: str | Path, is_complete, build, timeout_s: float = 60
             "process runs, delete the lock file and retry."
         ) from None
     return True
+
+
+def check_writable(output: Path) -> None:
+    """Create ``output`` and write a probe file there now, so a bad ``output=`` fails before minutes of feature
+    extraction instead of after them."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"output={output} is not a writable directory ({type(err).__name__}: {err.strerror or err}); "
+            "pass output=<a directory you can write to>."
+        ) from err

@@ -16,9 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from surgenet_ssl.backbones import VIT_BACKBONES, backbone_num_features, build_backbone
-from surgenet_ssl.checkpointing import check_same_checkpoint, normalize_loop_progress
-from surgenet_ssl.cluster import PREEMPTION
-from surgenet_ssl.config_checks import build_section
+from surgenet_ssl.config.checks import build_section
 from surgenet_ssl.dino import (
     DINOHead,
     DINOLoss,
@@ -35,11 +33,18 @@ from surgenet_ssl.dino.dinov2 import IBOTPatchLoss, backbone_features, block_mas
 from surgenet_ssl.dino.freeze import cancel_backbone_gradients
 from surgenet_ssl.dino.recipe import CropsRecipe, DinoRecipe, LossRecipe
 from surgenet_ssl.dino.schedules import scaled_lr
-from surgenet_ssl.distributed import gather_from_ranks
 from surgenet_ssl.evaluation.diagnostics import CollapseTracker, collapse_diagnostics
-from surgenet_ssl.init_weights import INIT_KEYS, initialize_dino
-from surgenet_ssl.performance import compile_with_fallback, performance_options, to_channels_last, use_fused_adamw
-from surgenet_ssl.step_agreement import Agreement, StepAgreement
+from surgenet_ssl.runtime.checkpointing import check_same_checkpoint, normalize_loop_progress
+from surgenet_ssl.runtime.cluster import PREEMPTION
+from surgenet_ssl.runtime.distributed import gather_from_ranks
+from surgenet_ssl.runtime.performance import (
+    compile_with_fallback,
+    performance_options,
+    to_channels_last,
+    use_fused_adamw,
+)
+from surgenet_ssl.runtime.step_agreement import Agreement, StepAgreement
+from surgenet_ssl.training.init_weights import INIT_KEYS, initialize_dino
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +166,7 @@ class DINOModule(pl.LightningModule):
         self._resumed_progress: dict[str, Any] | None = None
         self._legacy_step: int | None = None
         self.resume_checkpoint: str | None = None  # what this rank will resume from (set by the entry point)
-        # Per-step agreement between ranks (surgenet_ssl/step_agreement.py) and RNG states to restore on resume.
+        # Per-step agreement between ranks (surgenet_ssl/runtime/step_agreement.py) and RNG states to restore on resume.
         self._agreement = StepAgreement()
         self.stop_agreed = False
         self._rng_to_restore: dict[str, Any] | None = None

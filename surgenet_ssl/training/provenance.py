@@ -14,12 +14,14 @@ from surgenet_ssl import __version__
 
 __all__ = ["git_commit", "run_provenance"]
 
+_PACKAGE = Path(__file__).resolve().parents[1]  # surgenet_ssl/ (this file is surgenet_ssl/training/provenance.py)
+
 
 def git_commit(where: str | Path | None = None) -> str:
     """The git commit of the code (the checkout this package is imported from), ``+ " (with uncommitted changes)"``
     when tracked files differ from it; "unknown" when the package is not in a git checkout or git is missing.
     Never raises: a model card must not fail over provenance."""
-    package = Path(where) if where is not None else Path(__file__).resolve().parent
+    package = Path(where) if where is not None else _PACKAGE
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
 
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -42,7 +44,7 @@ def _module_of(script: str) -> str | None:
     """``.../surgenet_ssl/train.py`` -> ``surgenet_ssl.train`` (what ``python -m`` was given)."""
     try:
         path = Path(script).resolve()
-        rel = path.relative_to(Path(__file__).resolve().parent.parent)
+        rel = path.relative_to(_PACKAGE.parent)
     except (ValueError, OSError):
         return None
     return ".".join(rel.with_suffix("").parts) if path.suffix == ".py" else None

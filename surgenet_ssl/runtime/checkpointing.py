@@ -24,9 +24,9 @@ from typing import IO, Any, cast
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from surgenet_ssl.io_utils import atomic_path, sha256_file, write_text_atomic
 from surgenet_ssl.models.weights import refuses_pickled_objects
-from surgenet_ssl.storage_errors import as_storage_error
+from surgenet_ssl.runtime.io_utils import atomic_path, sha256_file, write_text_atomic
+from surgenet_ssl.runtime.storage_errors import as_storage_error
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class _HashingWriter:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` through a temp file in the same directory (fsync, rename): readers see the old
     file or the whole new one, never a part; a failure leaves the old file untouched and no temp file behind, and a
-    full disk is a :class:`~surgenet_ssl.storage_errors.StorageError` naming the path and the fix.
+    full disk is a :class:`~surgenet_ssl.runtime.storage_errors.StorageError` naming the path and the fix.
 
     The sha256 of the bytes is computed while they are written and stored in :func:`checksum_path`, written after
     the checkpoint (an old sidecar is removed first, so a kill between the two renames leaves a checkpoint without a
@@ -253,7 +253,7 @@ def choose_resume_checkpoint(run_dir: Path, rank_zero: bool) -> Path | None:
 def check_same_checkpoint(ckpt_path: str | Path | None, world_size: int) -> None:
     """Every rank resumes from the same file, or every rank stops with the list (one ``all_gather_object``; call it
     on all ranks, after the process group exists and before the checkpoint is restored)."""
-    from surgenet_ssl.distributed import gather_from_ranks
+    from surgenet_ssl.runtime.distributed import gather_from_ranks
 
     mine = str(Path(ckpt_path).resolve()) if ckpt_path else None
     chosen = gather_from_ranks(mine, world_size)

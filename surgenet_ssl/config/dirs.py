@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 __all__ = ["CONFIG_DIR", "ENV_VAR", "user_config_dirs", "user_search_path"]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # surgenet_ssl/configs
 ENV_VAR = "SURGENET_SSL_CONFIG_DIR"
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from surgenet_ssl.backbones.convert import timm_to_surgenet
 from surgenet_ssl.data.video_exclusion import load_video_exclusion
-from surgenet_ssl.io_utils import atomic_path, save_torch, sha256_file
+from surgenet_ssl.runtime.io_utils import atomic_path, save_torch, sha256_file
 
 __all__ = [
     "SURGENET_NAMED",
