@@ -33,7 +33,7 @@ def test_a_misspelt_dataset_key_fails_with_the_closest_valid_name(key, closest, 
         resolve_mixture({"name": "x", "sources": {"a": None}, key: 1}, tmp_path / "nothing-here")
     message = str(err.value)
     assert f"unknown config key dataset.{key} (did you mean {closest}?)" in message
-    valid = "allow_missing, description, exclude_videos, fraction, generate, name, path, root, sources"
+    valid = "allow_missing, curated, description, exclude_videos, fraction, generate, name, path, root, sources"
     assert f"Valid keys of dataset: {valid}" in message
 
 

@@ -89,7 +89,10 @@ def test_segmentation_two_variants_two_seeds_then_report(seg_data, tmp_path):
 
     report = make_report([tmp_path / "sweep", out], tmp_path / "report")
     rows = {r["model"]: r for r in report["rows"]}
-    column = f"segmentation[{seg_data.name}]:mIoU"
+    # columns name the metric's convention after it (docs/metrics.md), e.g. "...:mIoU (dataset-level, ...)"
+    column = next(
+        c for c in rows["cholec_test_convnext"]["values"] if c.startswith(f"segmentation[{seg_data.name}]:mIoU")
+    )
     assert rows["cholec_test_convnext"]["values"][column][0] == pytest.approx(pre["mean"]["mIoU"])
     assert rows["cholec_test_convnext"]["pretrain_frames"] == 250_655
     assert rows["random init (test_convnext)"]["values"][column][2] == 2
