@@ -684,10 +684,14 @@ class DINOModule(pl.LightningModule):
         done = datamodule.resumed_epoch_batches_done(int(batches))
         if done is None:
             return
-        current = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        current = epoch_loop.batch_progress.current
         log.info("elastic resume: %d of the epoch's %d batches count as done on this layout", done, int(batches))
-        for counter in ("ready", "started", "processed", "completed"):  # the batch tracker has all four
+        for counter in ("ready", "started", "processed"):  # the batch tracker has all four counters
             setattr(current, counter, done)
+        # A checkpoint written at the end of a batch: the epoch loop counts that batch completed when it starts
+        # (``restarted_on_train_batch_end``), then continues from the completed count.
+        current.completed = done - 1 if epoch_loop.restarted_on_train_batch_end else done
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         normalize_loop_progress(checkpoint)  # before the Trainer restores its loops: exact from any checkpoint

@@ -96,7 +96,7 @@ def _trace(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("first", "then", "stop"), [(1, 2, 4), (1, 2, 5), (2, 1, 2)])
+@pytest.mark.parametrize(("first", "then", "stop"), [(1, 2, 3), (1, 2, 4), (2, 1, 2)])
 def test_a_mid_epoch_resume_on_another_world_size_uses_every_frame_of_the_epoch_once(
     demo_cache: Path, tmp_path: Path, first: int, then: int, stop: int
 ) -> None:
@@ -122,10 +122,8 @@ def test_a_mid_epoch_resume_on_another_world_size_uses_every_frame_of_the_epoch_
     used_after = [k for r in _trace(after) for k in r["keys"]]
     assert not set(used_before) & set(used_after)  # nothing repeated
     assert len(used_after) == len(set(used_after))
-    remaining, g_new = frames - len(used_before), 4 * then
-    # the rest of the epoch in whole global batches of the new layout (at most one incomplete batch dropped)
-    assert len(used_after) % g_new == 0 and remaining - g_new < len(used_after) <= remaining, (
-        frames,
-        len(used_before),
-        len(used_after),
-    )
+    g_new = 4 * then
+    # the rest of the epoch in whole global batches of the new layout, whose epoch is its frames' whole global
+    # batches (the last incomplete one dropped, as DistributedSampler(drop_last=True) does)
+    remaining = max(0, frames // g_new * g_new - len(used_before))
+    assert len(used_after) == remaining // g_new * g_new, (frames, len(used_before), len(used_after))
