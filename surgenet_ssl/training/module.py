@@ -1,8 +1,9 @@
 """The LightningModule that trains a DINO student/teacher pair; the algorithm itself lives in ``surgenet_ssl.dino``.
 
-What this adds to the plain-PyTorch parts is only the wiring into Lightning's loop: schedules indexed by the
-optimizer step, per-parameter clipping after AMP unscaling, last-layer freezing, and the EMA-teacher and
-center updates exactly once per optimizer step (also under gradient accumulation).
+What this adds to the plain-PyTorch parts is only the wiring into Lightning's loop: schedules indexed by training
+progress (epochs done, so a resume on another world size continues the recipe), per-parameter clipping after AMP
+unscaling, last-layer freezing, and the EMA-teacher and center updates exactly once per optimizer step (also under
+gradient accumulation).
 """
 
 from __future__ import annotations
