@@ -68,16 +68,16 @@ step report 170 "$OUT/report.log" \
     --parts augment,syncs,matrix --time-budget 120 --out "$OUT/report"
 
 for aug in cpu gpu; do
-    step "demo_${aug}_aug" 70 "$OUT/demo_${aug}_aug.log" \
+    step "demo_${aug}_aug" 60 "$OUT/demo_${aug}_aug.log" \
         $PY -m surgenet_ssl.train trainer=gpu trainer.devices=1 trainer.max_epochs=2 data.augment_on=$aug \
         export.enabled=false hydra.run.dir="$OUT/demo_${aug}_aug"
 done
 # the same model with data.decode=gpu (JPEG bytes from the workers, nvJPEG in the step); decode_compare prints the
 # last perf/images_per_s and perf/data_wait_fraction of the cpu / gpu-aug / gpu-decode demos (throughput callback)
-step demo_gpu_decode 70 "$OUT/demo_gpu_decode.log" \
+step demo_gpu_decode 60 "$OUT/demo_gpu_decode.log" \
     $PY -m surgenet_ssl.train trainer=gpu trainer.devices=1 trainer.max_epochs=2 data.augment_on=gpu data.decode=gpu \
     export.enabled=false hydra.run.dir="$OUT/demo_gpu_decode"
-step decode_compare 20 "$OUT/decode_compare.txt" \
+step decode_compare 10 "$OUT/decode_compare.txt" \
     $PY scripts/perf_summary.py "$OUT/demo_cpu_aug" "$OUT/demo_gpu_aug" "$OUT/demo_gpu_decode"
 
 step data_wait 90 "$OUT/data_wait.log" \

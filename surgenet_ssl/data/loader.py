@@ -551,7 +551,12 @@ class MixtureStream(IterableDataset):
             self._counters.add("samples", len(keys))
             self._counters.add("batches")
             canvas = torch.tensor(self.transform.frame_size, dtype=torch.int32)  # type: ignore[attr-defined]
-            return {"jpeg": list(outs), "canvas_hw": canvas, "source": torch.tensor(labels, dtype=torch.long), "key": keys}
+            return {
+                "jpeg": list(outs),
+                "canvas_hw": canvas,
+                "source": torch.tensor(labels, dtype=torch.long),
+                "key": keys,
+            }
         crops_per_sample = [list(o) if isinstance(o, (list, tuple)) else [o] for o in outs]
         n_crops = {len(c) for c in crops_per_sample}
         if len(n_crops) != 1:

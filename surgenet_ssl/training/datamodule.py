@@ -42,7 +42,9 @@ def build_augmentation(
     recipe = recipe_probabilities(recipe_from_crops(crops))  # dino.crops strengths/probabilities, checked at start
     if decode not in DECODE_MODES:
         raise ValueError(f"data.decode must be one of {DECODE_MODES}, got {decode!r}")
-    if decode == "gpu":  # workers ship JPEG bytes; DINOModule decodes them on the device (surgenet_ssl/data/gpu_decode.py)
+    if (
+        decode == "gpu"
+    ):  # workers ship JPEG bytes; DINOModule decodes them on the device (surgenet_ssl/data/gpu_decode.py)
         if augment_on != "gpu":
             raise ValueError(
                 f"data.decode=gpu needs data.augment_on=gpu (got augment_on={augment_on!r}): the frames are decoded "
