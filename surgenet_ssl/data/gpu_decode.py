@@ -136,9 +136,9 @@ def decode_to_canvas(
     fh, fw = fit.frame_size
     frames = torch.zeros((len(decoded), 3, fh, fw), dtype=torch.uint8, device=device)
     sizes = torch.empty((len(decoded), 2), dtype=torch.int32)
-    for i, d in enumerate(decoded):
-        assert d is not None
-        region, (nh, nw) = fit_frame(d, fit)
+    for i, one in enumerate(decoded):
+        assert one is not None
+        region, (nh, nw) = fit_frame(one, fit)
         frames[i, :, :nh, :nw] = region
         sizes[i, 0], sizes[i, 1] = nh, nw
     return frames, sizes.to(device, non_blocking=True)

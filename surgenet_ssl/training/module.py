@@ -404,8 +404,8 @@ class DINOModule(pl.LightningModule):
     def _count_data_problem(self, name: str, n: int) -> None:
         """Count a bad frame found in the training process with the loader's counters (``data/<name>``)."""
         trainer = getattr(self, "_trainer", None)
-        stream = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
-        if hasattr(stream, "count_in_training_process"):
+        stream: Any = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        if stream is not None and hasattr(stream, "count_in_training_process"):
             stream.count_in_training_process(name, n)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
