@@ -10,7 +10,8 @@
 #   1. environment facts: GPU, driver, /dev/shm, cores, torch                    -> $OUT/env.txt
 #   2. GPU augmentation ops and frames/s, host syncs per step on CUDA, the eager matrix for caformer_s18 and
 #      vit_small (bf16)                                                          -> $OUT/report/gpu_report.json
-#   3. 2-epoch demo training on the GPU, CPU then GPU augmentation (run dirs and logs) -> $OUT/demo_{cpu,gpu}_aug/
+#   3. 2-epoch demo training on the GPU, CPU then GPU augmentation, then GPU decoding (data.decode=gpu), and their
+#      frames/s and data-wait side by side                     -> $OUT/demo_{cpu,gpu}_aug/, demo_gpu_decode/, decode_compare.txt
 #   4. the data-wait part (real loader, 16 workers)                              -> $OUT/data_wait/gpu_report.json
 #   5. compile cells while time remains                                          -> $OUT/compile/gpu_report.json
 # $OUT/summary.txt: one line per step (exit status, seconds) and each report's last line.
@@ -67,10 +68,17 @@ step report 170 "$OUT/report.log" \
     --parts augment,syncs,matrix --time-budget 120 --out "$OUT/report"
 
 for aug in cpu gpu; do
-    step "demo_${aug}_aug" 70 "$OUT/demo_${aug}_aug.log" \
+    step "demo_${aug}_aug" 60 "$OUT/demo_${aug}_aug.log" \
         $PY -m surgenet_ssl.train trainer=gpu trainer.devices=1 trainer.max_epochs=2 data.augment_on=$aug \
         export.enabled=false hydra.run.dir="$OUT/demo_${aug}_aug"
 done
+# the same model with data.decode=gpu (JPEG bytes from the workers, nvJPEG in the step); decode_compare prints the
+# last perf/images_per_s and perf/data_wait_fraction of the cpu / gpu-aug / gpu-decode demos (throughput callback)
+step demo_gpu_decode 60 "$OUT/demo_gpu_decode.log" \
+    $PY -m surgenet_ssl.train trainer=gpu trainer.devices=1 trainer.max_epochs=2 data.augment_on=gpu data.decode=gpu \
+    export.enabled=false hydra.run.dir="$OUT/demo_gpu_decode"
+step decode_compare 10 "$OUT/decode_compare.txt" \
+    $PY scripts/perf_summary.py "$OUT/demo_cpu_aug" "$OUT/demo_gpu_aug" "$OUT/demo_gpu_decode"
 
 step data_wait 90 "$OUT/data_wait.log" \
     $PY scripts/gpu_report.py --backbones caformer_s18 --parts data_wait --time-budget 60 --out "$OUT/data_wait"

@@ -70,7 +70,8 @@ class _Counters:
     """Per-worker counters in shared memory (survive pickling to DataLoader workers)."""
 
     def __init__(self) -> None:
-        self.table = torch.zeros(_STAT_SLOTS, len(STAT_NAMES), dtype=torch.int64).share_memory_()
+        # one more row for the training process (data.decode=gpu counts the frames the device could not decode)
+        self.table = torch.zeros(_STAT_SLOTS + 1, len(STAT_NAMES), dtype=torch.int64).share_memory_()
         self.slot = 0
 
     def add(self, name: str, n: int = 1) -> int:
@@ -456,6 +457,11 @@ class MixtureStream(IterableDataset):
         """Counters summed over all workers of this rank since construction (skips included)."""
         return self._counters.totals()
 
+    def count_in_training_process(self, name: str, n: int = 1) -> None:
+        """Add to a counter from the training process (its own row: no lost updates with the workers'), e.g. the
+        frames ``data.decode=gpu`` could not decode on the device."""
+        self._counters.table[_STAT_SLOTS, _STAT_INDEX[name]] += n
+
     def describe(self) -> str:
         if self.sampling == "epoch":
             parts = [f"{n}: {self.frames_per_source[n]} frames, x{self.repeats[n]:.3g}" for n in self.sources]
@@ -541,6 +547,16 @@ class MixtureStream(IterableDataset):
 
     def _collate(self, outs: list[Any], labels: list[int], keys: list[str]) -> dict[str, Any]:
         batch_key = getattr(self.transform, "batch_key", "crops")  # "frames": uint8 frames for GPU augmentation
+        if batch_key == "jpeg":  # data.decode=gpu: each frame's JPEG bytes (1-D uint8), decoded on the device
+            self._counters.add("samples", len(keys))
+            self._counters.add("batches")
+            canvas = torch.tensor(self.transform.frame_size, dtype=torch.int32)  # type: ignore[attr-defined]
+            return {
+                "jpeg": list(outs),
+                "canvas_hw": canvas,
+                "source": torch.tensor(labels, dtype=torch.long),
+                "key": keys,
+            }
         crops_per_sample = [list(o) if isinstance(o, (list, tuple)) else [o] for o in outs]
         n_crops = {len(c) for c in crops_per_sample}
         if len(n_crops) != 1:

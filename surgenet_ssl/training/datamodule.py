@@ -17,6 +17,7 @@ from surgenet_ssl.data.augment import (
     recipe_from_crops,
     recipe_probabilities,
 )
+from surgenet_ssl.data.gpu_decode import DECODE_MODES, JpegBytes
 from surgenet_ssl.data.loader import build_train_loader
 from surgenet_ssl.data.mixture import ResolvedMixture, resolve_mixture
 from surgenet_ssl.runtime.distributed import gather_from_ranks
@@ -30,12 +31,26 @@ def build_augmentation(
     augment_on: str = "cpu",
     frame_size: Any = GPU_FRAME_SIZE,
     uint8_crops: bool = False,
+    decode: str = "cpu",
+    max_image_pixels: int = 64_000_000,
 ) -> FrameTransform:
     """The worker transform: the multi-crop augmentation (``augment_on="cpu"``; ``backend`` "fast" or "official",
     :func:`~surgenet_ssl.data.augment.multi_crop_class`; ``uint8_crops``: not normalised, DINOModule does it on the
     device), or decode + fit into ``frame_size`` only (``augment_on="gpu"``, :class:`FrameResize`: DINOModule makes
-    the crops)."""
+    the crops), or the JPEG bytes only (``decode="gpu"``, needs ``augment_on="gpu"``,
+    :class:`~surgenet_ssl.data.gpu_decode.JpegBytes`: DINOModule decodes and crops)."""
     recipe = recipe_probabilities(recipe_from_crops(crops))  # dino.crops strengths/probabilities, checked at start
+    if decode not in DECODE_MODES:
+        raise ValueError(f"data.decode must be one of {DECODE_MODES}, got {decode!r}")
+    if (
+        decode == "gpu"
+    ):  # workers ship JPEG bytes; DINOModule decodes them on the device (surgenet_ssl/data/gpu_decode.py)
+        if augment_on != "gpu":
+            raise ValueError(
+                f"data.decode=gpu needs data.augment_on=gpu (got augment_on={augment_on!r}): the frames are decoded "
+                "on the training device, so the crops must be made there too"
+            )
+        return JpegBytes(tuple(frame_size), crops["global_size"], max_image_pixels=max_image_pixels)
     if augment_on == "gpu":
         return FrameResize(frame_size=tuple(frame_size), global_crops_size=crops["global_size"])
     if augment_on != "cpu":
@@ -260,6 +275,8 @@ class StreamingDataModule(pl.LightningDataModule):
                 augment_on=on,
                 frame_size=frame_size,
                 uint8_crops=bool(self.data_cfg.get("uint8_crops", False)),
+                decode=str(self.data_cfg.get("decode") or "cpu"),
+                max_image_pixels=int(self.data_cfg.get("max_image_pixels") or 0),
             ),
             mixture=mixture,
             batch_size=int(self.data_cfg["batch_size"]),

@@ -384,6 +384,30 @@ class DINOModule(pl.LightningModule):
         return torch.optim.AdamW(groups, lr=self.peak_lr, betas=betas, **extra)
 
     # -------------------------------------------------------------------------------------------------- training
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """``data.decode=gpu``: the batch carries JPEG bytes (``jpeg``, on the host, as the decoder wants them):
+        decode them on ``device`` into GPU mode's ``frames`` / ``frame_hw`` canvas batch
+        (:func:`surgenet_ssl.data.gpu_decode.decode_to_canvas`); the rest is copied as usual."""
+        if not (isinstance(batch, dict) and "jpeg" in batch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        from surgenet_ssl.data.gpu_decode import decode_to_canvas
+
+        batch = dict(batch)
+        jpeg, canvas = batch.pop("jpeg"), batch.pop("canvas_hw")
+        keys = list(batch["key"]) if "key" in batch else None
+        frames, sizes = decode_to_canvas(jpeg, canvas.tolist(), device, keys=keys, count=self._count_data_problem)
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if keys is not None:
+            batch["key"] = keys
+        return {**batch, "frames": frames, "frame_hw": sizes}
+
+    def _count_data_problem(self, name: str, n: int) -> None:
+        """Count a bad frame found in the training process with the loader's counters (``data/<name>``)."""
+        trainer = getattr(self, "_trainer", None)
+        stream: Any = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        if stream is not None and hasattr(stream, "count_in_training_process"):
+            stream.count_in_training_process(name, n)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Device side of the loader, after the (pinned, asynchronous) copy of uint8 data.
 

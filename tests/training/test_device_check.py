@@ -21,11 +21,19 @@ def test_plan_runs_the_most_wanted_steps_first_all_under_out(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     names = [line.split(":")[0].removeprefix("step ") for line in steps]
-    assert names == ["report", "demo_cpu_aug", "demo_gpu_aug", "data_wait", "compile"]
+    assert names == [
+        "report",
+        "demo_cpu_aug",
+        "demo_gpu_aug",
+        "demo_gpu_decode",
+        "decode_compare",
+        "data_wait",
+        "compile",
+    ]
     caps = [int(line.split("timeout ")[1].split("s:")[0]) for line in steps]
-    assert sum(caps[:4]) < 460  # the eager parts fit the default budget; compile gets what is left
+    assert sum(caps[:6]) < 460  # the eager parts fit the default budget; compile gets what is left
     assert all(str(tmp_path / "OUT") in line for line in steps)
-    assert "data.augment_on=gpu" in steps[2] and "--compile on" in steps[4]
+    assert "data.augment_on=gpu" in steps[2] and "data.decode=gpu" in steps[3] and "--compile on" in steps[6]
 
 
 def test_a_spent_budget_skips_every_step_and_still_writes_the_summary(tmp_path) -> None:
@@ -34,6 +42,14 @@ def test_a_spent_budget_skips_every_step_and_still_writes_the_summary(tmp_path) 
     assert done.returncode == 0, done.stderr
     summary = (out / "summary.txt").read_text().splitlines()
     skipped = [line.split(":")[0] for line in summary if "skipped (time budget" in line]
-    assert skipped == ["report", "demo_cpu_aug", "demo_gpu_aug", "data_wait", "compile"]
+    assert skipped == [
+        "report",
+        "demo_cpu_aug",
+        "demo_gpu_aug",
+        "demo_gpu_decode",
+        "decode_compare",
+        "data_wait",
+        "compile",
+    ]
     assert summary[0].startswith("environment: ") and summary[-1].startswith("total: ")
     assert "/dev/shm" in (out / "env.txt").read_text()
