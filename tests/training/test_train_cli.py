@@ -181,8 +181,10 @@ def test_two_process_cpu_ddp_through_the_entry_point(demo_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_augmentation_mode_runs_end_to_end_on_cpu_tensors(demo_cache, tmp_path):
-    """`data.augment_on=gpu`: workers ship uint8 frames; the module makes the crops on the training device."""
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_gpu_augmentation_mode_runs_end_to_end_on_cpu_tensors(demo_cache, tmp_path, decode):
+    """`data.augment_on=gpu`: workers ship uint8 frames (or, with `data.decode=gpu`, JPEG bytes decoded by the
+    module); the module makes the crops on the training device."""
     run_dir = tmp_path / "gpu_aug"
     proc = run_module(
         "surgenet_ssl.train",
@@ -192,6 +194,7 @@ def test_gpu_augmentation_mode_runs_end_to_end_on_cpu_tensors(demo_cache, tmp_pa
         "logger=csv",
         "trainer.max_epochs=1",
         "data.augment_on=gpu",
+        f"data.decode={decode}",
         "data.gpu_frame_size=[240,320]",
         "callbacks.knn_monitor.every_n_epochs=0",
         cache=demo_cache,
