@@ -8,7 +8,7 @@ scratch, and pretrained weights enter only through ``surgenet_ssl.models.weights
 from __future__ import annotations
 
 import difflib
-from typing import cast
+from typing import Any, cast
 
 import timm
 import torch
@@ -67,6 +67,7 @@ def build_backbone(
     pretrained_variant: str = "SurgeNet",
     drop_path_uniform: bool = False,
     pos_embed_resampling: str = "timm",
+    grad_checkpointing: bool = False,
     **timm_kwargs,
 ) -> torch.nn.Module:
     """Build a randomly initialised backbone.
@@ -84,6 +85,9 @@ def build_backbone(
             CaFormer, to load ImageNet weights downstream). Only caformer_s18 differs between variants.
         pos_embed_resampling: ViTs, crops of another size than the model's: 'timm' (timm's antialiased resampling)
             or 'official' (DINO/DINOv2's bicubic with the +0.1 offset, no antialias; see use_official_pos_embed).
+
+        grad_checkpointing: activation checkpointing of the blocks (timm's ``set_grad_checkpointing``): the
+            same gradients, less activation memory, about one more forward pass of compute.
 
     The DINO (v1) ViTs (``vit_small``/``vit_base``/``vit_large``) draw ``cls_token`` like the official DINO ViT
     (truncated normal, std 0.02); the DINOv2 ViTs keep timm's normal(std 1e-6), which is the official DINOv2 init.
@@ -113,6 +117,8 @@ def build_backbone(
         torch.nn.init.trunc_normal_(cast(torch.Tensor, model.cls_token), std=0.02)  # official DINO: trunc_normal_
     if pos_embed_resampling == "official" and name in VIT_BACKBONES:
         use_official_pos_embed(model)
+    if grad_checkpointing:
+        cast(Any, model).set_grad_checkpointing(True)
     if drop_path_uniform:
         if name not in VIT_BACKBONES:
             raise ValueError(f"drop_path_uniform needs a ViT backbone ({', '.join(VIT_BACKBONES)}), not {name}")
