@@ -8,12 +8,20 @@ scratch, and pretrained weights enter only through ``surgenet_ssl.models.weights
 from __future__ import annotations
 
 import difflib
+from typing import Any, cast
 
 import timm
 import torch
 
 from .caformer import surgenet_caformer_s18
-from .vit import VIT_BACKBONES, VIT_MODELS, set_uniform_drop_path
+from .vit import (
+    DINO_V1_VITS,
+    POS_EMBED_RESAMPLING,
+    VIT_BACKBONES,
+    VIT_MODELS,
+    set_uniform_drop_path,
+    use_official_pos_embed,
+)
 
 __all__ = ["BACKBONES", "SURGENET_BACKBONES", "VARIANTS", "build_backbone", "backbone_num_features"]
 
@@ -58,6 +66,8 @@ def build_backbone(
     timm_name: str | None = None,
     pretrained_variant: str = "SurgeNet",
     drop_path_uniform: bool = False,
+    pos_embed_resampling: str = "timm",
+    grad_checkpointing: bool = False,
     **timm_kwargs,
 ) -> torch.nn.Module:
     """Build a randomly initialised backbone.
@@ -73,6 +83,14 @@ def build_backbone(
         timm_name: the timm model name, required for ``name='timm'``.
         pretrained_variant: 'SurgeNet' (ReLU CaFormer, as published) or 'ImageNet' (timm's stock StarReLU
             CaFormer, to load ImageNet weights downstream). Only caformer_s18 differs between variants.
+        pos_embed_resampling: ViTs, crops of another size than the model's: 'timm' (timm's antialiased resampling)
+            or 'official' (DINO/DINOv2's bicubic with the +0.1 offset, no antialias; see use_official_pos_embed).
+
+        grad_checkpointing: activation checkpointing of the blocks (timm's ``set_grad_checkpointing``): the
+            same gradients, less activation memory, about one more forward pass of compute.
+
+    The DINO (v1) ViTs (``vit_small``/``vit_base``/``vit_large``) draw ``cls_token`` like the official DINO ViT
+    (truncated normal, std 0.02); the DINOv2 ViTs keep timm's normal(std 1e-6), which is the official DINOv2 init.
     """
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone '{name}'. Valid choices: {', '.join(BACKBONES)}.")
@@ -91,8 +109,16 @@ def build_backbone(
         return timm.create_model("caformer_s18", pretrained=False, **kwargs)
     if name == "timm":
         return timm.create_model(_check_timm_name(timm_name), pretrained=False, **kwargs)
+    if pos_embed_resampling not in POS_EMBED_RESAMPLING:
+        raise ValueError(f"pos_embed_resampling must be one of {POS_EMBED_RESAMPLING}, got {pos_embed_resampling!r}")
     model_name, extra = _TIMM_MODELS[name]
     model = timm.create_model(model_name, pretrained=False, **{**extra, **kwargs})
+    if name in DINO_V1_VITS:
+        torch.nn.init.trunc_normal_(cast(torch.Tensor, model.cls_token), std=0.02)  # official DINO: trunc_normal_
+    if pos_embed_resampling == "official" and name in VIT_BACKBONES:
+        use_official_pos_embed(model)
+    if grad_checkpointing:
+        cast(Any, model).set_grad_checkpointing(True)
     if drop_path_uniform:
         if name not in VIT_BACKBONES:
             raise ValueError(f"drop_path_uniform needs a ViT backbone ({', '.join(VIT_BACKBONES)}), not {name}")

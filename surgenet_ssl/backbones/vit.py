@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ __all__ = [
     "pos_embed_prefix_tokens",
     "resample_pos_embed",
     "set_uniform_drop_path",
+    "use_official_pos_embed",
+    "DINO_V1_VITS",
 ]
 
 # name -> (timm model, extra kwargs). dynamic_img_size: one model takes global and local crops of any size (a
@@ -56,6 +59,37 @@ VIT_MODELS: dict[str, tuple[str, dict]] = {
 }
 
 VIT_BACKBONES: tuple[str, ...] = tuple(VIT_MODELS)
+# DINO (v1) ViTs: the official DINO ViT draws cls_token with trunc_normal_(std=0.02) (timm and the official DINOv2
+# ViT: normal_(std=1e-6), kept for the DINOv2 models)
+DINO_V1_VITS: tuple[str, ...] = ("vit_small", "vit_base", "vit_large")
+POS_EMBED_RESAMPLING = ("timm", "official")
+
+
+def use_official_pos_embed(model: nn.Module) -> None:
+    """Crops of another size than the model's grid get the position table resampled at run time like the official
+    DINO / DINOv2 ``interpolate_pos_encoding`` (:func:`resample_pos_embed`: bicubic, +0.1 scale-factor offset, no
+    antialias) instead of timm's ``resample_abs_pos_embed`` (sized by target, antialiased when shrinking). Patches
+    the model's ``_pos_embed``; a model without a position table (DINOv3: RoPE) is left as it is."""
+    vit: Any = model
+    if getattr(vit, "pos_embed", None) is None or not getattr(vit, "dynamic_img_size", False):
+        return
+    original = vit._pos_embed
+
+    def _pos_embed(x: Tensor) -> Tensor:
+        grid = tuple(vit.patch_embed.grid_size)
+        if x.ndim != 4 or tuple(x.shape[1:3]) == grid:
+            return original(x)  # the model's own grid: no resampling
+        b, h, w, c = x.shape
+        pos = resample_pos_embed(vit.pos_embed, (h, w), pos_embed_prefix_tokens(vit))
+        x = x.reshape(b, h * w, c)
+        to_cat = [t.expand(b, -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
+        if vit.no_embed_class:  # the same order as timm's _pos_embed
+            x = torch.cat([*to_cat, x + pos], dim=1)
+        else:
+            x = torch.cat([*to_cat, x], dim=1) + pos
+        return vit.pos_drop(x)
+
+    vit._pos_embed = _pos_embed
 
 
 def set_uniform_drop_path(model: nn.Module, rate: float) -> None:

@@ -33,6 +33,8 @@ __all__ = [
     "block_masks",
     "is_vit",
     "koleo_loss",
+    "mask_rng",
+    "seed_rank_streams",
     "sinkhorn_knopp",
     "vit_tokens",
 ]
@@ -138,6 +140,24 @@ def block_mask(
     return mask
 
 
+def mask_rng(seed: int, step: int, micro_batch: int, rank: int) -> random.Random:
+    """The random stream of one rank's iBOT masks for one (micro-)batch, a function of ``(seed, step, micro_batch,
+    rank)`` only: masks differ across ranks (DINOv2 seeds every rank with ``seed + rank``) and across steps, and a
+    resumed run draws the same masks again without any saved state."""
+    return random.Random(f"ibot-masks/{int(seed)}/{int(step)}/{int(micro_batch)}/{int(rank)}")
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Seed this process' torch (CPU and CUDA), ``random`` and numpy streams with ``seed + rank``, the official
+    ``fix_random_seeds(seed + rank)`` of DINOv2's training setup: drop-path masks (and anything else drawn from
+    the global streams) then differ across ranks instead of repeating rank 0's."""
+    import numpy as np
+
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+
+
 class MaskBatch:
     """Masks of one batch of student global crops, made on the host (no device sync): ``masks`` (n, N) bool,
     ``index`` (M,) flat indices of the masked patches in ``tokens.flatten(0, 1)``, ``weights`` (M,) = 1 / (masked
@@ -240,7 +260,9 @@ class IBOTPatchLoss(nn.Module):
     patches of p's image): each masked image counts once, whatever its mask size, and images without a mask count
     in n_images (DINOv2's ``forward_masked``). Teacher targets: softmax((t - center) / teacher_temp) with an EMA
     center of the masked teacher patch outputs (``centering="centering"``, updated once per optimizer step by
-    :meth:`update_center`, all-reduced), or :func:`sinkhorn_knopp` (``"sinkhorn_knopp"``).
+    :meth:`update_center`), or :func:`sinkhorn_knopp` (``"sinkhorn_knopp"``). The EMA centre moves towards the
+    average over ranks of each rank's mean masked patch output, as the official ``reduce_center_update`` /
+    ``apply_center_update`` (``all_reduce(sum of per-rank means) / world_size``), not the mean over all patches.
     """
 
     center: Tensor  # buffer (1, out_dim)
@@ -267,10 +289,11 @@ class IBOTPatchLoss(nn.Module):
         t = teacher_patch_output.detach().float()
         if self.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(t, teacher_temp, self.sinkhorn_iterations)
-        s = t.sum(dim=0, keepdim=True)
-        c = t.new_full((), float(t.shape[0]))  # a fill kernel, not a host-to-device copy
-        self._pending_sum = s if self._pending_sum is None else self._pending_sum + s
-        self._pending_count = c if self._pending_count is None else self._pending_count + c
+        if t.shape[0] > 0:  # (a host-side shape: no sync) this rank's mean, one term of the average over ranks
+            s = t.mean(dim=0, keepdim=True)
+            c = t.new_ones(())  # a fill kernel, not a host-to-device copy
+            self._pending_sum = s if self._pending_sum is None else self._pending_sum + s
+            self._pending_count = c if self._pending_count is None else self._pending_count + c
         return F.softmax((t - self.center) / teacher_temp, dim=-1)
 
     def forward(
@@ -289,9 +312,15 @@ class IBOTPatchLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self) -> None:
-        """center = m * center + (1 - m) * mean masked teacher patch output since the last call, over all ranks."""
+        """center = m * center + (1 - m) * (average over ranks of each rank's mean masked teacher patch output since
+        the last call; official DINOv2). A rank without masked patches (or without a call) does not count in the
+        average; the official code would divide by the world size with a NaN mean there. No rank with any: the
+        center stays."""
         if self._pending_sum is None or self._pending_count is None:  # (set together)
-            return
+            if not _distributed():
+                return
+            # every rank joins the all-reduce, also one whose batch had no masked patch
+            self._pending_sum, self._pending_count = self.center.new_zeros(self.center.shape), self.center.new_zeros(())
         stats = torch.cat([self._pending_sum.reshape(-1), self._pending_count.reshape(1)])
         if _distributed():
             dist.all_reduce(stats)

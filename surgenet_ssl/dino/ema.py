@@ -8,7 +8,8 @@ from torch import nn
 
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter; buffers are copied.
+    """teacher = momentum * teacher + (1 - momentum) * student, parameters only, as the official DINO /
+    DINOv2 EMA: the teacher keeps its own buffers (BatchNorm running statistics from its own forward passes).
 
     Both modules must have the same architecture. Uses the ``_foreach`` kernels: one launch for all tensors.
     """
@@ -18,5 +19,3 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
         raise ValueError(f"student has {len(s_params)} parameters but teacher has {len(t_params)}")
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
-    for s_buf, t_buf in zip(student.buffers(), teacher.buffers(), strict=True):
-        t_buf.copy_(s_buf)

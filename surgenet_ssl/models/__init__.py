@@ -5,7 +5,7 @@
 """
 
 from .classification import build_classifier, caformer_s18, convnextv2_tiny, pvt_v2_b2
-from .fpn import PVTV2FPN, BackboneFPN, ConvNextFPN, FPNDecoder, MetaFormerFPN
+from .fpn import PVTV2FPN, BackboneFPN, ConvNextFPN, FPNDecoder, MetaFormerFPN, ViTPyramid
 from .weights import (
     LoadReport,
     cache_dir,
@@ -24,6 +24,7 @@ __all__ = [
     "PVTV2FPN",
     "BackboneFPN",
     "FPNDecoder",
+    "ViTPyramid",
     "build_classifier",
     "LoadReport",
     "load_backbone_weights",

@@ -4,6 +4,10 @@ Encoder: a timm feature extractor (``FeatureListNet``, what ``features_only=True
 strides 4, 8, 16, 32. The weights are loaded into the full backbone *before* it is wrapped (what timm does for
 ``features_only`` too), so every file format of ``load_backbone_weights`` works and nothing is renamed.
 
+ViT backbones (``vit_small``, ``dinov2_vitb14_reg4``, ...; no stages at strides 4-32): :class:`ViTPyramid`, a
+simple feature pyramid (ViTDet-like, without learned layers): the patch tokens of four evenly spaced blocks (timm's
+``forward_intermediates``, NCHW at the patch stride) resized bilinearly to strides 4, 8, 16, 32, shallow to deep.
+
 Decoder: 1x1 lateral convs to 256 channels with a nearest x2 top-down path; per level 3x3 conv + GroupNorm(32) +
 ReLU blocks with bilinear x2 upsampling until stride 4 at 128 channels; the four levels concatenated (512);
 a 3x3 conv to the classes; bilinear x4 upsampling to the input size.
@@ -12,6 +16,7 @@ a 3x3 conv to the classes; bilinear x4 upsampling to the input size.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +28,7 @@ from surgenet_ssl.backbones import build_backbone
 from .classification import resolve_caformer_variant
 from .weights import WeightSource, load_backbone_weights, read_state_dict
 
-__all__ = ["FPNDecoder", "BackboneFPN", "MetaFormerFPN", "ConvNextFPN", "PVTV2FPN"]
+__all__ = ["FPNDecoder", "BackboneFPN", "MetaFormerFPN", "ConvNextFPN", "PVTV2FPN", "ViTPyramid"]
 
 
 class ConvGNReLU(nn.Sequential):
@@ -87,10 +92,48 @@ def _stride_4_to_32(model: nn.Module) -> tuple[int, ...]:
     return tuple(last[r] for r in (4, 8, 16, 32)) if all(r in last for r in (4, 8, 16, 32)) else (0, 1, 2, 3)
 
 
+def _is_vit(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("patch_embed", "blocks", "forward_intermediates"))
+
+
+class ViTPyramid(nn.Module):
+    """A timm ViT as a four-level encoder: the patch tokens after blocks ``indices`` (default: four evenly spaced,
+    the last one included; the final norm applied), each resized bilinearly to 1/4, 1/8, 1/16, 1/32 of the input
+    (shallow to deep). ``feature_info``-like ``channels()`` / ``reduction()`` for the decoder."""
+
+    def __init__(self, vit: nn.Module, indices: Sequence[int] | None = None) -> None:
+        super().__init__()
+        depth = len(cast("nn.Sequential", vit.blocks))
+        if indices is None:
+            indices = sorted({max(0, round(depth * (i + 1) / 4) - 1) for i in range(4)})
+        if len(indices) != 4:
+            raise ValueError(f"ViTPyramid needs 4 distinct block indices, got {list(indices)} (depth {depth})")
+        self.vit, self.indices = vit, [int(i) for i in indices]
+        dim = int(cast("int", vit.embed_dim))
+        self._channels, self._reductions = [dim] * 4, [4, 8, 16, 32]
+
+    def channels(self) -> list[int]:
+        return list(self._channels)
+
+    def reduction(self) -> list[int]:
+        return list(self._reductions)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h, w = x.shape[-2:]
+        vit: Any = self.vit  # a timm ViT: forward_intermediates is not nn.Module's
+        maps = vit.forward_intermediates(x, indices=self.indices, norm=True, output_fmt="NCHW", intermediates_only=True)
+        return [
+            F.interpolate(m, size=(h // r, w // r), mode="bilinear", align_corners=False)
+            for m, r in zip(maps, self._reductions, strict=True)
+        ]
+
+
 class BackboneFPN(nn.Module):
     """Segmentation model: timm backbone stages -> ``FPNDecoder`` -> logits ``(B, num_classes, H, W)``.
 
-    ``H`` and ``W`` must be divisible by 32 (the deepest stride).
+    ``H`` and ``W`` must be divisible by 32 (the deepest stride). A ViT backbone goes through :class:`ViTPyramid`
+    (``vit_indices``: the four blocks; build it at the downstream size with ``img_size=...``: the loaded position
+    table is resampled to that grid, the official way; other sizes are resampled at run time by timm).
     """
 
     def __init__(
@@ -99,6 +142,7 @@ class BackboneFPN(nn.Module):
         num_classes: int = 1,
         pretrained: str | None = None,
         pretrained_weights: WeightSource | None = None,
+        vit_indices: Sequence[int] | None = None,
         **kwargs,
     ):
         super().__init__()
@@ -109,15 +153,21 @@ class BackboneFPN(nn.Module):
         if weights is not None:
             name = None if isinstance(pretrained_weights, Mapping) else str(pretrained_weights)
             self.load_report = load_backbone_weights(model, weights, backbone, source_name=name)
+        self.encoder: nn.Module
+        if _is_vit(model):
+            self.encoder = ViTPyramid(model, vit_indices)
+            self.decoder = FPNDecoder(self.encoder.channels(), num_classes)
+            return
         out_indices = _stride_4_to_32(model)
         try:
             self.encoder = FeatureListNet(model, out_indices=out_indices, flatten_sequential=True)
         except AssertionError:  # stages named by a Sequential itself (ResNet 'layer1'): timm's unflattened wrapper
             self.encoder = FeatureListNet(model, out_indices=out_indices, flatten_sequential=False)
-        reductions = self.encoder.feature_info.reduction()
+        info = cast("Any", self.encoder).feature_info
+        reductions = info.reduction()
         if reductions != [4, 8, 16, 32]:
             raise ValueError(f"{backbone} stages have strides {reductions}; the FPN needs 4, 8, 16, 32.")
-        self.decoder = FPNDecoder(self.encoder.feature_info.channels(), num_classes)
+        self.decoder = FPNDecoder(info.channels(), num_classes)
 
     def forward_features_list(self, x: Tensor) -> list[Tensor]:
         """The four stage outputs (NCHW), as the published models' ``forward_features_list``."""

@@ -30,7 +30,16 @@ from surgenet_ssl.dino import (
     teacher_temp_schedule,
     update_teacher,
 )
-from surgenet_ssl.dino.dinov2 import IBOTPatchLoss, backbone_features, block_masks, is_vit, koleo_loss, vit_tokens
+from surgenet_ssl.dino.dinov2 import (
+    IBOTPatchLoss,
+    backbone_features,
+    block_masks,
+    is_vit,
+    koleo_loss,
+    mask_rng,
+    seed_rank_streams,
+    vit_tokens,
+)
 from surgenet_ssl.dino.freeze import cancel_backbone_gradients
 from surgenet_ssl.dino.recipe import CropsRecipe, DinoRecipe, LossRecipe
 from surgenet_ssl.dino.schedules import scaled_lr
@@ -171,6 +180,8 @@ class DINOModule(pl.LightningModule):
         self._agreement = StepAgreement()
         self.stop_agreed = False
         self._rng_to_restore: dict[str, Any] | None = None
+        # cfg.seed after seed_everything: the iBOT mask seeds and the per-rank streams (on_train_start) derive from it
+        self._base_seed = torch.initial_seed()
         self.performance = performance_options(performance)
         if self.performance["channels_last"]:
             self.student.to(memory_format=torch.channels_last)
@@ -454,7 +465,7 @@ class DINOModule(pl.LightningModule):
         return batch
 
     def _dinov2_forward(
-        self, crops: list[torch.Tensor], teacher_temp: float
+        self, crops: list[torch.Tensor], teacher_temp: float, batch_idx: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The step with KoLeo and/or iBOT: backbone and head called separately, because KoLeo needs the student's
         pooled features and iBOT the patch tokens of masked student / unmasked teacher global crops. Returns the
@@ -463,14 +474,13 @@ class DINOModule(pl.LightningModule):
         global_crops = torch.cat(crops[:2])
         masks = None
         if self.ibot_loss is not None:
-            import random
-
             vit: Any = self.student.backbone  # a timm ViT (iBOT needs one): patch_size is (height, width)
             patch = vit.patch_embed.patch_size
             grid = (global_crops.shape[-2] // patch[0], global_crops.shape[-1] // patch[1])
             c = self.recipe.loss
-            seed = int(torch.randint(0, 2**62, (1,)))  # the CPU RNG (restored on resume): no device sync
-            masks = block_masks(2 * b, grid, c.ibot_mask_probability, c.ibot_mask_ratio, random.Random(seed))
+            # per rank, per step and micro-batch (DINOv2: seed + rank); reproducible on resume, no device sync
+            rng = mask_rng(self._base_seed, self.global_step, batch_idx, self.global_rank)
+            masks = block_masks(2 * b, grid, c.ibot_mask_probability, c.ibot_mask_ratio, rng)
             masks = masks.to(global_crops.device)
         with torch.no_grad():
             if masks is None:
@@ -518,7 +528,7 @@ class DINOModule(pl.LightningModule):
         step = self.global_step
         teacher_temp = self._scheduled("teacher_temp", self._schedule_index())
         if self._dinov2_step:  # dino.loss.koleo_weight / ibot_weight
-            loss, teacher_out, student_out, parts = self._dinov2_forward(crops, teacher_temp)
+            loss, teacher_out, student_out, parts = self._dinov2_forward(crops, teacher_temp, batch_idx)
             self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=crops[0].shape[0])
         else:  # the DINO recipe
             with torch.no_grad():
@@ -696,6 +706,8 @@ class DINOModule(pl.LightningModule):
         # After the loader and everything else are set up: from here on the random stream must be the saved one.
         if self._rng_to_restore is not None:
             self._restore_rng_state(self._rng_to_restore)
+        elif self.global_rank > 0:  # DINOv2's fix_random_seeds(seed + rank): drop-path masks differ across ranks
+            seed_rank_streams(self._base_seed, self.global_rank)  # (rank 0 keeps its stream: 1-process runs unchanged)
         self._align_elastic_resume()
 
     def _align_elastic_resume(self) -> None:

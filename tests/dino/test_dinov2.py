@@ -277,8 +277,54 @@ def test_two_ranks_with_different_row_counts_match_one_process():
     rows = torch.cat([rank_rows(0), rank_rows(1)])
     single = sinkhorn_knopp(rows, 0.1)
     assert torch.allclose(torch.tensor(results[0][0] + results[1][0]), single, atol=1e-6)
-    center = 0.1 * rows.mean(dim=0, keepdim=True)  # the mean over all 8 masked patches of both ranks
+    # official DINOv2 (ibot_patch_loss.reduce_center_update): all_reduce(each rank's mean) / world_size, not the
+    # mean over all 8 masked patches of both ranks (3 on rank 0, 5 on rank 1)
+    center = 0.1 * (rank_rows(0).mean(dim=0) + rank_rows(1).mean(dim=0)).unsqueeze(0) / 2
     assert torch.allclose(torch.tensor(results[0][1]), center, atol=1e-6) and results[0][1] == results[1][1]
+    assert not torch.allclose(center, 0.1 * rows.mean(dim=0, keepdim=True), atol=1e-3)  # the two really differ
+
+
+def _two_gloo_ranks(target) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r: rest for r, *rest in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
+@pytest.mark.slow
+def test_ibot_and_drop_path_masks_differ_across_two_gloo_ranks_and_repeat():
+    """Issue 29 item 4: with the same seed on both ranks (seed_everything), the iBOT masks (mask_rng: seed, step,
+    micro-batch, rank) and the drop-path masks (seed_rank_streams: seed + rank, DINOv2's fix_random_seeds) differ
+    between the ranks, and each rank draws the same again from the same seed."""
+    from support.dinov2_workers import randomness_worker
+
+    results = _two_gloo_ranks(randomness_worker)
+    (gathered, repeat0), (_, repeat1) = results[0], results[1]
+    masks0, masks1 = torch.tensor(gathered[0][: 8 * 64]), torch.tensor(gathered[1][: 8 * 64])
+    drop0, drop1 = torch.tensor(gathered[0][8 * 64 :]), torch.tensor(gathered[1][8 * 64 :])
+    assert masks0.sum() > 0 and masks1.sum() > 0 and not torch.equal(masks0, masks1)
+    assert not torch.equal(drop0, drop1)
+    assert repeat0 and repeat1
+
+
+def test_mask_rng_is_a_function_of_seed_step_micro_batch_and_rank():
+    from surgenet_ssl.dino.dinov2 import mask_rng
+
+    draw = [mask_rng(*key).random() for key in [(0, 5, 0, 0), (0, 5, 0, 0), (0, 5, 0, 1), (0, 6, 0, 0), (0, 5, 1, 0)]]
+    assert draw[0] == draw[1] and len(set(draw)) == 4
+    assert mask_rng(1, 5, 0, 0).random() != draw[0]
 
 
 def test_dinov2_recipe_composes_with_the_dinov2_values_and_default_is_off():

@@ -26,7 +26,8 @@ def test_clipping_is_per_parameter_not_global():
     assert model.b.grad.tolist() == pytest.approx([0.3, 0.4])
 
 
-def test_ema_update_of_parameters_and_buffer_copy():
+def test_ema_update_of_parameters_keeps_the_teacher_buffers():
+    """Official DINO / DINOv2 EMA: parameters only; a BatchNorm teacher keeps its own running statistics."""
     student, teacher = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
     with torch.no_grad():
         student.weight.fill_(0.0)
@@ -34,7 +35,7 @@ def test_ema_update_of_parameters_and_buffer_copy():
         student.running_mean.fill_(7.0)
     update_teacher(student, teacher, momentum=0.9)
     assert teacher.weight.tolist() == pytest.approx([0.9, 0.9])
-    assert teacher.running_mean.tolist() == [7.0, 7.0]
+    assert teacher.running_mean.tolist() == [0.0, 0.0] and student.running_mean.tolist() == [7.0, 7.0]
     assert student.weight.tolist() == [0.0, 0.0]
 
 
