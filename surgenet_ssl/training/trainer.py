@@ -29,6 +29,8 @@ DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
 BENIGN_WARNINGS = (
     # the GPU-augmentation hook lives on the module on purpose (it needs the crop config and the device)
     r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
+    # data.decode=gpu: the module decodes the JPEG bytes on the device (it needs them on the host first)
+    r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a `LightningDataModule`",
     # MixtureStream gives each worker its own share of batches, so its len() is exact with any number of workers
     r"Your `IterableDataset` has `__len__` defined",
     # Lightning's own use of a torch pytree API that newer torch deprecates
