@@ -10,6 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for types autocast does not know, e.g. ``meta``)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight = g * v / ||v|| (per output row).
 
@@ -75,7 +83,7 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp32_head and torch.is_autocast_enabled(x.device.type):
+        if self.fp32_head and _autocast_on(x.device.type):
             # The prototype logits are cosines divided by a teacher temperature of 0.04: bf16's 8-bit mantissa in the
             # MLP and the prototypes moves teacher probabilities by several percent (tests/dino/test_head_precision.py).
             # The whole head runs in fp32: ~22 MFLOPs per crop at the recipe's sizes, under 1% of a CaFormer-S18 step.
