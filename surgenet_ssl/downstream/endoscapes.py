@@ -28,9 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from surgenet_ssl.evaluation.features import IMAGE_EXTENSIONS
+from surgenet_ssl.runtime.io_utils import read_text_bounded
 
 from .classification_data import ClsSample
 from .segmentation_data import SegSample
+
+# Label files are data: their size is bounded before they are read (the release's are a few kB / a few MB).
+_LIST_BYTES = 16 << 20  # video lists, the label map
+_JSON_BYTES = 512 << 20  # COCO annotation files
 
 __all__ = [
     "CVS_CRITERIA",
@@ -85,7 +90,7 @@ def release_root(split_dir: str | Path) -> Path:
 
 def read_video_ids(path: Path) -> list[str]:
     """The ids of a ``<split>_vids.txt`` (whitespace or comma separated)."""
-    ids = [_norm_id(t) for t in re.split(r"[\s,]+", path.read_text(encoding="utf-8-sig")) if t.strip()]
+    ids = [_norm_id(t) for t in re.split(r"[\s,]+", read_text_bounded(path, _LIST_BYTES, "utf-8-sig")) if t.strip()]
     if not ids:
         raise ValueError(f"{path} lists no video ids.")
     return ids
@@ -151,7 +156,7 @@ def _labels_from_metadata(
 def _labels_from_coco(path: Path) -> tuple[dict[tuple[str, str], tuple[int, ...]], dict[str, int]]:
     """The ``ds`` tags of the images of an ``annotation_ds_coco.json``, thresholded."""
     try:
-        images = json.loads(path.read_text())["images"]
+        images = json.loads(read_text_bounded(path, _JSON_BYTES))["images"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a COCO annotation file with an 'images' list ({e}).") from e
     labels: dict[tuple[str, str], tuple[int, ...]] = {}
@@ -244,7 +249,7 @@ def read_seg_label_map(path: Path) -> list[str]:
     """Class names in id order from ``seg_label_map.txt``; the ids must be 0..n-1."""
     if not path.is_file():
         raise FileNotFoundError(f"Endoscapes class map not found: {path} (seg_label_map.txt of the release).")
-    pairs = _label_pairs(path.read_text(encoding="utf-8-sig"), path)
+    pairs = _label_pairs(read_text_bounded(path, _LIST_BYTES, "utf-8-sig"), path)
     ids = sorted(number for _, number in pairs)
     if ids != list(range(len(pairs))):
         raise ValueError(f"{path}: class ids must be 0..{len(pairs) - 1}, each once; got {ids}.")
@@ -263,7 +268,9 @@ def seg_samples(split_dir: str | Path) -> tuple[list[SegSample], list[str]]:
     listing = split / "annotation_coco.json"
     if listing.is_file():  # the annotated frames; other images of the folder are not used (counted)
         try:
-            names = {Path(str(i["file_name"])).name for i in json.loads(listing.read_text())["images"]}
+            names = {
+                Path(str(i["file_name"])).name for i in json.loads(read_text_bounded(listing, _JSON_BYTES))["images"]
+            }
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{listing}: not a COCO annotation file with an 'images' list ({e}).") from e
         unlisted = sum(1 for p in images.values() if p.name not in names)

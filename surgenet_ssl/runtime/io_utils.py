@@ -51,6 +51,18 @@ def save_torch(obj: object, path: str | Path) -> None:
         torch.save(obj, f)
 
 
+def read_text_bounded(path: str | Path, max_bytes: int, encoding: str = "utf-8") -> str:
+    """The text of a data file (a label list, an annotation json) whose size is checked before it is read: a file
+    that is far larger than its kind ever is fails with its path and size instead of filling the memory."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(
+            f"{path} is {size:,} bytes, more than the {max_bytes:,} such a file can be: is it the right file?"
+        )
+    return path.read_text(encoding=encoding)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (checksums in manifests, model cards and download checks)."""
     h = hashlib.sha256()

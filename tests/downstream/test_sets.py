@@ -290,3 +290,13 @@ def test_finetune_on_endoscapes_uses_the_official_fraction_and_cholec80_its_phas
     prepared = prepare_data(cfg)
     assert prepared.class_names == list(CHOLEC80_PHASES) and len(prepared.train) == len(prepared.val) == 3
     assert prepared.summary["train"]["per_class"]["CalotTriangleDissection"] == 1
+
+
+def test_label_files_are_size_bounded_before_they_are_read(tmp_path) -> None:
+    from surgenet_ssl.runtime.io_utils import read_text_bounded
+
+    big = tmp_path / "seg_label_map.txt"
+    big.write_text("background: 0\n" * 100)
+    assert read_text_bounded(big, 10_000).startswith("background")
+    with pytest.raises(ValueError, match=r"seg_label_map.txt is 1,400 bytes, more than the 100 such a file can be"):
+        read_text_bounded(big, 100)
