@@ -17,7 +17,7 @@ matches the prepared frame index whatever its zero padding (``video41/25`` match
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,15 @@ class VideoExclusion:
         return {"origins": list(self.origins), "ids": sorted(self.ids)}
 
 
+def _setting_items(value: Any) -> Iterator[tuple[str, Path]]:
+    """The non-empty items of an exclusion setting (one item or a list), each with the path it would name."""
+    items: Iterable[Any] = [value] if isinstance(value, (str, Path)) else value
+    for raw in items:
+        item = str(raw).strip()
+        if item:
+            yield item, Path(item).expanduser()
+
+
 def _listed_tail(name: str, listed: set[str] | frozenset[str], min_parts: int) -> str | None:
     """The longest tail of ``name`` (whole ``/`` components, at least ``min_parts``) that is ``listed``, or None: a
     listed id matches a prepared id that ends with it (``cholec80/video01`` matches ``video01``)."""
@@ -90,16 +99,11 @@ def load_video_exclusion(value: Any, setting: str = "exclude_videos") -> VideoEx
     a typo never turns into an id that matches nothing."""
     if value is None or value == "":
         return VideoExclusion()
-    items: Iterable[Any] = [value] if isinstance(value, (str, Path)) else value
     shipped = shipped_lists()
     ids: set[str] = set()
     origins: list[str] = []
     inline: list[str] = []
-    for raw in items:
-        item = str(raw).strip()
-        if not item:
-            continue
-        path = Path(item).expanduser()
+    for item, path in _setting_items(value):
         if item in shipped:
             ids.update(_read_ids(shipped[item]))
             origins.append(item)
@@ -153,15 +157,10 @@ def load_frame_exclusion(value: Any) -> FrameExclusion:
     file is an error naming it; a key without a ``/`` (no video part) is refused, as it would match any video."""
     if value is None or value == "":
         return FrameExclusion()
-    items: Iterable[Any] = [value] if isinstance(value, (str, Path)) else value
     keys: set[str] = set()
     origins: list[str] = []
     inline: list[str] = []
-    for raw in items:
-        item = str(raw).strip()
-        if not item:
-            continue
-        path = Path(item).expanduser()
+    for item, path in _setting_items(value):
         if path.is_file():
             keys.update(_read_ids(path, "exclude_frames"))
             origins.append(str(path))
