@@ -103,3 +103,36 @@ def test_damaged_demo_is_rebuilt(tmp_path: Path, demo_cache: Path) -> None:
     shard.unlink()
     assert not demo_is_complete(demo)
     assert ensure_demo_dataset(tmp_path) == demo and demo_is_complete(demo) and shard.is_file()
+
+
+_ENCODE_ONE_VIDEO = """
+import hashlib, sys, tempfile
+from pathlib import Path
+from surgenet_ssl.data import demo
+name = list(demo.DEMO_PROCEDURES)[1]
+frames = demo._render_video(name, demo.DEMO_PROCEDURES[name], 0)
+for _ in range(3):
+    path = Path(tempfile.mkdtemp()) / "clip.mp4"
+    demo.write_demo_video(path, frames)
+    print(hashlib.sha256(path.read_bytes()).hexdigest())
+"""
+
+
+def test_demo_video_bytes_do_not_depend_on_the_thread_environment() -> None:
+    """The demo is the same data everywhere: each encode of the same frames, in one process or in processes with
+    other thread settings, gives the same bytes (x264's mbtree rate control gave a different stream on repeated
+    encodes, and the demo run's learning figures moved with it)."""
+    import os
+    import subprocess
+    import sys
+
+    digests = set()
+    for threads in ("1", "2", None):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        if threads:
+            env["OMP_NUM_THREADS"] = threads
+        out = subprocess.run(
+            [sys.executable, "-c", _ENCODE_ONE_VIDEO], env=env, capture_output=True, text=True, check=True
+        )
+        digests.update(out.stdout.split())
+    assert len(digests) == 1, digests
