@@ -41,7 +41,7 @@ __all__ = ["ensure_demo_dataset", "DEMO_PROCEDURES", "DEMO_VERSION", "demo_is_co
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 3  # bump when the generator changes: cached copies are rebuilt (2: camera looks; 3: deterministic encoding)
+DEMO_VERSION = 3  # bump when the generator changes: cached copies are rebuilt (2: camera looks, 3: same bytes)
 _CONTENT_SEED = 1  # seeds the rendered scenes (unchanged since version 1); the looks have their own seed
 _LOOK_SEED = 7
 LOOK_SEGMENTS = 4  # camera looks per video (0: none)
