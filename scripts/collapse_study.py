@@ -96,12 +96,12 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "preset_warmup2_seed1": ("the preset, 2 warm-up epochs, seed 1", ["dino.optimizer.warmup_epochs=2", "seed=1"]),
 }
 RUNS = {name: (what, [*NO_KOLEO, *x] if name.startswith("preset") else x) for name, (what, x) in RUNS.items()}
-# The preset as it is now (KoLeo 0.1 on the student's pooled features: the demo schedule).
+# The preset as it is now (KoLeo 0.3 on the student's pooled features: the demo schedule).
 RUNS.update(
     {
-        "koleo": ("the preset with KoLeo 0.1 (the demo schedule), seed 0", []),
-        "koleo_seed1": ("the preset with KoLeo 0.1, seed 1", ["seed=1"]),
-        "koleo_seed2": ("the preset with KoLeo 0.1, seed 2", ["seed=2"]),
+        "koleo": ("the preset with KoLeo 0.3 (the demo schedule), seed 0", []),
+        "koleo_seed1": ("the preset with KoLeo 0.3, seed 1", ["seed=1"]),
+        "koleo_seed2": ("the preset with KoLeo 0.3, seed 2", ["seed=2"]),
     }
 )
 

@@ -63,13 +63,14 @@ def test_default_demo_run_reports_learning_and_exports_surgenet_teacher(demo_cac
     summation order depends on the thread count, and one thread leaves the other core to the other test process):
     its k-NN summary line, its diagnostics, and the published export format.
 
-    What is asserted about learning held on every seed measured (README "Small data"): the camera looks keep the
-    untrained teacher's k-NN well below the 0.93 that colour statistics gave the demo without them (0.68-0.82 over
-    init seeds); the k-NN rises by at least 0.10 (with the small-data preset's KoLeo term, on 1 thread: +0.20 on seed
-    0, so a margin of 0.10 for another CPU's float rounding; +0.15 / +0.10 / +0.10 on seeds 0 / 1 / 2 on 2 threads);
-    the teacher's feature rank stays above a tenth of its start (no dimensional-collapse warning; 6.2-8.1 from
-    55-60); and the student closes most of its gap to the teacher after warm-up (mean KL(teacher || student) of the
-    second half at most 0.6x the first value; 0.20-0.34x measured).
+    What is asserted about learning held on every seed measured (docs/small-data.md): the camera looks keep the
+    untrained teacher's k-NN well below the 0.93 that colour statistics gave the demo without them (0.68-0.77 over
+    init seeds); the k-NN rises by at least 0.10 (with the small-data preset's KoLeo 0.3, on 1 thread: +0.15 on seed
+    0, a margin of 0.05 for another CPU's float rounding; +0.17 / +0.10 / +0.10 on seeds 0 / 1 / 2 on 2 threads);
+    the teacher's feature rank stays above a tenth of its start (no dimensional-collapse warning; 9.3 from 55.0 here,
+    9.5-13.3 from 55-60 on 2 threads); and the student closes most of its gap to the teacher after warm-up (mean
+    KL(teacher || student) of the second half at most 0.6x the first value; 0.20-0.29x measured). The demo's bytes
+    are the same on every build (tests/data/test_data_demo.py), so these figures move only with the CPU's rounding.
     """
     run_dir = tmp_path / "run"
     proc = run_module(
