@@ -14,7 +14,7 @@ source label is the procedure label for k-NN monitoring) x 3 videos x 10 s at 32
 Each video is recorded in four segments with a different "camera look" each (white balance, exposure, saturation,
 hue: as when the camera head is re-balanced or the light source changes, and as between hospitals). The look is the
 nuisance that makes the demo a test of learning: an untrained network groups frames by their look (its online k-NN
-on the procedure labels is 0.68-0.77 on init seeds 0-2 instead of 0.93 without looks), and DINO, trained with colour-jitter
+on the procedure labels is 0.68-0.77 on init seeds 0-2, not 0.93 as without looks), and DINO, trained with colour-jitter
 and grayscale views, is rewarded for ignoring it (the demo run's k-NN rises by 0.10-0.17 on seeds 0-2 with the
 small-data preset, see the README "Small data").
 
