@@ -339,4 +339,4 @@ def test_dinov2_recipe_composes_with_the_dinov2_values_and_default_is_off():
     assert (v2.centering, v2.koleo_weight, v2.ibot_weight, v2.sinkhorn_iterations) == ("sinkhorn_knopp", 0.1, 1.0, 3)
     assert list(v2.ibot_mask_ratio) == [0.1, 0.5] and v2.ibot_mask_probability == 0.5 and v2.teacher_temp == 0.07
     assert (v1.centering, v1.koleo_weight, v1.ibot_weight) == ("centering", 0.0, 0.0)
-    assert (demo.centering, demo.koleo_weight, demo.ibot_weight) == ("centering", 0.1, 0.0)
+    assert (demo.centering, demo.koleo_weight, demo.ibot_weight) == ("centering", 0.3, 0.0)
