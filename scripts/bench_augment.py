@@ -147,6 +147,25 @@ def _hue_lut(img: np.ndarray, factor: float) -> np.ndarray:
     return cv2.cvtColor(cv2.LUT(hsv, lut.reshape(1, 256, 3)), cv2.COLOR_HSV2RGB_FULL)
 
 
+_IDENTITY = np.arange(256, dtype=np.float32)
+
+
+def _lut(values: np.ndarray) -> np.ndarray:
+    return np.minimum(np.maximum(values, 0), 255).astype(np.uint8)
+
+
+def _brightness_lut(img: np.ndarray, factor: float) -> np.ndarray:
+    """Brightness as before: a lookup table (cv2.LUT, not vectorised; exactly PIL's values)."""
+    return cv2.LUT(img, _lut(_IDENTITY * factor))
+
+
+def _contrast_lut(img: np.ndarray, factor: float) -> np.ndarray:
+    """Contrast as before: the luma mean, then a lookup table."""
+    r, g, b, _ = cv2.mean(img)
+    mean = int(0.299 * r + 0.587 * g + 0.114 * b + 0.5)
+    return cv2.LUT(img, _lut(mean + (_IDENTITY - mean) * factor))
+
+
 def _saturation_blend(img: np.ndarray, factor: float) -> np.ndarray:
     """The saturation before issue 30: gray, gray to RGB, then a weighted blend."""
     gray = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
@@ -179,6 +198,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "decode: BGR, then channel swap": {"decode_frame": _bgr_decode},
     "hue: 3-channel lookup table": {"_JITTER_FNS": "hue_lut"},
     "saturation: gray, gray to RGB, blend": {"_JITTER_FNS": "saturation_blend"},
+    "brightness, contrast: lookup tables": {"_JITTER_FNS": "bc_lut"},
     "blur: cv2.GaussianBlur (fixed point)": {"gaussian_blur": _cv_gaussian_blur},
     "crops: channel-first copy in the worker": {"crop_tensor": _channel_first_copy},
 }
@@ -199,8 +219,10 @@ def _patch_value(value: object) -> object:
         return (*A._JITTER_FNS[:3], _hue_lut)
     if value == "saturation_blend":
         return (*A._JITTER_FNS[:2], _saturation_blend, A._JITTER_FNS[3])
+    if value == "bc_lut":
+        return (_brightness_lut, _contrast_lut, *A._JITTER_FNS[2:])
     if value == "before_issue_30":
-        return (*A._JITTER_FNS[:2], _saturation_blend, _hue_lut)
+        return (_brightness_lut, _contrast_lut, _saturation_blend, _hue_lut)
     return value
 
 
